@@ -1,0 +1,263 @@
+"""EK-FAC factors: covariance sums, eigendecomposition, eigenvalue correction.
+
+Workers produce *unnormalised sums plus counts* (``CovarianceSums``,
+``LambdaSums``); these add exactly across shards, so fitting is a map-reduce:
+``sum(parts).finalize()`` equals fitting in one go. The driver
+eigendecomposes in float64 once. Everything here is pure tensor code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.core.tracking import Captured, LayerSpec
+
+FACTORS_FORMAT = "ekfac-v1"
+
+
+class FactorMismatchError(ValueError):
+    """Factors that do not belong to the model, modules or projection in use."""
+
+
+def _add_dicts(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if x.keys() != y.keys():
+        raise FactorMismatchError(f"partial sums over different layers: {sorted(x)} vs {sorted(y)}")
+    return {k: x[k] + y[k].to(x[k].device) for k in x}
+
+
+@dataclass
+class CovarianceSums:
+    """``A_sum = sum a a^T`` and ``S_sum = sum g g^T`` over unmasked tokens (float64)."""
+
+    a_sum: dict[str, torch.Tensor]
+    s_sum: dict[str, torch.Tensor]
+    num_tokens: int = 0
+
+    @classmethod
+    def zeros(cls, dims: dict[str, tuple[int, int]], device="cpu") -> "CovarianceSums":
+        """``dims[name] = (d_out, d_in)`` in the space the vectors are captured in."""
+        f64 = torch.float64
+        return cls(
+            {n: torch.zeros(d_in, d_in, dtype=f64, device=device) for n, (d_out, d_in) in dims.items()},
+            {n: torch.zeros(d_out, d_out, dtype=f64, device=device) for n, (d_out, d_in) in dims.items()},
+        )
+
+    def update(self, captured: dict[str, Captured], mask: torch.Tensor) -> None:
+        """Add one batch; ``mask``: ``(batch, tokens)``. Masked vectors are already zero."""
+        self.num_tokens += int(mask.sum())
+        for name, c in captured.items():
+            a = c.a.reshape(-1, c.a.shape[-1])
+            g = c.g.reshape(-1, c.g.shape[-1])
+            # Sum in the capture dtype per batch; accumulate across batches in float64.
+            self.a_sum[name] += (a.T @ a).to(torch.float64)
+            self.s_sum[name] += (g.T @ g).to(torch.float64)
+
+    def __add__(self, other: "CovarianceSums") -> "CovarianceSums":
+        return CovarianceSums(
+            _add_dicts(self.a_sum, other.a_sum), _add_dicts(self.s_sum, other.s_sum), self.num_tokens + other.num_tokens
+        )
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"{n}::A_sum": t for n, t in self.a_sum.items()}
+        out.update({f"{n}::S_sum": t for n, t in self.s_sum.items()})
+        out["::num_tokens"] = torch.tensor([self.num_tokens], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "CovarianceSums":
+        a = {k[: -len("::A_sum")]: v for k, v in tensors.items() if k.endswith("::A_sum")}
+        s = {k[: -len("::S_sum")]: v for k, v in tensors.items() if k.endswith("::S_sum")}
+        return cls(a, s, int(tensors["::num_tokens"].item()))
+
+
+@dataclass
+class Eigenbases:
+    """Float64 eigendecompositions of the normalised ``A`` and ``S`` per layer."""
+
+    q_a: dict[str, torch.Tensor]
+    l_a: dict[str, torch.Tensor]
+    q_s: dict[str, torch.Tensor]
+    l_s: dict[str, torch.Tensor]
+    num_tokens: int
+
+
+def eigendecompose(sums: CovarianceSums) -> Eigenbases:
+    """``A = A_sum / N_tok = Q_A diag(l_A) Q_A^T`` (and likewise ``S``), in float64."""
+    if sums.num_tokens <= 0:
+        raise ValueError("cannot fit EK-FAC factors on zero tokens; the fitting sample is empty")
+    q_a, l_a, q_s, l_s = {}, {}, {}, {}
+    for name in sums.a_sum:
+        a = sums.a_sum[name].to(torch.float64) / sums.num_tokens
+        s = sums.s_sum[name].to(torch.float64) / sums.num_tokens
+        l_a[name], q_a[name] = torch.linalg.eigh(0.5 * (a + a.T))
+        l_s[name], q_s[name] = torch.linalg.eigh(0.5 * (s + s.T))
+    return Eigenbases(q_a, l_a, q_s, l_s, sums.num_tokens)
+
+
+def per_sequence_gradients(captured: Captured) -> torch.Tensor:
+    """``G[n] = sum_t g[n,t] a[n,t]^T``: ``(batch, d_out', d_in')`` from captured vectors."""
+    return torch.einsum("bto,bti->boi", captured.g, captured.a)
+
+
+@dataclass
+class LambdaSums:
+    """``sum_n (Q_S^T G[n] Q_A)^2`` per layer (float64), with the sequence count."""
+
+    sums: dict[str, torch.Tensor]
+    num_sequences: int = 0
+
+    @classmethod
+    def zeros(cls, dims: dict[str, tuple[int, int]], device="cpu") -> "LambdaSums":
+        return cls({n: torch.zeros(d_out, d_in, dtype=torch.float64, device=device) for n, (d_out, d_in) in dims.items()})
+
+    def update(self, captured: dict[str, Captured], bases: Eigenbases, num_sequences: int) -> None:
+        """Add one batch of ``num_sequences`` sequences."""
+        self.num_sequences += num_sequences
+        for name, c in captured.items():
+            q_a = bases.q_a[name].to(device=c.a.device, dtype=c.a.dtype)
+            q_s = bases.q_s[name].to(device=c.g.device, dtype=c.g.dtype)
+            # Rotate the per-token vectors first: (Q_S^T g)(Q_A^T a)^T summed over t.
+            rotated = torch.einsum("bto,bti->boi", c.g @ q_s, c.a @ q_a)
+            self.sums[name] += (rotated**2).sum(0).to(torch.float64)
+
+    def __add__(self, other: "LambdaSums") -> "LambdaSums":
+        return LambdaSums(_add_dicts(self.sums, other.sums), self.num_sequences + other.num_sequences)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"{n}::Lambda_sum": t for n, t in self.sums.items()}
+        out["::num_sequences"] = torch.tensor([self.num_sequences], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "LambdaSums":
+        sums = {k[: -len("::Lambda_sum")]: v for k, v in tensors.items() if k.endswith("::Lambda_sum")}
+        return cls(sums, int(tensors["::num_sequences"].item()))
+
+
+@dataclass
+class FactorsMeta:
+    """What the factors were fitted for; checked before they are used.
+
+    ``space`` is ``full`` (fitted on full-size vectors) or ``projected``
+    (projected-curvature mode, with ``projection`` the spec used).
+    """
+
+    model_fingerprint: str
+    modules_pattern: str
+    layers: dict[str, LayerSpec]
+    fisher: str  # "sampled" (true Fisher) or "empirical"
+    space: str = "full"
+    projection: dict = field(default_factory=dict)
+    num_tokens: int = 0
+    num_sequences: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FACTORS_FORMAT,
+            "model_fingerprint": self.model_fingerprint,
+            "modules_pattern": self.modules_pattern,
+            "layers": {n: s.to_json() for n, s in self.layers.items()},
+            "fisher": self.fisher,
+            "space": self.space,
+            "projection": self.projection,
+            "num_tokens": self.num_tokens,
+            "num_sequences": self.num_sequences,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FactorsMeta":
+        if d.get("format") != FACTORS_FORMAT:
+            raise FactorMismatchError(f"factors format {d.get('format')!r} is not {FACTORS_FORMAT!r}")
+        layers = {n: LayerSpec(**s) for n, s in d["layers"].items()}
+        return cls(
+            d["model_fingerprint"], d["modules_pattern"], layers, d["fisher"], d["space"], d["projection"],
+            d["num_tokens"], d["num_sequences"], d.get("extra", {}),
+        )
+
+
+@dataclass
+class EKFACFactors:
+    """Fitted EK-FAC: eigenbases plus corrected eigenvalues ``Lambda`` ``(d_out, d_in)`` per layer."""
+
+    meta: FactorsMeta
+    q_a: dict[str, torch.Tensor]
+    q_s: dict[str, torch.Tensor]
+    lambdas: dict[str, torch.Tensor]
+
+    @classmethod
+    def from_parts(cls, meta: FactorsMeta, bases: Eigenbases, lambda_sums: LambdaSums) -> "EKFACFactors":
+        if lambda_sums.num_sequences <= 0:
+            raise ValueError("cannot correct eigenvalues on zero sequences; the fitting sample is empty")
+        meta.num_tokens = bases.num_tokens
+        meta.num_sequences = lambda_sums.num_sequences
+        lambdas = {n: s / lambda_sums.num_sequences for n, s in lambda_sums.sums.items()}
+        return cls(meta, dict(bases.q_a), dict(bases.q_s), lambdas)
+
+    def damping(self, name: str, damping: float | None) -> float:
+        """A fixed ``damping``, or ``0.1 * mean(Lambda)`` of the layer when ``None``."""
+        if damping is not None:
+            return float(damping)
+        return 0.1 * float(self.lambdas[name].mean())
+
+    def precondition(self, name: str, grads: torch.Tensor, damping: float | None) -> torch.Tensor:
+        """``H^-1 X = Q_S [(Q_S^T X Q_A) / (Lambda + lambda)] Q_A^T``; ``grads``: ``(..., d_out, d_in)``."""
+        dtype, device = grads.dtype, grads.device
+        q_a = self.q_a[name].to(device=device, dtype=dtype)
+        q_s = self.q_s[name].to(device=device, dtype=dtype)
+        lam = self.lambdas[name].to(device=device, dtype=dtype)
+        rotated = q_s.T @ grads @ q_a
+        rotated = rotated / (lam + self.damping(name, damping))
+        return q_s @ rotated @ q_a.T
+
+    def check_compatible(self, model_fingerprint: str, layers: dict[str, LayerSpec], space: str, projection: dict) -> None:
+        """Raise ``FactorMismatchError`` unless these factors fit this model, layer set and space."""
+        m = self.meta
+        if m.model_fingerprint != model_fingerprint:
+            raise FactorMismatchError(
+                f"factors were fitted for model {m.model_fingerprint[:16]}..., but the model in use is "
+                f"{model_fingerprint[:16]}...; refit the factors for this model"
+            )
+        if set(m.layers) != set(layers) or any(m.layers[n] != layers[n] for n in layers):
+            raise FactorMismatchError(
+                f"factors track layers {sorted(m.layers)[:4]}... (pattern {m.modules_pattern!r}), "
+                f"but model.modules selects {sorted(layers)[:4]}...; refit or change model.modules"
+            )
+        if m.space != space or (space == "projected" and m.projection != projection):
+            raise FactorMismatchError(
+                f"factors were fitted in the {m.space} space {m.projection or ''}, but scoring needs the "
+                f"{space} space {projection if space == 'projected' else ''}; refit with this projection"
+            )
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in self.lambdas:
+            out[f"{n}::Q_A"] = self.q_a[n].contiguous()
+            out[f"{n}::Q_S"] = self.q_s[n].contiguous()
+            out[f"{n}::Lambda"] = self.lambdas[n].contiguous()
+        return out
+
+    def to_bytes(self) -> bytes:
+        """safetensors bytes with the meta as JSON in the header (no pickle)."""
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().cpu() for k, v in self.to_tensors().items()}
+        return save(tensors, metadata={"meta": json.dumps(self.meta.to_json(), sort_keys=True)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "EKFACFactors":
+        from safetensors.torch import load
+
+        tensors = load(data)
+        # The metadata lives in the safetensors JSON header: 8-byte length, then JSON.
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = FactorsMeta.from_json(json.loads(header["__metadata__"]["meta"]))
+        q_a = {n: tensors[f"{n}::Q_A"] for n in meta.layers}
+        q_s = {n: tensors[f"{n}::Q_S"] for n in meta.layers}
+        lam = {n: tensors[f"{n}::Lambda"] for n in meta.layers}
+        return cls(meta, q_a, q_s, lam)

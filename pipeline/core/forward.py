@@ -1,0 +1,67 @@
+"""One forward and loss evaluation, with the loss conventions of DESIGN section 2.
+
+The loss of a sequence is the *sum* of its token NLLs over labelled
+positions. For the true Fisher the targets are sampled from the model's own
+predictive distribution instead of taken from the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.core.text import IGNORE, Batch
+
+LABEL_MODES = ("data", "sampled")
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding changes nothing."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def autocast_context(device: torch.device, precision: str):
+    """``bf16`` autocast on CUDA when asked; float32 (no autocast) otherwise."""
+    if precision == "bf16":
+        if device.type != "cuda":
+            raise ValueError("precision=bf16 needs a CUDA device; use float32 on CPU")
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be float32, float64 or bf16, got {precision!r}")
+    return contextlib.nullcontext()
+
+
+def sequence_losses(
+    model: torch.nn.Module,
+    batch: Batch,
+    label_mode: str = "data",
+    generator: torch.Generator | None = None,
+    precision: str = "float32",
+) -> torch.Tensor:
+    """Summed NLL per sequence, ``(batch,)``; differentiable.
+
+    ``label_mode="sampled"`` replaces every labelled target by a draw from the
+    model's predictive distribution at that position (true Fisher).
+    """
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    device = batch.input_ids.device
+    with autocast_context(device, precision):
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids(batch.attention_mask),
+        ).logits
+    logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
+    targets = batch.labels[:, 1:]
+    if label_mode == "sampled":
+        with torch.no_grad():
+            probs = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1])
+            sampled = torch.multinomial(probs, 1, generator=generator).view_as(targets)
+        targets = torch.where(targets == IGNORE, targets, sampled)
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    )
+    return nll.view_as(targets).sum(dim=1)

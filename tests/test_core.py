@@ -1,0 +1,216 @@
+"""The numeric core against autograd loops, identities and invariances (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline.core.ekfac import EKFACFactors, FactorMismatchError, eigendecompose, per_sequence_gradients
+from pipeline.core.forward import sequence_losses
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine, NonFiniteGradientError, check_finite
+from pipeline.core.projection import ProjectionSpec, Projector, projection_matrix
+from pipeline.core.text import collate
+from pipeline.core.tracking import NoTrackedModulesError, find_tracked_layers, weight_gradient
+from tests.tiny_models import random_queries, random_sequences, tiny_model
+
+FAMILIES = ["gpt2", "llama", "neox"]  # Conv1D with bias; Linear without bias; Linear with bias
+TOL = 1e-10  # float64 throughout
+
+
+def batches_of(seqs, size, padding_side="right"):
+    return [collate(seqs[i : i + size], pad_id=1, padding_side=padding_side) for i in range(0, len(seqs), size)]
+
+
+def autograd_gradient(model, seq, layers):
+    """Full per-sequence gradient of the summed NLL, one sequence alone, via .backward()."""
+    model = copy.deepcopy(model).requires_grad_(True)
+    model.zero_grad()
+    sequence_losses(model, collate([seq], pad_id=1)).sum().backward()
+    modules = dict(model.named_modules())
+    return {n: weight_gradient(modules[n], spec) for n, spec in layers.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dim", [0, 6])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_projected_per_sequence_gradients_equal_autograd_loop(family, dim, padding_side):
+    model = tiny_model(family)
+    engine = InfluenceEngine(copy.deepcopy(model), InfluenceConfig(projection=ProjectionSpec(dim), precision="float64"))
+    seqs = random_sequences(5, seed=1)
+    captured, _ = engine.capture_batch(collate(seqs, pad_id=1, padding_side=padding_side), projected=True)
+    has_bias = any(s.has_bias for s in engine.layers.values())
+    assert has_bias == (family != "llama")
+    for i, seq in enumerate(seqs):
+        full = autograd_gradient(model, seq, engine.layers)
+        for name in engine.layers:
+            expected = full[name]
+            if engine.projector is not None:
+                expected = engine.projector.project_matrix(name, expected)
+            got = per_sequence_gradients(captured[name])[i]
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
+
+
+def test_projection_is_deterministic_and_unbiased():
+    a = projection_matrix(3, "layer.x", "in", 64, 10)
+    b = projection_matrix(3, "layer.x", "in", 64, 10)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, projection_matrix(3, "layer.y", "in", 64, 10))
+    assert not torch.equal(a, projection_matrix(4, "layer.x", "in", 64, 10))
+    # E[P^T P] = I: the mean over many draws converges to the identity.
+    mean = sum(projection_matrix(s, "l", "in", 8, 5).T @ projection_matrix(s, "l", "in", 8, 5) for s in range(2000)) / 2000
+    torch.testing.assert_close(mean, torch.eye(5, dtype=torch.float64), atol=0.08, rtol=0)
+
+
+def _scores(engine, train, queries, factors=None, batch_size=4, padding_side="right"):
+    factors = factors or engine.fit(batches_of(train, batch_size, padding_side))
+    q = engine.query_gradients(batches_of(queries, batch_size, padding_side), factors, [s.doc_id for s in queries])
+    return torch.cat([engine.score_batch(b, q) for b in batches_of(train, batch_size, padding_side)]), factors
+
+
+@pytest.mark.parametrize("mode", ["sketch", "curvature"])
+def test_scores_do_not_depend_on_batch_size_or_padding_side(mode):
+    train, queries = random_sequences(12, seed=2), random_queries(3)
+    cfg = InfluenceConfig(projection=ProjectionSpec(6, mode=mode), precision="float64", empirical_fisher=True)
+    ref, _ = _scores(InfluenceEngine(tiny_model("gpt2"), cfg), train, queries, batch_size=12)
+    for bs, side in [(1, "right"), (5, "left"), (4, "right")]:
+        got, _ = _scores(InfluenceEngine(tiny_model("gpt2"), cfg), train, queries, batch_size=bs, padding_side=side)
+        torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-12)
+
+
+def test_fitting_in_shards_then_summing_equals_fitting_in_one_go():
+    train = random_sequences(12, seed=3)
+    engine = InfluenceEngine(tiny_model("neox"), InfluenceConfig(precision="float64", empirical_fisher=True))
+    one_go = engine.fit(batches_of(train, 4))
+    shards = [batches_of(train[:5], 2), batches_of(train[5:], 3)]
+    cov = sum((engine.covariance_sums(s) for s in shards[1:]), engine.covariance_sums(shards[0]))
+    bases = eigendecompose(cov)
+    lam = sum((engine.lambda_sums(s, bases) for s in shards[1:]), engine.lambda_sums(shards[0], bases))
+    split = EKFACFactors.from_parts(engine.factors_meta(), bases, lam)
+    assert split.meta.num_sequences == one_go.meta.num_sequences == 12
+    for name in engine.layers:
+        torch.testing.assert_close(split.lambdas[name], one_go.lambdas[name], rtol=1e-9, atol=1e-14)
+
+
+def test_sampled_fisher_is_seeded_and_differs_from_empirical():
+    train = random_sequences(8, seed=4)
+    cfg = InfluenceConfig(precision="float64", seed=7)
+    a = InfluenceEngine(tiny_model("gpt2"), cfg).fit(batches_of(train, 4))
+    b = InfluenceEngine(tiny_model("gpt2"), cfg).fit(batches_of(train, 4))
+    emp = InfluenceEngine(tiny_model("gpt2"), InfluenceConfig(precision="float64", empirical_fisher=True)).fit(batches_of(train, 4))
+    name = next(iter(a.lambdas))
+    assert torch.equal(a.lambdas[name], b.lambdas[name])
+    assert not torch.allclose(a.lambdas[name], emp.lambdas[name])
+    assert a.meta.fisher == "sampled" and emp.meta.fisher == "empirical"
+
+
+@pytest.mark.parametrize("projection", [ProjectionSpec(0), ProjectionSpec(6, mode="sketch"), ProjectionSpec(6, mode="curvature")])
+@pytest.mark.parametrize("rank", [0, 2])
+def test_token_and_layer_scores_sum_to_sequence_scores(projection, rank):
+    train, queries = random_sequences(6, seed=5), random_queries(3)
+    engine = InfluenceEngine(tiny_model("llama"), InfluenceConfig(projection=projection, precision="float64", query_rank=rank))
+    factors = engine.fit(batches_of(train, 3))
+    q = engine.query_gradients(batches_of(queries, 3), factors, [s.doc_id for s in queries])
+    batch = collate(train, pad_id=1)
+    total, per_layer = engine.score_batch(batch, q, per_layer=True)
+    tokens = engine.token_scores(batch, q)  # (B, Q, L, T)
+    torch.testing.assert_close(per_layer.sum(-1), total, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(tokens.sum(-1), per_layer, rtol=TOL, atol=TOL)
+    assert (tokens[batch.attention_mask.unsqueeze(1).unsqueeze(1).expand_as(tokens) == 0] == 0).all()
+
+
+def test_projection_off_is_plain_ekfac_written_out():
+    """``dim=0`` scores equal <Q_S[(Q_S^T Gq Q_A)/(L+lam)]Q_A^T, Gn> from full autograd gradients."""
+    model = tiny_model("gpt2")
+    train, queries = random_sequences(6, seed=6), random_queries(2)
+    engine = InfluenceEngine(copy.deepcopy(model), InfluenceConfig(precision="float64", empirical_fisher=True, damping=0.01))
+    scores, factors = _scores(engine, train, queries)
+    for qi, qs in enumerate(queries):
+        gq = autograd_gradient(model, qs, engine.layers)
+        for ni, ns in enumerate(train):
+            gn = autograd_gradient(model, ns, engine.layers)
+            expected = 0.0
+            for name in engine.layers:
+                qa, qs_, lam = factors.q_a[name], factors.q_s[name], factors.lambdas[name]
+                pre = qs_ @ ((qs_.T @ gq[name] @ qa) / (lam + 0.01)) @ qa.T
+                expected += float((pre * gn[name]).sum())
+            assert scores[ni, qi].item() == pytest.approx(expected, rel=1e-8, abs=1e-12)
+
+
+def test_low_rank_queries_at_full_rank_equal_dense():
+    train, queries = random_sequences(6, seed=7), random_queries(2)
+    dense, factors = _scores(InfluenceEngine(tiny_model("gpt2"), InfluenceConfig(precision="float64")), train, queries)
+    engine = InfluenceEngine(tiny_model("gpt2"), InfluenceConfig(precision="float64", query_rank=64))
+    low, _ = _scores(engine, train, queries, factors=factors)
+    torch.testing.assert_close(low, dense, rtol=1e-8, atol=1e-12)
+
+
+def test_heuristic_damping_is_a_tenth_of_mean_lambda():
+    engine = InfluenceEngine(tiny_model("gpt2"), InfluenceConfig(precision="float64"))
+    factors = engine.fit(batches_of(random_sequences(4), 4))
+    name = next(iter(factors.lambdas))
+    assert factors.damping(name, None) == pytest.approx(0.1 * factors.lambdas[name].mean().item())
+    assert factors.damping(name, 0.5) == 0.5
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_no_tracked_modules_names_the_pattern_and_candidates():
+    with pytest.raises(NoTrackedModulesError, match=r"model.modules='.*nothing.*'.*c_fc"):
+        find_tracked_layers(tiny_model("gpt2"), r".*nothing.*")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        find_tracked_layers(tiny_model("gpt2"), r"(")
+
+
+def test_factors_from_another_model_or_module_set_are_rejected():
+    train = random_sequences(4)
+    factors = InfluenceEngine(tiny_model("gpt2", seed=0), InfluenceConfig(precision="float64")).fit(batches_of(train, 4))
+    other = InfluenceEngine(tiny_model("gpt2", seed=1), InfluenceConfig(precision="float64"))
+    with pytest.raises(FactorMismatchError, match="fitted for model"):
+        other.query_gradients(batches_of(random_queries(1), 1), factors, ["q0"])
+    subset = InfluenceEngine(tiny_model("gpt2", seed=0), InfluenceConfig(modules=r".*\.h\.0\.mlp\..*", precision="float64"))
+    with pytest.raises(FactorMismatchError, match="model.modules"):
+        subset.check_factors(factors)
+    curvature = InfluenceEngine(
+        tiny_model("gpt2", seed=0), InfluenceConfig(projection=ProjectionSpec(4, mode="curvature"), precision="float64")
+    )
+    with pytest.raises(FactorMismatchError, match="space"):
+        curvature.check_factors(factors)
+
+
+def test_factors_round_trip_through_safetensors_bytes():
+    engine = InfluenceEngine(tiny_model("neox"), InfluenceConfig(precision="float64"))
+    factors = engine.fit(batches_of(random_sequences(4), 4))
+    back = EKFACFactors.from_bytes(factors.to_bytes())
+    assert back.meta.to_json() == factors.meta.to_json()
+    for name in factors.lambdas:
+        assert torch.equal(back.lambdas[name], factors.lambdas[name])
+        assert torch.equal(back.q_a[name], factors.q_a[name])
+    engine.check_factors(back)
+
+
+def test_non_finite_gradients_are_reported_by_sequence():
+    scores = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [0.5, float("inf")]])
+    with pytest.raises(NonFiniteGradientError, match=r"\['b', 'c'\]"):
+        check_finite(scores, ["a", "b", "c"])
+
+
+def test_non_finite_weights_give_a_named_error_for_queries():
+    model = tiny_model("gpt2")
+    engine = InfluenceEngine(model, InfluenceConfig(precision="float64"))
+    factors = engine.fit(batches_of(random_sequences(4), 4))
+    with torch.no_grad():
+        model.transformer.wte.weight[5:].fill_(float("nan"))
+    engine._fingerprint = factors.meta.model_fingerprint  # same model object, weights now broken
+    with pytest.raises(NonFiniteGradientError, match="queries"):
+        engine.query_gradients(batches_of(random_queries(2), 2), factors, ["q0", "q1"])
+
+
+def test_projector_skips_sides_already_small():
+    layers = find_tracked_layers(tiny_model("gpt2"))
+    proj = Projector(ProjectionSpec(32), layers)
+    name = "transformer.h.0.mlp.c_fc"  # d_in = 16 + bias, d_out = 64
+    assert proj.p_in[name] is None and proj.p_out[name].shape == (32, 64)

@@ -1,0 +1,34 @@
+"""The main job: fit EK-FAC factors, precondition the queries, score the corpus on Ray, merge.
+
+    python jobs/attribute.py                       # embedded demo: local Ray, local storage, demo model
+    python jobs/attribute.py run.id=try2 projection.dim=0 score.top_k=5
+    ray job submit --address http://HEAD:8265 -- python jobs/attribute.py cluster=ray storage=s3 \
+        storage.root=s3://bucket/attribution model=hf model.path=s3://bucket/models/lm \
+        corpus.path=s3://bucket/corpus/ queries.path=s3://bucket/queries.jsonl run.id=nightly-2026-11-22
+
+Config: conf/attribute.yaml (schema and field docs: pipeline/config.py).
+"""
+
+import hydra
+
+from pipeline.config import register_configs, to_config
+from pipeline.jobs_common import exit_on_bad_input
+from pipeline.run import run_attribution
+from pipeline.storage import Storage
+from pipeline.summary import format_summary
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="attribute")
+def main(cfg) -> None:
+    with exit_on_bad_input():
+        config = to_config(cfg)
+        manifest = run_attribution(config)
+        storage = Storage(config.storage.root, config.storage.options)
+        print(format_summary(manifest, storage, config.demo.show, config.corpus.id_column,
+                             config.corpus.text_column, config.storage.options))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Typed configuration of the attribution jobs.
+
+One dataclass per config group; Hydra composes the YAML in ``conf/`` against
+these schemas (registered in the ConfigStore by ``register_configs``) and the
+jobs convert the result with ``to_config``. ``AttributeConfig.validate`` runs
+on the driver before any cluster time is spent. The contract keys of
+DESIGN section 5 (``model.path``, ``corpus.path``, ``queries.path``,
+``storage.root``, ``run.id``, ``score.top_k``, ``projection.dim``,
+``factors.damping``, ``factors.empirical_fisher``, ``cluster.address``) keep
+their names and meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.core.influence import PRECISIONS, InfluenceConfig
+from pipeline.core.projection import MODES, ProjectionSpec
+from pipeline.core.tracking import DEFAULT_MODULES
+
+
+@dataclass
+class ModelConfig:
+    # Hugging Face model directory, local or on object storage (s3://...). Empty: the demo model.
+    path: str = ""
+    # Regular expression (full match) over module names: the tracked Linear/Conv1D layers.
+    modules: str = DEFAULT_MODULES
+    # float32 (default), float64 (references) or bf16 (autocast, CUDA only).
+    precision: str = "float32"
+    # Never executes code from the model folder unless explicitly enabled.
+    trust_remote_code: bool = False
+    # Where workers cache a model downloaded from object storage (per node).
+    cache_dir: str = "/tmp/attribution-model-cache"
+
+
+@dataclass
+class CorpusConfig:
+    # Parquet or JSONL: a file, a folder or a glob, local or s3://. Empty: the demo corpus.
+    path: str = ""
+    id_column: str = "id"
+    text_column: str = "text"
+    # Tokens per training window; longer documents become several windows overlapping by one token.
+    window: int = 64
+    # Documents per shard (shards are file + row range, deterministic across reruns).
+    docs_per_shard: int = 256
+    # Check that document ids are unique across the corpus on the driver before scoring.
+    check_unique_ids: bool = True
+
+
+@dataclass
+class QueriesConfig:
+    # JSONL or Parquet with id, prompt, completion. Empty: the demo queries.
+    path: str = ""
+
+
+@dataclass
+class StorageConfig:
+    # Root URL of all outputs: a local folder, file://... or s3://bucket/prefix.
+    root: str = "outputs/attribution"
+    # Extra fsspec storage options (e.g. {"endpoint_url": ...}); credentials come from the AWS env vars.
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    # The run's name; outputs go to {storage.root}/runs/{run.id}. Letters, digits, '.', '_', '-'.
+    id: str = "demo"
+    # Recompute and replace committed units of this run instead of skipping them.
+    overwrite: bool = False
+    # Global seed (sampled Fisher labels, demo).
+    seed: int = 0
+
+
+@dataclass
+class FactorsConfig:
+    # Fixed damping, or null for 0.1 * mean(Lambda) per layer.
+    damping: Any = None
+    # true: fit with the data's own labels; false: labels sampled from the model (true Fisher).
+    empirical_fisher: bool = False
+    # Shards used to fit the factors (evenly spread over the corpus); 0 = all shards.
+    sample_shards: int = 0
+    batch_size: int = 8
+
+
+@dataclass
+class ProjectionConfig:
+    # k for both Kronecker sides of every tracked layer; 0 = no projection (plain EK-FAC).
+    dim: int = 32
+    # sketch: full-size EK-FAC, project the preconditioned query; curvature: EK-FAC on projected vectors (LoGra).
+    mode: str = "sketch"
+    seed: int = 0
+
+
+@dataclass
+class ScoreConfig:
+    # Results kept per query and polarity (proponents and opponents).
+    top_k: int = 10
+    batch_size: int = 8
+    # 0: dense preconditioned query gradients; r > 0: rank-r per layer.
+    query_rank: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    # Empty: start a local Ray in-process; otherwise the address to connect to (e.g. "auto").
+    address: str = ""
+    # Scoring/fitting actors; each holds one model.
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    # CPUs of the local Ray started when address is empty (0: all cores).
+    local_num_cpus: int = 0
+    # Restarts of a dead actor and retries of its task (outputs are committed last, so retries are safe).
+    max_restarts: int = 3
+
+
+@dataclass
+class DemoConfig:
+    # Where the generated demo (tokenizer, tiny model, corpus, queries) is cached.
+    cache_dir: str = "outputs/demo-cache"
+    # Print this many proponents per demo query at the end.
+    show: int = 3
+
+
+@dataclass
+class AttributeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    queries: QueriesConfig = field(default_factory=QueriesConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    factors: FactorsConfig = field(default_factory=FactorsConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    @property
+    def uses_demo(self) -> bool:
+        return not (self.model.path or self.corpus.path or self.queries.path)
+
+    def validate(self) -> None:
+        """Fail on the driver, naming the key, before any cluster time is spent."""
+        from pipeline.storage import validate_name
+
+        validate_name(self.run.id, "run.id")
+        given = [bool(self.model.path), bool(self.corpus.path), bool(self.queries.path)]
+        if any(given) and not all(given):
+            raise ValueError(
+                "model.path, corpus.path and queries.path must be given together (all empty runs the demo); "
+                f"got model.path={self.model.path!r}, corpus.path={self.corpus.path!r}, queries.path={self.queries.path!r}"
+            )
+        if self.model.precision not in PRECISIONS:
+            raise ValueError(f"model.precision must be one of {PRECISIONS}, got {self.model.precision!r}")
+        if self.projection.mode not in MODES:
+            raise ValueError(f"projection.mode must be one of {MODES}, got {self.projection.mode!r}")
+        checks = [
+            (self.corpus.window >= 2, f"corpus.window must be >= 2, got {self.corpus.window}"),
+            (self.corpus.docs_per_shard >= 1, f"corpus.docs_per_shard must be >= 1, got {self.corpus.docs_per_shard}"),
+            (self.score.top_k >= 1, f"score.top_k must be >= 1, got {self.score.top_k}"),
+            (self.score.batch_size >= 1, f"score.batch_size must be >= 1, got {self.score.batch_size}"),
+            (self.factors.batch_size >= 1, f"factors.batch_size must be >= 1, got {self.factors.batch_size}"),
+            (self.factors.sample_shards >= 0, f"factors.sample_shards must be >= 0, got {self.factors.sample_shards}"),
+            (self.projection.dim >= 0, f"projection.dim must be >= 0, got {self.projection.dim}"),
+            (self.cluster.num_workers >= 1, f"cluster.num_workers must be >= 1, got {self.cluster.num_workers}"),
+            (self.cluster.gpus_per_worker >= 0, "cluster.gpus_per_worker must be >= 0"),
+            (self.cluster.cpus_per_worker > 0, "cluster.cpus_per_worker must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        damping = self.factors.damping
+        if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0):
+            raise ValueError(f"factors.damping must be a number >= 0 or null, got {damping!r}")
+        if self.model.precision == "bf16" and self.cluster.gpus_per_worker <= 0:
+            raise ValueError("model.precision=bf16 needs GPU workers (cluster.gpus_per_worker > 0)")
+
+    def influence(self) -> InfluenceConfig:
+        """The numeric core's view of this config."""
+        return InfluenceConfig(
+            modules=self.model.modules,
+            projection=ProjectionSpec(self.projection.dim, self.projection.seed, self.projection.mode),
+            damping=None if self.factors.damping is None else float(self.factors.damping),
+            empirical_fisher=self.factors.empirical_fisher,
+            precision=self.model.precision,
+            query_rank=self.score.query_rank,
+            seed=self.run.seed,
+        )
+
+    def to_json(self) -> dict:
+        """The resolved config for manifests, without storage options (they may hold secrets)."""
+        d = asdict(self)
+        d["storage"]["options"] = sorted(d["storage"]["options"])  # key names only
+        return d
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (the YAML in conf/ is validated against them)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="attribute_schema", node=AttributeConfig)
+
+
+def to_config(cfg) -> AttributeConfig:
+    """An OmegaConf config (from Hydra) to a validated ``AttributeConfig``."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(AttributeConfig), cfg)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, AttributeConfig)
+    obj.validate()
+    return obj

@@ -1,0 +1,360 @@
+"""The driver: fit -> precondition -> score -> merge, each unit committed and skipped on rerun.
+
+``run_attribution(cfg)`` runs every stage; ``run_stage(cfg, name)`` runs one
+(the single-stage jobs). Inputs are validated here, on the driver, before
+any Ray worker is started.
+
+Storage layout (all under ``storage.root``; see ``pipeline.storage``):
+
+- ``factors/{factors_id}/``: partial sums per shard, eigenbases, ``factors.safetensors``.
+  ``factors_id`` hashes the model fingerprint, tracked modules, Fisher kind,
+  fitting space, window and the fitted shards: factors are reused by any run
+  that would fit the same ones.
+- ``queries/{queries_id}/gradients.safetensors``: preconditioned query gradients,
+  keyed by factors, queries content, damping, projection and query rank.
+- ``runs/{run.id}/shards/{shard_id}.parquet``: each shard's top-k;
+  ``runs/{run.id}/attribution/``: the ranked table; ``runs/{run.id}/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from pipeline.config import AttributeConfig
+from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
+from pipeline.core.tracking import LayerSpec
+from pipeline.corpus import (
+    Query,
+    Shard,
+    corpus_fingerprint,
+    list_corpus,
+    make_shards,
+    read_queries,
+    spread,
+)
+from pipeline.merge import merge_shard_tables
+from pipeline.model_io import check_model_dir
+from pipeline.storage import Storage
+from pipeline.worker import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+STAGES = ("fit", "precondition", "score", "merge")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class RunContext:
+    """What every stage needs, established once on the driver."""
+
+    cfg: AttributeConfig
+    storage: Storage
+    shards: list[Shard]
+    corpus_fp: str
+    queries: list[Query]
+    queries_fp: str
+    workers: list = field(default_factory=list)
+    model_fp: str = ""
+    layers: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+
+    # ---- content-addressed ids ------------------------------------------------------------
+
+    @property
+    def fit_shards(self) -> list[Shard]:
+        return spread(self.shards, self.cfg.factors.sample_shards)
+
+    @property
+    def factors_id(self) -> str:
+        inf = self.cfg.influence()
+        return "f-" + _digest(
+            {
+                "model": self.model_fp,
+                "modules": inf.modules,
+                "fisher": "empirical" if inf.empirical_fisher else "sampled",
+                "space": inf.factor_space,
+                "projection": inf.projection.to_json() if inf.factor_space == "projected" else None,
+                "window": self.cfg.corpus.window,
+                "seed": inf.seed,
+                "shards": [s.shard_id for s in self.fit_shards],
+            }
+        )
+
+    @property
+    def factors_url(self) -> str:
+        return self.storage.url("factors", self.factors_id, "factors.safetensors")
+
+    @property
+    def queries_id(self) -> str:
+        inf = self.cfg.influence()
+        return "q-" + _digest(
+            {
+                "factors": self.factors_id,
+                "queries": self.queries_fp,
+                "damping": inf.damping,
+                "projection": inf.projection.to_json(),
+                "query_rank": inf.query_rank,
+                "window": self.cfg.corpus.window,
+            }
+        )
+
+    @property
+    def queries_url(self) -> str:
+        return self.storage.url("queries", self.queries_id, "gradients.safetensors")
+
+    def shard_url(self, shard: Shard) -> str:
+        return self.storage.shard_result(self.cfg.run.id, shard.shard_id)
+
+
+def resolve_demo(cfg: AttributeConfig) -> AttributeConfig:
+    """With no model/corpus/queries given, build (once, cached) the demo and point the config at it."""
+    if not cfg.uses_demo:
+        return cfg
+    from pipeline.demo import build_demo
+
+    demo = build_demo(cfg.demo.cache_dir)
+    return replace(
+        cfg,
+        model=replace(cfg.model, path=demo.model_dir),
+        corpus=replace(cfg.corpus, path=demo.corpus_path),
+        queries=replace(cfg.queries, path=demo.queries_path),
+    )
+
+
+def prepare(cfg: AttributeConfig) -> RunContext:
+    """Validate config and inputs on the driver (no Ray yet): storage, model folder, corpus, queries."""
+    cfg.validate()
+    cfg = resolve_demo(cfg)
+    started = time.perf_counter()
+    storage = Storage(cfg.storage.root, cfg.storage.options)
+    storage.check_writable()
+    check_model_dir(cfg.model.path, cfg.storage.options)
+    files = list_corpus(
+        cfg.corpus.path, cfg.corpus.id_column, cfg.corpus.text_column, cfg.storage.options, cfg.corpus.check_unique_ids
+    )
+    shards = make_shards(files, cfg.corpus.docs_per_shard)
+    queries, queries_fp = read_queries(cfg.queries.path, cfg.storage.options)
+    ctx = RunContext(cfg, storage, shards, corpus_fingerprint(files), queries, queries_fp)
+    ctx.counts.update(
+        num_files=len(files), num_docs=sum(f.num_rows for f in files), num_shards=len(shards), num_queries=len(queries)
+    )
+    ctx.timings["validate_s"] = round(time.perf_counter() - started, 3)
+    log.info(
+        "corpus: %d documents in %d files, %d shards; %d queries",
+        ctx.counts["num_docs"], len(files), len(shards), len(queries),
+    )
+    return ctx
+
+
+def worker_spec(cfg: AttributeConfig) -> WorkerSpec:
+    return WorkerSpec(
+        model_path=cfg.model.path,
+        model_cache_dir=cfg.model.cache_dir,
+        trust_remote_code=cfg.model.trust_remote_code,
+        influence=cfg.influence(),
+        id_column=cfg.corpus.id_column,
+        text_column=cfg.corpus.text_column,
+        window=cfg.corpus.window,
+        fit_batch_size=cfg.factors.batch_size,
+        score_batch_size=cfg.score.batch_size,
+        storage_root=cfg.storage.root,
+        storage_options=dict(cfg.storage.options),
+        device="auto" if cfg.cluster.gpus_per_worker > 0 else "cpu",
+    )
+
+
+# ---- stages -------------------------------------------------------------------------------
+
+
+def fit_factors(ctx: RunContext) -> str:
+    """Distributed EK-FAC fit: A/S partial sums per shard, eigendecomposition, Lambda partial sums."""
+    from pipeline.cluster import run_units
+
+    storage, url = ctx.storage, ctx.factors_url
+    if storage.already_committed(url, is_dir=False):
+        return url
+    fdir = storage.url("factors", ctx.factors_id)
+    shards = ctx.fit_shards
+    cov_urls = [storage.url("factors", ctx.factors_id, "partials", f"cov-{s.shard_id}.safetensors") for s in shards]
+    run_units(ctx.workers, [("covariance", (s, u)) for s, u in zip(shards, cov_urls)], "fit: covariances")
+    cov = None
+    for u in cov_urls:
+        part = CovarianceSums.from_tensors(storage.read_safetensors(u)[0])
+        cov = part if cov is None else cov + part
+    bases = eigendecompose(cov)
+    bases_url = storage.url("factors", ctx.factors_id, "eigenbases.safetensors")
+    if not storage.already_committed(bases_url, is_dir=False):
+        tensors = {f"{n}::Q_A": bases.q_a[n] for n in bases.q_a}
+        tensors.update({f"{n}::Q_S": bases.q_s[n] for n in bases.q_s})
+        storage.write_safetensors(bases_url, tensors)
+        storage.commit(bases_url, {"num_tokens": bases.num_tokens}, is_dir=False)
+    lam_urls = [storage.url("factors", ctx.factors_id, "partials", f"lambda-{s.shard_id}.safetensors") for s in shards]
+    run_units(ctx.workers, [("lambdas", (s, bases_url, u)) for s, u in zip(shards, lam_urls)], "fit: eigenvalues")
+    lam = None
+    for u in lam_urls:
+        part = LambdaSums.from_tensors(storage.read_safetensors(u)[0])
+        lam = part if lam is None else lam + part
+    inf = ctx.cfg.influence()
+    meta = FactorsMeta(
+        model_fingerprint=ctx.model_fp,
+        modules_pattern=inf.modules,
+        layers={n: LayerSpec(**spec) for n, spec in ctx.layers.items()},
+        fisher="empirical" if inf.empirical_fisher else "sampled",
+        space=inf.factor_space,
+        projection=inf.projection.to_json() if inf.factor_space == "projected" else {},
+        extra={"factors_id": ctx.factors_id, "shards": [s.shard_id for s in shards], "window": ctx.cfg.corpus.window},
+    )
+    factors = EKFACFactors.from_parts(meta, bases, lam)
+    storage.write_bytes(url, factors.to_bytes())
+    storage.commit(url, {"factors_id": ctx.factors_id, "num_tokens": bases.num_tokens,
+                         "num_sequences": lam.num_sequences}, is_dir=False)
+    log.info("factors %s fitted on %d tokens in %d fitting shards (%s)", ctx.factors_id, bases.num_tokens, len(shards), fdir)
+    return url
+
+
+def precondition_queries(ctx: RunContext) -> str:
+    """Preconditioned (projected) query gradients, computed once by one worker."""
+    import ray
+
+    url = ctx.queries_url
+    if not ctx.storage.already_committed(url, is_dir=False):
+        ray.get(ctx.workers[0].precondition.remote(ctx.queries, ctx.factors_url, url))
+    return url
+
+
+def score_corpus(ctx: RunContext) -> list[dict]:
+    """Every shard scored against every query; shards already committed for these queries are skipped."""
+    from pipeline.cluster import run_units
+
+    storage, top_k = ctx.storage, ctx.cfg.score.top_k
+    todo = []
+    for shard in ctx.shards:
+        url = ctx.shard_url(shard)
+        commit = storage.read_commit(url, is_dir=False)
+        if commit is not None and not ctx.cfg.run.overwrite:
+            info = commit.get("info", {})
+            if info.get("queries_id") == ctx.queries_id and info.get("top_k") == top_k:
+                log.info("skip committed %s", url)
+                continue
+        if commit is not None:
+            storage.uncommit(url, is_dir=False)
+        todo.append(shard)
+    calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), top_k, {"queries_id": ctx.queries_id})) for s in todo]
+    return run_units(ctx.workers, calls, "score")
+
+
+def merge_results(ctx: RunContext) -> str:
+    """Merge committed shard results into the ranked table; refuses while any shard is uncommitted."""
+    storage, run_id = ctx.storage, ctx.cfg.run.id
+    out_dir = storage.attribution_dir(run_id)
+    commits = {s.shard_id: storage.read_commit(ctx.shard_url(s), is_dir=False) for s in ctx.shards}
+    missing = [sid for sid, c in commits.items() if c is None]
+    if missing:
+        raise RuntimeError(
+            f"cannot merge run {run_id!r}: {len(missing)} shard(s) are not committed, e.g. {missing[:5]}; "
+            "run the score stage first"
+        )
+    stale = [sid for sid, c in commits.items() if c["info"].get("queries_id") != ctx.queries_id]
+    if stale:
+        raise RuntimeError(f"cannot merge run {run_id!r}: shard(s) {stale[:5]} were scored for other queries")
+    merged_from = _digest({"shards": sorted(commits), "queries_id": ctx.queries_id, "top_k": ctx.cfg.score.top_k})
+    done = storage.read_commit(out_dir, is_dir=True)
+    if done is not None and done["info"].get("merged_from") == merged_from and not ctx.cfg.run.overwrite:
+        log.info("skip committed %s", out_dir)
+        return out_dir
+    if done is not None:
+        storage.uncommit(out_dir, is_dir=True)
+    from tqdm import tqdm
+
+    tables = [storage.read_parquet(ctx.shard_url(s)) for s in tqdm(ctx.shards, desc="merge: read", unit="shard")]
+    table = merge_shard_tables(tables, ctx.cfg.score.top_k)
+    storage.write_parquet(storage.url("runs", run_id, "attribution", "part-00000.parquet"), table)
+    storage.commit(out_dir, {"merged_from": merged_from, "num_rows": table.num_rows}, is_dir=True)
+    ctx.counts.update(_shard_counts(commits))
+    write_manifest(ctx, out_dir)
+    return out_dir
+
+
+def _shard_counts(commits: dict) -> dict:
+    infos = [c["info"] for c in commits.values()]
+    return {
+        "num_windows": sum(i.get("num_windows", 0) for i in infos),
+        "num_tokens": sum(i.get("num_tokens", 0) for i in infos),
+        "num_skipped_docs": sum(i.get("num_skipped_docs", 0) for i in infos),
+        "num_nonfinite_windows": sum(i.get("num_nonfinite_windows", 0) for i in infos),
+        "skipped_docs_sample": [d for i in infos for d in i.get("skipped_docs", [])][:20],
+        "nonfinite_windows_sample": [d for i in infos for d in i.get("nonfinite_windows", [])][:20],
+    }
+
+
+def write_manifest(ctx: RunContext, table_url: str) -> dict:
+    manifest = {
+        "run_id": ctx.cfg.run.id,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "attribution": table_url,
+        "model": {"path": ctx.cfg.model.path, "fingerprint": ctx.model_fp},
+        "factors_id": ctx.factors_id,
+        "queries_id": ctx.queries_id,
+        "corpus": {"path": ctx.cfg.corpus.path, "fingerprint": ctx.corpus_fp},
+        "queries": {"path": ctx.cfg.queries.path, "fingerprint": ctx.queries_fp},
+        "config": ctx.cfg.to_json(),
+        "counts": ctx.counts,
+        "timings": ctx.timings,
+        "shards": [s.shard_id for s in ctx.shards],
+    }
+    ctx.storage.write_json(ctx.storage.run_manifest(ctx.cfg.run.id), manifest)
+    ctx.storage.write_json(ctx.storage.latest_pointer(), {"run_id": ctx.cfg.run.id, "attribution": table_url})
+    return manifest
+
+
+# ---- entry points -------------------------------------------------------------------------
+
+
+def _timed(ctx: RunContext, name: str, fn):
+    started = time.perf_counter()
+    result = fn(ctx)
+    ctx.timings[f"{name}_s"] = round(time.perf_counter() - started, 3)
+    log.info("stage %s: %.2fs", name, ctx.timings[f"{name}_s"])
+    return result
+
+
+def run_stages(cfg: AttributeConfig, stages: tuple[str, ...] = STAGES) -> RunContext:
+    """Validate, start or join Ray, start the workers, run ``stages`` in order."""
+    from pipeline.cluster import ray_session, start_workers
+
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES}")
+    ctx = prepare(cfg)
+    with ray_session(ctx.cfg.cluster):
+        started = time.perf_counter()
+        ctx.workers = start_workers(worker_spec(ctx.cfg), ctx.cfg.cluster)
+        ctx.model_fp = _get(ctx.workers[0].fingerprint.remote())
+        ctx.layers = _get(ctx.workers[0].layer_specs.remote())
+        ctx.timings["workers_s"] = round(time.perf_counter() - started, 3)
+        for stage, fn in (("fit", fit_factors), ("precondition", precondition_queries),
+                          ("score", score_corpus), ("merge", merge_results)):
+            if stage in stages:
+                _timed(ctx, stage, fn)
+    return ctx
+
+
+def _get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
+def run_attribution(cfg: AttributeConfig) -> dict:
+    """Every stage; returns the run manifest (also at ``runs/{run.id}/manifest.json``)."""
+    ctx = run_stages(cfg)
+    return ctx.storage.read_json(ctx.storage.run_manifest(ctx.cfg.run.id))

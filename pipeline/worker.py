@@ -1,0 +1,224 @@
+"""``ShardWorker``: one model loaded once, many shards processed.
+
+Plain Python (no Ray import): ``pipeline.cluster`` runs it as a Ray actor, and
+tests and the single-process reference call it directly. Every unit it
+produces is written to storage and then committed; a committed unit is
+skipped, so a retried task can neither lose nor duplicate output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import torch
+
+from pipeline.core.ekfac import CovarianceSums, Eigenbases, EKFACFactors, LambdaSums
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryGradients
+from pipeline.core.text import Batch, Sequence, collate, encode_documents, encode_query
+from pipeline.core.topk import TopK
+from pipeline.corpus import Query, Shard, read_shard
+from pipeline.model_io import load_model_and_tokenizer, local_model_dir
+from pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("polarity", pa.string()),
+        ("rank", pa.int32()),
+        ("doc_id", pa.string()),
+        ("window", pa.int32()),
+        ("score", pa.float64()),
+        ("seq_key", pa.int64()),
+    ]
+)
+
+# Test hook: "SHARD_INDEX:MARKER_PATH" makes the worker process exit abruptly while
+# scoring that shard (after writing its data, before the commit), once.
+KILL_ENV = "ATTRIBUTION_TEST_KILL_ONCE"
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, as plain values (Ray ships it to the actor)."""
+
+    model_path: str
+    model_cache_dir: str
+    trust_remote_code: bool
+    influence: InfluenceConfig
+    id_column: str
+    text_column: str
+    window: int
+    fit_batch_size: int
+    score_batch_size: int
+    storage_root: str
+    storage_options: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+
+def seq_key(shard_index: int, local_index: int) -> int:
+    """Global, deterministic tie-break key of a window: shard order, then position in the shard."""
+    return (shard_index << 32) | local_index
+
+
+class ShardWorker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.storage = Storage(spec.storage_root, spec.storage_options)
+        device = spec.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        local = local_model_dir(spec.model_path, spec.model_cache_dir, spec.storage_options)
+        model, self.tokenizer = load_model_and_tokenizer(local, spec.trust_remote_code)
+        self.engine = InfluenceEngine(model, spec.influence, device)
+        self.pad_id = self.tokenizer.pad_token_id
+
+    def fingerprint(self) -> str:
+        return self.engine.fingerprint
+
+    def layer_specs(self) -> dict:
+        return {n: s.to_json() for n, s in self.engine.layers.items()}
+
+    # ---- data -----------------------------------------------------------------------------
+
+    def _windows(self, shard: Shard) -> tuple[list[Sequence], list[str]]:
+        docs = read_shard(shard, self.spec.id_column, self.spec.text_column, self.spec.storage_options)
+        return encode_documents(self.tokenizer, docs, self.spec.window)
+
+    def _batches(self, seqs: list[Sequence], size: int) -> list[Batch]:
+        return [collate(seqs[i : i + size], self.pad_id) for i in range(0, len(seqs), size)]
+
+    # ---- fitting --------------------------------------------------------------------------
+
+    def covariance(self, shard: Shard, out_url: str) -> dict:
+        """Partial ``A``/``S`` sums of one shard, committed at ``out_url``."""
+        if self.storage.already_committed(out_url, is_dir=False):
+            return self.storage.read_commit(out_url, is_dir=False)["info"]
+        seqs, skipped = self._windows(shard)
+        sums = self.engine.covariance_sums(self._batches(seqs, self.spec.fit_batch_size), seed=self._seed(shard))
+        info = {"shard_id": shard.shard_id, "num_tokens": sums.num_tokens, "skipped_docs": len(skipped)}
+        self.storage.write_safetensors(out_url, sums.to_tensors())
+        self.storage.commit(out_url, info, is_dir=False)
+        return info
+
+    def lambdas(self, shard: Shard, bases_url: str, out_url: str) -> dict:
+        """Partial eigenvalue-correction sums of one shard in the driver's eigenbases."""
+        if self.storage.already_committed(out_url, is_dir=False):
+            return self.storage.read_commit(out_url, is_dir=False)["info"]
+        tensors, _ = self.storage.read_safetensors(bases_url)
+        names = list(self.engine.layers)
+        bases = Eigenbases(
+            {n: tensors[f"{n}::Q_A"] for n in names}, {}, {n: tensors[f"{n}::Q_S"] for n in names}, {}, 0
+        )
+        seqs, _ = self._windows(shard)
+        sums = self.engine.lambda_sums(self._batches(seqs, self.spec.fit_batch_size), bases, seed=self._seed(shard))
+        info = {"shard_id": shard.shard_id, "num_sequences": sums.num_sequences}
+        self.storage.write_safetensors(out_url, sums.to_tensors())
+        self.storage.commit(out_url, info, is_dir=False)
+        return info
+
+    def _seed(self, shard: Shard) -> int:
+        return self.spec.influence.seed * 1_000_003 + shard.index
+
+    # ---- queries --------------------------------------------------------------------------
+
+    def precondition(self, queries: list[Query], factors_url: str, out_url: str) -> dict:
+        """Preconditioned (projected) query gradients of all queries, committed at ``out_url``."""
+        if self.storage.already_committed(out_url, is_dir=False):
+            return self.storage.read_commit(out_url, is_dir=False)["info"]
+        factors = EKFACFactors.from_bytes(self.storage.read_bytes(factors_url))
+        seqs = [encode_query(self.tokenizer, q.id, q.prompt, q.completion, self.spec.window) for q in queries]
+        grads = self.engine.query_gradients(
+            self._batches(seqs, self.spec.score_batch_size), factors, [q.id for q in queries]
+        )
+        info = {"num_queries": len(queries), "query_ids": [q.id for q in queries]}
+        self.storage.write_safetensors(out_url, grads.to_tensors(), {"query_ids": "\n".join(grads.query_ids)})
+        self.storage.commit(out_url, info, is_dir=False)
+        return info
+
+    def _load_queries(self, url: str) -> QueryGradients:
+        cached = getattr(self, "_queries", None)
+        if cached is not None and cached[0] == url:
+            return cached[1]
+        tensors, meta = self.storage.read_safetensors(url)
+        grads = QueryGradients.from_tensors(meta["query_ids"].split("\n"), tensors)
+        grads = grads.to(self.engine.device, self.engine.dtype)
+        self._queries = (url, grads)
+        return grads
+
+    # ---- scoring --------------------------------------------------------------------------
+
+    def score(self, shard: Shard, queries_url: str, out_url: str, top_k: int, commit_info: dict | None = None) -> dict:
+        """Top-k proponents and opponents per query within one shard, committed at ``out_url``.
+
+        ``commit_info`` (e.g. the queries id) is recorded in the commit so the driver can tell a stale result.
+        """
+        if self.storage.already_committed(out_url, is_dir=False):
+            return self.storage.read_commit(out_url, is_dir=False)["info"]
+        started = time.perf_counter()
+        queries = self._load_queries(queries_url)
+        seqs, skipped = self._windows(shard)
+        acc = TopK(len(queries.query_ids), top_k)
+        nonfinite: list[str] = []
+        tokens = 0
+        for start in range(0, len(seqs), self.spec.score_batch_size):
+            chunk = seqs[start : start + self.spec.score_batch_size]
+            batch = collate(chunk, self.pad_id)
+            tokens += int(batch.attention_mask.sum())
+            scores = self.engine.score_batch(batch, queries)
+            keys = torch.tensor([seq_key(shard.index, start + i) for i in range(len(chunk))], dtype=torch.int64)
+            finite = torch.isfinite(scores).all(dim=1).cpu()
+            if not finite.all():
+                # Reported, never scored as zero: these windows are left out of the ranking.
+                bad = [f"{chunk[i].doc_id}#{chunk[i].window}" for i in (~finite).nonzero().flatten().tolist()]
+                log.warning("shard %s: non-finite gradients for %s; left out of the ranking", shard.shard_id, bad)
+                nonfinite.extend(bad)
+                scores, keys = scores[finite.to(scores.device)], keys[finite]
+            if len(keys):
+                acc.update(scores, keys)
+        table = self._result_table(acc, queries.query_ids, seqs)
+        self.storage.write_parquet(out_url, table)
+        self._maybe_die(shard)
+        info = {
+            "shard_id": shard.shard_id,
+            "num_docs": shard.row_end - shard.row_start,
+            "num_windows": len(seqs),
+            "num_tokens": tokens,
+            "num_rows": table.num_rows,
+            "skipped_docs": skipped[:100],
+            "num_skipped_docs": len(skipped),
+            "nonfinite_windows": nonfinite[:100],
+            "num_nonfinite_windows": len(nonfinite),
+            "seconds": round(time.perf_counter() - started, 3),
+            "top_k": top_k,
+            **(commit_info or {}),
+        }
+        self.storage.commit(out_url, info, is_dir=False)
+        return info
+
+    def _result_table(self, acc: TopK, query_ids: list[str], seqs: list[Sequence]) -> pa.Table:
+        cols: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+        for q, query_id in enumerate(query_ids):
+            for polarity, items in (("proponent", acc.proponents(q)), ("opponent", acc.opponents(q))):
+                for rank, (score, key) in enumerate(items, 1):
+                    seq = seqs[key & 0xFFFFFFFF]
+                    for name, value in zip(
+                        SHARD_SCHEMA.names, (query_id, polarity, rank, seq.doc_id, seq.window, score, key)
+                    ):
+                        cols[name].append(value)
+        return pa.table(cols, schema=SHARD_SCHEMA)
+
+    def _maybe_die(self, shard: Shard) -> None:
+        spec = os.environ.get(KILL_ENV, "")
+        if not spec:
+            return
+        index, marker = spec.split(":", 1)
+        if int(index) == shard.index and not os.path.exists(marker):
+            open(marker, "w").close()
+            log.warning("test hook: killing worker process while scoring shard %s", shard.shard_id)
+            os._exit(1)

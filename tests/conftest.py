@@ -1,0 +1,52 @@
+"""Shared pytest fixtures.
+
+S3: a real S3-compatible server (moto, in a thread) on loopback, shared by
+the session; each test gets a fresh bucket and a clean AWS environment.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Start moto's S3-compatible server on 127.0.0.1 and yield its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    # Port 0: the OS picks a free port at bind time, so there is no race with
+    # another process grabbing a port we probed beforehand.
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """Point the standard AWS env vars at the test server, create a fresh bucket, yield ``s3://{bucket}``."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    # A region makes s3fs/botocore address the bucket differently against a
+    # local server (bucket creation fails with us-east-1); leave it unset.
+    for var in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    # Never read the developer's ~/.aws files.
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    # s3fs caches instances by their arguments, not by the environment; a
+    # cached instance would keep the previous test's endpoint and credentials.
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield f"s3://{bucket}"
+    s3fs.S3FileSystem.clear_instance_cache()

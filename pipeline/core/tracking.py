@@ -152,13 +152,15 @@ class LayerCapture:
         spec = self.layers[name]
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            a = args[0].detach().to(self.dtype)
-            if spec.has_bias:
-                a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-            if self._mask is not None:
-                a = a * self._mask.unsqueeze(-1).to(a.dtype)
-            transform = self.transform_in.get(name)
-            self._inputs[name] = transform(a) if transform is not None else a
+            # The forward may run under bf16 autocast; captured vectors are computed in self.dtype.
+            with torch.autocast(args[0].device.type, enabled=False):
+                a = args[0].detach().to(self.dtype)
+                if spec.has_bias:
+                    a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+                if self._mask is not None:
+                    a = a * self._mask.unsqueeze(-1).to(a.dtype)
+                transform = self.transform_in.get(name)
+                self._inputs[name] = transform(a) if transform is not None else a
             self._outputs[name] = output
 
         return hook

@@ -27,6 +27,7 @@ def format_summary(
         options = storage_options or {}
         for shard in make_shards(list_corpus(corpus_path, id_column, text_column, options, False), 10_000):
             texts.update({i: t for i, t in read_shard(shard, id_column, text_column, options) if i in wanted})
+    window_text = _window_decoder(manifest)
     lines = [f"attribution table: {manifest['attribution']}  ({len(table)} rows)"]
     by_query: dict[str, list[dict]] = {}
     for row in table:
@@ -35,6 +36,27 @@ def format_summary(
     for query_id in sorted(by_query):
         lines.append(f"query {query_id}: top proponents")
         for r in by_query[query_id]:
-            snippet = " ".join(texts.get(r["doc_id"], "").split())[:90]
+            text = texts.get(r["doc_id"], "")
+            snippet = " ".join(window_text(r["doc_id"], text, r["window"]).split())[:90]
             lines.append(f"  {r['rank']:>2}. {r['doc_id']:<22} window {r['window']:<3} score {r['score']:+.4g}  {snippet}")
     return "\n".join(lines)
+
+
+def _window_decoder(manifest: dict):
+    """``(doc_id, text, window) -> the window's text`` when the model's tokenizer is local, else the text."""
+    import os
+
+    from pipeline.core.text import encode_documents
+
+    model_path, window = manifest["model"]["path"], manifest["config"]["corpus"]["window"]
+    if not os.path.isdir(model_path):
+        return lambda doc_id, text, w: text
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    def decode(doc_id: str, text: str, w: int) -> str:
+        windows, _ = encode_documents(tokenizer, [(doc_id, text)], window)
+        return tokenizer.decode(windows[w].input_ids, skip_special_tokens=True) if w < len(windows) else text
+
+    return decode

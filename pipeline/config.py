@@ -199,14 +199,29 @@ def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (the YAML in conf/ is validated against them)."""
     from hydra.core.config_store import ConfigStore
 
+    from omegaconf import MISSING, OmegaConf
+
+    # Hydra merges a group option's "???" onto the schema's default and keeps the
+    # default, so keys that an option may declare mandatory (storage/s3.yaml:
+    # root, model/hf.yaml: path) have no default in the registered schema; every
+    # shipped option of those groups sets them. The dataclass defaults stay.
+    schema = OmegaConf.structured(AttributeConfig)
+    schema.storage.root = MISSING
+    schema.model.path = MISSING
     cs = ConfigStore.instance()
-    cs.store(name="attribute_schema", node=AttributeConfig)
+    cs.store(name="attribute_schema", node=schema)
 
 
 def to_config(cfg) -> AttributeConfig:
     """An OmegaConf config (from Hydra) to a validated ``AttributeConfig``."""
     from omegaconf import OmegaConf
 
+    # Merging "???" onto the schema's defaults would silently keep the default
+    # (storage=s3 without storage.root would write locally; model=hf without
+    # model.path would run the demo): refuse missing mandatory values instead.
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"missing mandatory value(s) {missing}; give them as overrides, e.g. {missing[0]}=...")
     merged = OmegaConf.merge(OmegaConf.structured(AttributeConfig), cfg)
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, AttributeConfig)

@@ -50,3 +50,18 @@ def s3_env(s3_server, monkeypatch, tmp_path):
     s3fs.S3FileSystem.clear_instance_cache()
     yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+# ---- pipeline-level tests (tests/test_pipeline.py, tests/test_bad_input.py) ----------------
+
+# A small planted-facts demo: ~100 documents (a third longer than one window),
+# a tiny GPT-2 trained for a few seconds. Shared by the session.
+SMALL_DEMO_SPEC = dict(n_filler_docs=80, n_facts=8, train_steps=100)
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """``build_demo`` on a fresh folder with ``SMALL_DEMO_SPEC``; returns its ``DemoArtifacts``."""
+    from pipeline.demo import DemoSpec, build_demo
+
+    return build_demo(str(tmp_path_factory.mktemp("demo-cache")), DemoSpec(**SMALL_DEMO_SPEC))

@@ -1,0 +1,317 @@
+"""Helpers shared by the pipeline-level tests (test_pipeline, test_bad_input, test_configs).
+
+- ``scratch_env``: HOME and Ray's temp dir pointed at a scratch folder (Ray 2.60
+  writes ``~/.ray/auth_token``), restored afterwards.
+- ``aws_env``: the standard AWS variables pointed at the test S3 server.
+- ``reference_table``: the ranked table computed by the numeric core alone, in
+  one process, with the pipeline's shard layout, batching and tie-break keys.
+- ``assert_same_ranking``: row-for-row comparison with a stated score tolerance.
+- ``read_table`` / ``read_table_duckdb``: the attribution table through
+  ``pyarrow.dataset`` and through DuckDB (over the pyarrow dataset object).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.config import AttributeConfig
+
+# Scores of the pipeline (float32 on Ray workers, factors summed shard by shard)
+# and of the one-process reference (same batches, float32) agree to this
+# relative tolerance, relative to the largest |score| of the same query.
+SCORE_RTOL = 1e-4
+
+TABLE_TYPES = {
+    "query_id": pa.string(),
+    "polarity": pa.string(),
+    "rank": pa.int32(),
+    "doc_id": pa.string(),
+    "window": pa.int32(),
+    "score": pa.float64(),
+}
+DUCKDB_TYPES = {
+    "query_id": "VARCHAR",
+    "polarity": "VARCHAR",
+    "rank": "INTEGER",
+    "doc_id": "VARCHAR",
+    "window": "INTEGER",
+    "score": "DOUBLE",
+}
+KEY_COLUMNS = ("query_id", "polarity", "rank", "doc_id", "window")
+
+
+@contextlib.contextmanager
+def patched_environ(**values: str | None) -> Iterator[None]:
+    """Set (or, with None, remove) environment variables; restore them afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def scratch_env(**extra: str | None) -> Iterator[str]:
+    """HOME and RAY_TMPDIR in a fresh short folder under /tmp (Unix socket paths must stay short)."""
+    root = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    home = os.path.join(root, "home")
+    os.makedirs(home)
+    try:
+        with patched_environ(HOME=home, RAY_TMPDIR=root, **extra):
+            yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def aws_env_vars(endpoint: str, scratch: str, key: str = "testing", secret: str = "testing") -> dict:
+    """The AWS variables that point s3fs/pyarrow at the loopback test server (no region, no ~/.aws)."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": None,
+        "AWS_REGION": None,
+        "AWS_SESSION_TOKEN": None,
+        "AWS_PROFILE": None,
+        "AWS_CONFIG_FILE": os.path.join(scratch, "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": os.path.join(scratch, "no-aws-credentials"),
+    }
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CorpusSplit:
+    """The demo corpus cut into files; ``files`` in listing order, each a list of (id, text) rows."""
+
+    paths: list[str]
+    files: list[list[tuple[str, str]]]
+
+    @property
+    def num_docs(self) -> int:
+        return sum(len(f) for f in self.files)
+
+
+def split_corpus(corpus_parquet: str, out_dir: str, first_rows: int, row_group_size: int = 16) -> CorpusSplit:
+    """Cut the demo corpus into ``part-00000.parquet`` (small row groups) and ``part-00001.jsonl``.
+
+    Both readers and the row-group slicing of the shard reader are then exercised.
+    """
+    table = pq.read_table(corpus_parquet)
+    os.makedirs(out_dir, exist_ok=True)
+    head, tail = table.slice(0, first_rows), table.slice(first_rows)
+    p0 = os.path.join(out_dir, "part-00000.parquet")
+    pq.write_table(head, p0, row_group_size=row_group_size)
+    p1 = os.path.join(out_dir, "part-00001.jsonl")
+    with open(p1, "w") as f:
+        for row in tail.to_pylist():
+            f.write(json.dumps(row) + "\n")
+    rows = lambda t: list(zip(t.column("id").to_pylist(), t.column("text").to_pylist()))  # noqa: E731
+    return CorpusSplit([p0, p1], [rows(head), rows(tail)])
+
+
+def read_queries_file(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---- the single-process reference ------------------------------------------------------------
+
+
+def reference_table(
+    cfg: AttributeConfig, model_dir: str, files: list[list[tuple[str, str]]], queries: list[dict], factors=None
+) -> tuple[pa.Table, object]:
+    """The ranked table from the numeric core alone, in this process.
+
+    Shards are re-derived here (``docs_per_shard`` rows of one file, files in
+    order), windows come from ``encode_documents``, batches have the
+    pipeline's sizes within each shard, and ties are broken by
+    ``seq_key(shard_index, local_index)`` as the workers do. The ranking is a
+    plain full sort of every window's score. Returns the table and the fitted
+    factors; pass those back as ``factors`` to score another projection with
+    the same (full-size) factors without fitting again.
+    """
+    import torch
+
+    from pipeline.core.influence import InfluenceEngine
+    from pipeline.core.text import collate, encode_documents, encode_query
+    from pipeline.model_io import load_model_and_tokenizer
+    from pipeline.worker import seq_key
+
+    model, tok = load_model_and_tokenizer(model_dir)
+    engine = InfluenceEngine(model, cfg.influence(), "cpu")
+    pad = tok.pad_token_id
+    shards = []  # (shard_index, windows)
+    for rows in files:
+        for start in range(0, len(rows), cfg.corpus.docs_per_shard):
+            seqs, _ = encode_documents(tok, rows[start : start + cfg.corpus.docs_per_shard], cfg.corpus.window)
+            shards.append((len(shards), seqs))
+
+    def batches(seqs, size):
+        return [collate(seqs[i : i + size], pad) for i in range(0, len(seqs), size)]
+
+    fit_batches = [b for _, seqs in shards for b in batches(seqs, cfg.factors.batch_size)]
+    if factors is None:
+        factors = engine.fit(fit_batches)
+    qseqs = [encode_query(tok, q["id"], q["prompt"], q["completion"], cfg.corpus.window) for q in queries]
+    qids = [q["id"] for q in queries]
+    grads = engine.query_gradients(batches(qseqs, cfg.score.batch_size), factors, qids)
+    scores, keys, where = [], [], []
+    for index, seqs in shards:
+        for i, batch in enumerate(batches(seqs, cfg.score.batch_size)):
+            scores.append(engine.score_batch(batch, grads).detach().to(torch.float64))
+        keys.extend(seq_key(index, j) for j in range(len(seqs)))
+        where.extend((s.doc_id, s.window) for s in seqs)
+    all_scores = torch.cat(scores).numpy()  # (windows, queries)
+    rows = {c: [] for c in TABLE_TYPES}
+    for q, qid in enumerate(qids):
+        col = all_scores[:, q]
+        for polarity, sign in (("proponent", 1.0), ("opponent", -1.0)):
+            order = sorted(range(len(keys)), key=lambda n: (-sign * col[n], keys[n]))
+            kept = [n for n in order if sign * col[n] > 0][: cfg.score.top_k]
+            for rank, n in enumerate(kept, 1):
+                for c, v in zip(TABLE_TYPES, (qid, polarity, rank, where[n][0], where[n][1], float(col[n]))):
+                    rows[c].append(v)
+    return pa.table(rows, schema=pa.schema(list(TABLE_TYPES.items()))), factors
+
+
+# ---- reading and comparing tables ------------------------------------------------------------
+
+
+def read_table(url: str, filesystem=None) -> pa.Table:
+    """The attribution table via ``pyarrow.dataset`` (s3 URLs through the given fsspec filesystem)."""
+    path = url
+    if filesystem is not None and "://" in url:
+        path = url.split("://", 1)[1]
+    return ds.dataset(path, filesystem=filesystem, format="parquet").to_table()
+
+
+def read_table_duckdb(url: str, filesystem=None) -> tuple[list[tuple], dict]:
+    """The table through DuckDB over a pyarrow dataset: rows ordered by the key columns, column types."""
+    import duckdb
+
+    path = url.split("://", 1)[1] if filesystem is not None and "://" in url else url
+    attribution = ds.dataset(path, filesystem=filesystem, format="parquet")  # noqa: F841 (DuckDB scans it by name)
+    con = duckdb.connect()
+    try:
+        con.register("attribution", attribution)
+        rel = con.sql(
+            'SELECT query_id, polarity, rank, doc_id, "window", score FROM attribution '
+            "ORDER BY query_id, polarity, rank"
+        )
+        types = dict(zip(rel.columns, [str(t) for t in rel.types]))
+        return rel.fetchall(), types
+    finally:
+        con.close()
+
+
+def sorted_rows(table: pa.Table) -> list[dict]:
+    return sorted(table.select(list(TABLE_TYPES)).to_pylist(), key=lambda r: (r["query_id"], r["polarity"], r["rank"]))
+
+
+def assert_same_ranking(got: pa.Table, want: pa.Table, rtol: float = SCORE_RTOL) -> dict:
+    """Same (query_id, polarity, rank, doc_id, window) rows; scores equal to ``rtol`` of the query's max |score|.
+
+    The only difference tolerated is a near-tie swap, which float32 noise may
+    legitimately cause: a row whose window sits elsewhere in the same
+    (query_id, polarity) list of ``want`` with a score within the tolerance,
+    or, at the last ranks, a window outside that list whose score ties the
+    last kept one. Returns the number of rows, of near-tie swaps and the
+    largest score difference relative to its query's max |score|.
+    """
+    g, w = sorted_rows(got), sorted_rows(want)
+    scale: dict[str, float] = {}
+    for r in w:
+        scale[r["query_id"]] = max(scale.get(r["query_id"], 0.0), abs(r["score"]))
+    assert [(r["query_id"], r["polarity"]) for r in g] == [(r["query_id"], r["polarity"]) for r in w], (
+        "different numbers of rows per (query_id, polarity)"
+    )
+    lists: dict[tuple, dict] = {}
+    last: dict[tuple, float] = {}
+    for r in w:
+        lists.setdefault((r["query_id"], r["polarity"]), {})[(r["doc_id"], r["window"])] = r["score"]
+        last[(r["query_id"], r["polarity"])] = r["score"]
+    hard, swaps, worst = [], [], 0.0
+    for a, b in zip(g, w):
+        tol = rtol * scale[b["query_id"]]
+        worst = max(worst, abs(a["score"] - b["score"]) / scale[b["query_id"]])
+        if abs(a["score"] - b["score"]) > tol:
+            hard.append((a, b))
+        elif (a["doc_id"], a["window"]) != (b["doc_id"], b["window"]):
+            group = (a["query_id"], a["polarity"])
+            elsewhere = lists[group].get((a["doc_id"], a["window"]))
+            ok = abs(elsewhere - a["score"]) <= tol if elsewhere is not None else abs(a["score"] - last[group]) <= tol
+            (swaps if ok else hard).append((a, b))
+    assert not hard, f"{len(hard)} rows differ (rtol={rtol} of the query's max |score|): {hard[:5]}"
+    return {"rows": len(w), "near_tie_swaps": len(swaps), "max_rel_score_diff": worst}
+
+
+def assert_identical_tables(a: pa.Table, b: pa.Table) -> None:
+    """Row for row identical, scores bit for bit."""
+    assert sorted_rows(a) == sorted_rows(b)
+
+
+def check_table_schema(table: pa.Table) -> None:
+    """The columns and types of DESIGN section 4."""
+    for name, typ in TABLE_TYPES.items():
+        assert name in table.schema.names, f"column {name} missing from {table.schema}"
+        assert table.schema.field(name).type == typ, f"{name}: {table.schema.field(name).type} != {typ}"
+    rows = table.to_pylist()
+    assert rows, "empty attribution table"
+    for r in rows:
+        assert r["polarity"] in ("proponent", "opponent")
+        assert (r["score"] > 0) == (r["polarity"] == "proponent") and r["score"] != 0
+        assert r["rank"] >= 1 and r["window"] >= 0
+
+
+# ---- demo quality --------------------------------------------------------------------------
+
+
+def demo_recall(table: pa.Table, facts: list[dict], num_docs: int) -> dict:
+    """Per fact: is the top-1 proponent document planted for it, and recall@|gold| over distinct documents."""
+    props: dict[str, list[str]] = {}
+    for r in sorted_rows(table):
+        if r["polarity"] == "proponent":
+            docs = props.setdefault(r["query_id"], [])
+            if r["doc_id"] not in docs:
+                docs.append(r["doc_id"])
+    per_fact = {}
+    for f in facts:
+        gold = set(f["gold_doc_ids"])
+        docs = props.get(f["fact_id"], [])
+        per_fact[f["fact_id"]] = {
+            "learned": bool(f["learned"]),
+            "copies": len(gold),
+            "top1_gold": bool(docs) and docs[0] in gold,
+            "recall_at_gold": len(gold.intersection(docs[: len(gold)])) / len(gold),
+            "chance": len(gold) / num_docs,
+            "top_docs": docs[: len(gold) + 2],
+        }
+    return per_fact

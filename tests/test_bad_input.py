@@ -1,0 +1,426 @@
+"""Bad input fails on the driver, before any Ray is started, with a message that names the input at fault.
+
+Default tier: every case goes through ``run_attribution`` with ``ray.init``
+replaced by a function that fails the test, so an error raised anywhere
+after Ray would have started shows up as such; afterwards Ray must not be
+initialised. Integration tier: S3 with rejected credentials, and document ids
+that look like paths surviving a real run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import (
+    AttributeConfig,
+    ClusterConfig,
+    CorpusConfig,
+    FactorsConfig,
+    ModelConfig,
+    QueriesConfig,
+    RunConfig,
+    ScoreConfig,
+    StorageConfig,
+)
+from pipeline.core.text import BadInputError
+from pipeline.storage import StorageError
+from tests.pipeline_fixtures import scratch_env, shutdown_ray
+
+REPO = Path(__file__).resolve().parents[1]
+QUERY = {"id": "q1", "prompt": "The capital of Zorbia is", "completion": " Quelmont."}
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if anything starts Ray; check Ray is not initialised afterwards."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ray.init was called: the bad input was not caught before Ray started")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    yield
+    assert not ray.is_initialized()
+
+
+def fake_model(folder: Path, files=("config.json", "model.safetensors")) -> str:
+    """A folder that passes or fails the driver's model check by its file names (no real weights needed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (folder / name).write_text("{}" if name.endswith(".json") else "not really weights")
+    return str(folder)
+
+
+def write_parquet(path: Path, rows: dict) -> str:
+    pq.write_table(pa.table(rows), path)
+    return str(path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def good_corpus(tmp_path: Path) -> str:
+    return write_parquet(tmp_path / "corpus.parquet", {"id": ["a", "b"], "text": ["Some text here.", "More text."]})
+
+
+def good_queries(tmp_path: Path) -> str:
+    return write_jsonl(tmp_path / "queries.jsonl", [QUERY])
+
+
+def config(tmp_path: Path, **parts) -> AttributeConfig:
+    """A config whose inputs are all valid unless overridden (model, corpus, queries, storage)."""
+    model = parts.pop("model", None) or fake_model(tmp_path / "model")
+    corpus = parts.pop("corpus", None) or good_corpus(tmp_path)
+    queries = parts.pop("queries", None) or good_queries(tmp_path)
+    root = parts.pop("root", None) or str(tmp_path / "out")
+    return AttributeConfig(
+        model=ModelConfig(path=model),
+        corpus=CorpusConfig(path=corpus, **parts.pop("corpus_args", {})),
+        queries=QueriesConfig(path=queries),
+        storage=StorageConfig(root=root),
+        **parts,
+    )
+
+
+def fails(cfg: AttributeConfig, error: type, *names: str) -> str:
+    """Run the whole job; it must raise ``error`` whose message contains every one of ``names``."""
+    from pipeline.run import run_attribution
+
+    with pytest.raises(error) as e:
+        run_attribution(cfg)
+    message = str(e.value)
+    for name in names:
+        assert name in message, f"{name!r} not named in: {message}"
+    return message
+
+
+# ---- the control: valid inputs pass validation ---------------------------------------------------
+
+
+def test_valid_inputs_pass_prepare(tmp_path, no_ray):
+    from pipeline.run import prepare
+
+    ctx = prepare(config(tmp_path))
+    assert ctx.counts == {"num_files": 1, "num_docs": 2, "num_shards": 1, "num_queries": 1}
+
+
+# ---- corpus ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["id", "text"])
+def test_parquet_without_required_column(tmp_path, no_ray, missing):
+    cols = {"id": ["a"], "text": ["x y z"]}
+    cols["other"] = cols.pop(missing)
+    corpus = write_parquet(tmp_path / "c.parquet", cols)
+    msg = fails(config(tmp_path, corpus=corpus), BadInputError, corpus, repr(missing))
+    assert "corpus.id_column" in msg  # says how to fix it
+
+
+@pytest.mark.parametrize("missing", ["id", "text"])
+def test_jsonl_without_required_field(tmp_path, no_ray, missing):
+    rows = [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}]
+    del rows[1][missing]
+    corpus = write_jsonl(tmp_path / "c.jsonl", rows)
+    fails(config(tmp_path, corpus=corpus), BadInputError, corpus, "record 2", repr(missing))
+
+
+def test_renamed_columns_are_honoured(tmp_path, no_ray):
+    from pipeline.run import prepare
+
+    corpus = write_parquet(tmp_path / "c.parquet", {"doc": ["a"], "body": ["x y z"]})
+    ctx = prepare(config(tmp_path, corpus=corpus, corpus_args={"id_column": "doc", "text_column": "body"}))
+    assert ctx.counts["num_docs"] == 1
+
+
+def test_duplicate_ids_across_two_files(tmp_path, no_ray):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    first = write_parquet(folder / "part-0.parquet", {"id": ["a", "dup-7"], "text": ["x", "y"]})
+    second = write_jsonl(folder / "part-1.jsonl", [{"id": "b", "text": "z"}, {"id": "dup-7", "text": "w"}])
+    fails(config(tmp_path, corpus=str(folder)), BadInputError, "'dup-7'", first, second)
+
+
+def test_duplicate_ids_are_compared_as_strings(tmp_path, no_ray):
+    # 7 in one file and "7" in another become the same doc_id in the table.
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"id": 7, "text": "x"}])
+    write_jsonl(folder / "b.jsonl", [{"id": "7", "text": "y"}])
+    fails(config(tmp_path, corpus=str(folder)), BadInputError, "duplicate document id '7'")
+
+
+def test_corrupt_parquet(tmp_path, no_ray):
+    path = tmp_path / "corrupt.parquet"
+    path.write_bytes(os.urandom(4096))
+    fails(config(tmp_path, corpus=str(path)), BadInputError, str(path), "not a readable Parquet file")
+
+
+def test_invalid_jsonl_line(tmp_path, no_ray):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": \n')
+    fails(config(tmp_path, corpus=str(path)), BadInputError, str(path), "line 2")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_empty_corpus(tmp_path, no_ray, fmt):
+    if fmt == "parquet":
+        corpus = write_parquet(
+            tmp_path / "empty.parquet", {"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}
+        )
+    else:
+        corpus = write_jsonl(tmp_path / "empty.jsonl", [])
+    fails(config(tmp_path, corpus=corpus), BadInputError, corpus, "no documents")
+
+
+def test_missing_corpus_path(tmp_path, no_ray):
+    missing = str(tmp_path / "nowhere" / "corpus.parquet")
+    fails(config(tmp_path, corpus=missing), BadInputError, missing, "does not exist")
+
+
+def test_folder_without_data_files(tmp_path, no_ray):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "README.txt").write_text("nothing here")
+    fails(config(tmp_path, corpus=str(folder)), BadInputError, str(folder), "no Parquet or JSONL")
+
+
+def test_empty_document_id(tmp_path, no_ray):
+    corpus = write_parquet(tmp_path / "c.parquet", {"id": ["a", ""], "text": ["x", "y"]})
+    fails(config(tmp_path, corpus=corpus), BadInputError, corpus, "empty 'id'")
+
+
+def test_document_ids_with_slashes_are_data_not_paths(tmp_path, no_ray):
+    from pipeline.run import prepare
+
+    corpus = write_parquet(
+        tmp_path / "c.parquet", {"id": ["dir/doc-1", "../up", ".hidden", "a\\b"], "text": ["w x", "y z", "u v", "s t"]}
+    )
+    ctx = prepare(config(tmp_path, corpus=corpus))
+    assert ctx.counts["num_docs"] == 4
+    # Shard ids are derived from the file and row range, never from document ids.
+    assert all("/" not in s.shard_id for s in ctx.shards)
+
+
+# ---- queries --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["id", "prompt", "completion"])
+def test_query_missing_field(tmp_path, no_ray, field):
+    bad = {k: v for k, v in QUERY.items() if k != field}
+    queries = write_jsonl(tmp_path / "q.jsonl", [dict(QUERY, id="q0"), bad])
+    fails(config(tmp_path, queries=queries), BadInputError, queries, "query 2", repr(field))
+
+
+def test_query_with_empty_completion(tmp_path, no_ray):
+    queries = write_jsonl(tmp_path / "q.jsonl", [QUERY, {"id": "q-empty", "prompt": "Hello", "completion": ""}])
+    fails(config(tmp_path, queries=queries), BadInputError, queries, "'q-empty'", "empty completion")
+
+
+def test_query_parquet_missing_field(tmp_path, no_ray):
+    queries = write_parquet(tmp_path / "q.parquet", {"id": ["q1"], "prompt": ["Hello"]})
+    fails(config(tmp_path, queries=queries), BadInputError, queries, "'completion'")
+
+
+def test_duplicate_query_ids(tmp_path, no_ray):
+    queries = write_jsonl(tmp_path / "q.jsonl", [QUERY, QUERY])
+    fails(config(tmp_path, queries=queries), BadInputError, queries, "duplicate query ids ['q1']")
+
+
+def test_no_queries(tmp_path, no_ray):
+    queries = write_jsonl(tmp_path / "q.jsonl", [])
+    fails(config(tmp_path, queries=queries), BadInputError, queries, "no queries")
+
+
+# ---- model ----------------------------------------------------------------------------------
+
+
+def test_model_folder_without_weights(tmp_path, no_ray):
+    model = fake_model(tmp_path / "m", ["config.json"])
+    fails(config(tmp_path, model=model), BadInputError, "model.path", model, "no .safetensors weights")
+
+
+def test_model_folder_with_only_pickle_weights(tmp_path, no_ray):
+    model = fake_model(tmp_path / "m", ["config.json", "pytorch_model.bin"])
+    msg = fails(config(tmp_path, model=model), BadInputError, "model.path", model, "no .safetensors weights")
+    assert ".bin" in msg and "convert" in msg
+
+
+def test_model_folder_with_only_a_bin_file(tmp_path, no_ray):
+    model = fake_model(tmp_path / "m", ["pytorch_model.bin"])
+    fails(config(tmp_path, model=model), BadInputError, "model.path", model, "no config.json")
+
+
+def test_model_path_that_is_a_file(tmp_path, no_ray):
+    path = tmp_path / "model.safetensors"
+    path.write_text("x")
+    fails(config(tmp_path, model=str(path)), BadInputError, "model.path", str(path), "not a folder")
+
+
+def test_model_path_without_corpus_path(tmp_path, no_ray):
+    cfg = AttributeConfig(model=ModelConfig(path=fake_model(tmp_path / "m")))
+    fails(cfg, ValueError, "corpus.path", "queries.path", "model.path")
+
+
+# ---- storage --------------------------------------------------------------------------------
+
+
+def test_storage_root_under_a_regular_file(tmp_path, no_ray):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    root = str(blocker / "out")
+    fails(config(tmp_path, root=root), StorageError, root, "not writable")
+
+
+def test_storage_root_in_a_read_only_folder(tmp_path, no_ray):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores file permissions")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        fails(config(tmp_path, root=str(ro / "out")), StorageError, str(ro / "out"), "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+# ---- config values --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run_id", ["../x", "a/b", ".hidden", "..", "", "a b"])
+def test_bad_run_ids_are_rejected(tmp_path, no_ray, run_id):
+    cfg = config(tmp_path, run=RunConfig(id=run_id))
+    with pytest.raises(ValueError) as e:
+        cfg.validate()
+    assert "run.id" in str(e.value)
+    fails(cfg, ValueError, "run.id")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "part, key",
+    [
+        ({"score": ScoreConfig(top_k=0)}, "score.top_k"),
+        ({"factors": FactorsConfig(damping=-1.0)}, "factors.damping"),
+        ({"factors": FactorsConfig(damping="big")}, "factors.damping"),
+        ({"cluster": ClusterConfig(num_workers=0)}, "cluster.num_workers"),
+        ({"corpus_args": {"window": 1}}, "corpus.window"),
+        ({"corpus_args": {"docs_per_shard": 0}}, "corpus.docs_per_shard"),
+    ],
+)
+def test_bad_values_name_their_key(tmp_path, no_ray, part, key):
+    fails(config(tmp_path, **part), ValueError, key)
+
+
+# ---- the job entry point ---------------------------------------------------------------------
+
+
+def test_job_rejects_escaping_run_id_with_status_2(tmp_path):
+    with scratch_env() as scratch:
+        env = dict(os.environ, HYDRA_FULL_ERROR="0")
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / "attribute.py"), "run.id=../escape",
+             f"hydra.run.dir={tmp_path / 'hydra'}", f"storage.root={tmp_path / 'out'}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        ray_dirs = [p for p in os.listdir(scratch) if p != "home"]
+        home = os.listdir(os.path.join(scratch, "home"))
+    output = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 2, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert "run.id" in lines[0] and "../escape" in lines[0] and "Traceback" not in output
+    assert not ray_dirs and ".ray" not in home, f"Ray left files behind: {ray_dirs} {home}"
+    assert not (tmp_path / "out").exists()
+
+
+# ---- integration: S3 with rejected credentials, path-like ids through a real run ------------
+
+
+def _set_moto_auth(endpoint: str, count: str) -> None:
+    req = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST", headers={"Content-Type": "text/plain"}
+    )
+    urllib.request.urlopen(req).close()
+
+
+@pytest.mark.integration
+def test_s3_with_wrong_credentials(tmp_path, s3_env, s3_server, monkeypatch, no_ray):
+    import boto3
+    import s3fs
+
+    iam = boto3.client("iam", region_name="us-east-1")
+    user = f"u{uuid.uuid4().hex[:10]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(
+        UserName=user,
+        PolicyName="s3-all",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        ),
+    )
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    root = f"{s3_env}/attribution"
+    wrong = "wrong-" + uuid.uuid4().hex
+    _set_moto_auth(s3_server, "0")  # from now on moto checks signatures
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+        s3fs.S3FileSystem.clear_instance_cache()
+        msg = fails(config(tmp_path, root=root), StorageError, root, "credentials were rejected")
+        assert wrong not in msg
+        # Control: the right secret passes the same check.
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        s3fs.S3FileSystem.clear_instance_cache()
+        from pipeline.run import prepare
+
+        prepare(config(tmp_path, root=root))
+    finally:
+        _set_moto_auth(s3_server, "inf")
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.integration
+def test_path_like_document_ids_survive_a_run(tmp_path, small_demo):
+    """Ids are data: ``dir/doc``, ``../up``, ``.hidden`` come back unchanged in the table (local Ray)."""
+    import ray
+
+    from pipeline.run import run_attribution
+    from tests.pipeline_fixtures import read_table
+
+    table = pq.read_table(small_demo.corpus_path).slice(0, 12)
+    ids = ["dir/doc-0", "../up", ".hidden", "a\\b", "s3://not/a/url"] + table.column("id").to_pylist()[5:]
+    corpus = write_parquet(tmp_path / "c.parquet", {"id": ids, "text": table.column("text").to_pylist()})
+    cfg = AttributeConfig(
+        model=ModelConfig(path=small_demo.model_dir),
+        corpus=CorpusConfig(path=corpus, docs_per_shard=6),
+        queries=QueriesConfig(path=small_demo.queries_path),
+        storage=StorageConfig(root=str(tmp_path / "out")),
+        run=RunConfig(id="ids"),
+        score=ScoreConfig(top_k=20),
+        cluster=ClusterConfig(num_workers=1, cpus_per_worker=0.5),
+    )
+    with scratch_env():
+        shutdown_ray()
+        ray.init(num_cpus=1, include_dashboard=False)
+        try:
+            manifest = run_attribution(cfg)
+        finally:
+            shutdown_ray()
+    got = set(read_table(manifest["attribution"]).column("doc_id").to_pylist())
+    assert {"dir/doc-0", "../up", ".hidden", "a\\b", "s3://not/a/url"} <= got
+    assert not (tmp_path / "up").exists() and not (tmp_path / "out" / "dir").exists()

@@ -16,6 +16,8 @@ shard; and the planted documents come out as the top proponents of the facts.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import json
 import logging
 import os
@@ -136,7 +138,7 @@ def inputs(env, s3, small_demo, tmp_path_factory):
     }
 
 
-def make_cfg(inputs, cluster, run_id: str, dim: int = 32, overwrite: bool = False) -> AttributeConfig:
+def make_cfg(inputs, cluster, run_id: str, dim: int | None = None, overwrite: bool = False) -> AttributeConfig:
     b = inputs["bucket"]
     return AttributeConfig(
         model=ModelConfig(path=f"s3://{b}/models/demo", cache_dir=inputs["model_cache"]),
@@ -145,7 +147,7 @@ def make_cfg(inputs, cluster, run_id: str, dim: int = 32, overwrite: bool = Fals
         storage=StorageConfig(root=inputs["root"]),
         run=RunConfig(id=run_id, overwrite=overwrite),
         factors=FactorsConfig(damping=DAMPING, empirical_fisher=True),
-        projection=ProjectionConfig(dim=dim),
+        projection=ProjectionConfig() if dim is None else ProjectionConfig(dim=dim),
         cluster=ClusterConfig(address=cluster.address, num_workers=2, cpus_per_worker=0.5),
     )
 
@@ -203,7 +205,7 @@ def test_full_chain_on_cluster_equals_single_process_core(baseline, reference, i
 
     check_table_schema(table)
     want = reference["table"]
-    print("pipeline vs core (projection.dim=32):", assert_same_ranking(table, want, SCORE_RTOL))
+    print(f"pipeline vs core (default projection {ProjectionConfig()}):", assert_same_ranking(table, want, SCORE_RTOL))
     assert table.num_rows == want.num_rows
 
     # The same rows through DuckDB over a pyarrow dataset opened through s3fs.
@@ -217,7 +219,7 @@ def test_full_chain_on_cluster_equals_single_process_core(baseline, reference, i
     for key in ("run_id", "model", "factors_id", "queries_id", "corpus", "queries", "config", "counts", "timings", "shards"):
         assert key in manifest, key
     assert manifest["model"]["fingerprint"] and manifest["corpus"]["fingerprint"] and manifest["queries"]["fingerprint"]
-    assert manifest["config"]["factors"]["damping"] == DAMPING and manifest["config"]["projection"]["dim"] == 32
+    assert manifest["config"]["factors"]["damping"] == DAMPING and manifest["config"]["projection"] == asdict(ProjectionConfig())
     assert manifest["counts"]["num_windows"] > manifest["counts"]["num_docs"]  # long documents were windowed
     assert s3.exists(f"{inputs['bucket']}/attribution/runs/baseline/attribution/_COMMITTED.json")
     assert len(manifest["shards"]) == manifest["counts"]["num_shards"]
@@ -226,12 +228,15 @@ def test_full_chain_on_cluster_equals_single_process_core(baseline, reference, i
 def test_projection_off_equals_single_process_core(cluster, inputs, s3, reference):
     cfg = make_cfg(inputs, cluster, "plain-ekfac", dim=0)
     manifest = run(cfg)
-    # Sketch mode fits full-size factors whatever the projection: the same factors are reused.
-    assert manifest["factors_id"] == json.loads(
-        s3.cat_file(f"{inputs['bucket']}/attribution/runs/baseline/manifest.json"))["factors_id"]
+    # Full-size factors are shared with the baseline only when it fitted full-size ones
+    # (sketch mode); curvature mode fits in the projected space, so these are new.
+    baseline_factors = json.loads(s3.cat_file(f"{inputs['bucket']}/attribution/runs/baseline/manifest.json"))["factors_id"]
+    shared = ProjectionConfig().mode == "sketch"
+    assert (manifest["factors_id"] == baseline_factors) == shared
     table = table_of(s3, manifest)
     check_table_schema(table)
-    want, _ = reference_table(cfg, inputs["model_dir"], inputs["split"].files, inputs["queries"], reference["factors"])
+    want, _ = reference_table(cfg, inputs["model_dir"], inputs["split"].files, inputs["queries"],
+                              reference["factors"] if shared else None)
     print("pipeline vs core (projection.dim=0):", assert_same_ranking(table, want, SCORE_RTOL))
 
 

@@ -6,9 +6,17 @@ the session; each test gets a fresh bucket and a clean AWS environment.
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
+
+# Ray 2.60 turns token authentication on by default and caches the token in
+# the process. Tests start several local clusters in one process, each with its
+# own scratch HOME; a second cluster then waits forever for its GCS server
+# (seen: ray.init + shutdown, then ray.cluster_utils.Cluster). These clusters
+# live on loopback only and are started by the tests, so token auth is off.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")

@@ -196,35 +196,47 @@ class AttributeConfig:
         return d
 
 
-def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (the YAML in conf/ is validated against them)."""
-    from hydra.core.config_store import ConfigStore
+def store_schema(name: str, schema_cls: type, mandatory: tuple[str, ...] = ()) -> None:
+    """Register ``schema_cls`` with Hydra's ConfigStore as ``name``.
 
+    Hydra merges a group option's ``???`` onto the schema's default and keeps
+    the default, so keys that an option declares mandatory (``storage/s3.yaml``:
+    ``storage.root``; ``model/hf.yaml``: ``model.path``) get no default in the
+    registered schema. Every shipped option of those groups sets them; the
+    dataclass defaults are unchanged for callers in Python.
+    """
+    from hydra.core.config_store import ConfigStore
     from omegaconf import MISSING, OmegaConf
 
-    # Hydra merges a group option's "???" onto the schema's default and keeps the
-    # default, so keys that an option may declare mandatory (storage/s3.yaml:
-    # root, model/hf.yaml: path) have no default in the registered schema; every
-    # shipped option of those groups sets them. The dataclass defaults stay.
-    schema = OmegaConf.structured(AttributeConfig)
-    schema.storage.root = MISSING
-    schema.model.path = MISSING
-    cs = ConfigStore.instance()
-    cs.store(name="attribute_schema", node=schema)
+    schema = OmegaConf.structured(schema_cls)
+    for key in mandatory:
+        OmegaConf.update(schema, key, MISSING, merge=False)
+    ConfigStore.instance().store(name=name, node=schema)
+
+
+def to_typed(schema_cls: type, cfg):
+    """A composed OmegaConf config to a validated ``schema_cls`` instance.
+
+    Missing mandatory values are refused (merging ``???`` would silently keep
+    a default: ``storage=s3`` without ``storage.root`` would write locally).
+    """
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"missing mandatory value(s) {missing}; give them as overrides, e.g. {missing[0]}=...")
+    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema_cls), cfg))
+    if not isinstance(obj, schema_cls):
+        raise TypeError(f"config did not convert to {schema_cls.__name__}")
+    obj.validate()
+    return obj
+
+
+def register_configs() -> None:
+    """Register the main job's schema (conf/attribute.yaml is validated against it)."""
+    store_schema("attribute_schema", AttributeConfig, mandatory=("storage.root", "model.path"))
 
 
 def to_config(cfg) -> AttributeConfig:
     """An OmegaConf config (from Hydra) to a validated ``AttributeConfig``."""
-    from omegaconf import OmegaConf
-
-    # Merging "???" onto the schema's defaults would silently keep the default
-    # (storage=s3 without storage.root would write locally; model=hf without
-    # model.path would run the demo): refuse missing mandatory values instead.
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ValueError(f"missing mandatory value(s) {missing}; give them as overrides, e.g. {missing[0]}=...")
-    merged = OmegaConf.merge(OmegaConf.structured(AttributeConfig), cfg)
-    obj = OmegaConf.to_object(merged)
-    assert isinstance(obj, AttributeConfig)
-    obj.validate()
-    return obj
+    return to_typed(AttributeConfig, cfg)

@@ -33,6 +33,7 @@ from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
 from kronfluence.task import Task  # noqa: E402
 from kronfluence.utils.dataset import DataLoaderKwargs  # noqa: E402
 
+from pipeline.baselines import replace_conv1d_modules
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine  # noqa: E402
 from pipeline.core.projection import ProjectionSpec  # noqa: E402
 from pipeline.core.text import IGNORE, Sequence, collate  # noqa: E402
@@ -133,29 +134,6 @@ def tiny_llama(train: list[Sequence]) -> nn.Module:
     )
     config._attn_implementation = "eager"
     return _train(LlamaForCausalLM(config), train)
-
-
-@torch.no_grad()
-def replace_conv1d_modules(model: nn.Module) -> nn.Module:
-    """GPT-2's ``Conv1D`` layers as equal ``nn.Linear`` layers, under the same names.
-
-    kronfluence tracks only ``nn.Linear``. ``Conv1D`` stores its weight
-    ``(d_in, d_out)``; the linear layer gets the transpose and the same bias.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    conv_names = [name for name, m in model.named_modules() if isinstance(m, Conv1D)]
-    for name in conv_names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        conv = getattr(parent, attr)
-        linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None,
-                           dtype=conv.weight.dtype, device=conv.weight.device)
-        linear.weight.copy_(conv.weight.T)
-        if conv.bias is not None:
-            linear.bias.copy_(conv.bias)
-        setattr(parent, attr, linear)
-    return model
 
 
 # ---- kronfluence side ---------------------------------------------------------------------

@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
@@ -73,8 +74,11 @@ class RunContext:
     def fit_shards(self) -> list[Shard]:
         return spread(self.shards, self.cfg.factors.sample_shards)
 
-    @property
+    @cached_property
     def factors_id(self) -> str:
+        """Hash of what determines the factors; computed once (it lists every fitting shard)."""
+        if not self.model_fp:
+            raise RuntimeError("factors_id needs the model fingerprint; start the workers first")
         inf = self.cfg.influence()
         return "f-" + _digest(
             {
@@ -93,7 +97,7 @@ class RunContext:
     def factors_url(self) -> str:
         return self.storage.url("factors", self.factors_id, "factors.safetensors")
 
-    @property
+    @cached_property
     def queries_id(self) -> str:
         inf = self.cfg.influence()
         return "q-" + _digest(

@@ -21,22 +21,14 @@ from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryGradi
 from pipeline.core.text import Batch, Sequence, collate, encode_documents, encode_query
 from pipeline.core.topk import TopK
 from pipeline.corpus import Query, Shard, read_shard
+from pipeline.merge import TABLE_SCHEMA
 from pipeline.model_io import load_model_and_tokenizer, local_model_dir
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
-SHARD_SCHEMA = pa.schema(
-    [
-        ("query_id", pa.string()),
-        ("polarity", pa.string()),
-        ("rank", pa.int32()),
-        ("doc_id", pa.string()),
-        ("window", pa.int32()),
-        ("score", pa.float64()),
-        ("seq_key", pa.int64()),
-    ]
-)
+# The ranked table's columns plus ``seq_key``, the tie-break the merge orders by.
+SHARD_SCHEMA = TABLE_SCHEMA.append(pa.field("seq_key", pa.int64()))
 
 # Test hook: "SHARD_INDEX:MARKER_PATH" makes the worker process exit abruptly while
 # scoring that shard (after writing its data, before the commit), once.

@@ -333,6 +333,8 @@ def _timed(ctx: RunContext, name: str, fn):
 
 def run_stages(cfg: AttributeConfig, stages: tuple[str, ...] = STAGES) -> RunContext:
     """Validate, start or join Ray, start the workers, run ``stages`` in order."""
+    import ray
+
     from pipeline.cluster import ray_session, start_workers
 
     unknown = [s for s in stages if s not in STAGES]
@@ -342,20 +344,14 @@ def run_stages(cfg: AttributeConfig, stages: tuple[str, ...] = STAGES) -> RunCon
     with ray_session(ctx.cfg.cluster):
         started = time.perf_counter()
         ctx.workers = start_workers(worker_spec(ctx.cfg), ctx.cfg.cluster)
-        ctx.model_fp = _get(ctx.workers[0].fingerprint.remote())
-        ctx.layers = _get(ctx.workers[0].layer_specs.remote())
+        ctx.model_fp = ray.get(ctx.workers[0].fingerprint.remote())
+        ctx.layers = ray.get(ctx.workers[0].layer_specs.remote())
         ctx.timings["workers_s"] = round(time.perf_counter() - started, 3)
         for stage, fn in (("fit", fit_factors), ("precondition", precondition_queries),
                           ("score", score_corpus), ("merge", merge_results)):
             if stage in stages:
                 _timed(ctx, stage, fn)
     return ctx
-
-
-def _get(ref):
-    import ray
-
-    return ray.get(ref)
 
 
 def run_attribution(cfg: AttributeConfig) -> dict:

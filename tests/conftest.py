@@ -6,7 +6,9 @@ the session; each test gets a fresh bucket and a clean AWS environment.
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.request
 import uuid
 
 import pytest
@@ -73,3 +75,44 @@ def small_demo(tmp_path_factory):
     from pipeline.demo import DemoSpec, build_demo
 
     return build_demo(str(tmp_path_factory.mktemp("demo-cache")), DemoSpec(**SMALL_DEMO_SPEC))
+
+
+@pytest.fixture
+def s3_auth(s3_env, s3_server):
+    """An IAM user allowed s3:*, and a switch that makes moto verify every request's signature.
+
+    moto's server accepts any credentials by default; its ``/moto-api/reset-auth``
+    endpoint turns on signature and IAM checks (process-wide, so it is turned
+    off again even when the test fails).
+    """
+    import boto3
+
+    iam = boto3.client("iam", region_name="us-east-1")
+    user = f"u{uuid.uuid4().hex[:10]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(
+        UserName=user,
+        PolicyName="s3-all",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+            }
+        ),
+    )
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+
+    def set_auth(count: str) -> None:
+        req = urllib.request.Request(
+            f"{s3_server}/moto-api/reset-auth",
+            data=count.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},  # moto reads the raw body
+        )
+        urllib.request.urlopen(req).close()
+
+    set_auth("0")
+    try:
+        yield s3_env, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        set_auth("inf")

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -351,46 +350,26 @@ def test_job_rejects_escaping_run_id_with_status_2(tmp_path):
 # ---- integration: S3 with rejected credentials, path-like ids through a real run ------------
 
 
-def _set_moto_auth(endpoint: str, count: str) -> None:
-    req = urllib.request.Request(
-        f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST", headers={"Content-Type": "text/plain"}
-    )
-    urllib.request.urlopen(req).close()
-
-
 @pytest.mark.integration
-def test_s3_with_wrong_credentials(tmp_path, s3_env, s3_server, monkeypatch, no_ray):
-    import boto3
+def test_s3_with_wrong_credentials(tmp_path, s3_auth, monkeypatch, no_ray):
     import s3fs
 
-    iam = boto3.client("iam", region_name="us-east-1")
-    user = f"u{uuid.uuid4().hex[:10]}"
-    iam.create_user(UserName=user)
-    iam.put_user_policy(
-        UserName=user,
-        PolicyName="s3-all",
-        PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
-        ),
-    )
-    key = iam.create_access_key(UserName=user)["AccessKey"]
-    root = f"{s3_env}/attribution"
+    bucket, key_id, secret = s3_auth  # moto now checks every request's signature
+    root = f"{bucket}/attribution"
     wrong = "wrong-" + uuid.uuid4().hex
-    _set_moto_auth(s3_server, "0")  # from now on moto checks signatures
     try:
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
         s3fs.S3FileSystem.clear_instance_cache()
         msg = fails(config(tmp_path, root=root), StorageError, root, "credentials were rejected")
         assert wrong not in msg
         # Control: the right secret passes the same check.
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
         s3fs.S3FileSystem.clear_instance_cache()
         from pipeline.run import prepare
 
         prepare(config(tmp_path, root=root))
     finally:
-        _set_moto_auth(s3_server, "inf")
         s3fs.S3FileSystem.clear_instance_cache()
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from pipeline.core.ekfac import per_sequence_gradients
 from pipeline.core.forward import position_ids, sequence_losses
 from pipeline.core.influence import InfluenceEngine, QueryGradients
-from pipeline.core.text import IGNORE, Batch, Sequence, collate
+from pipeline.core.text import IGNORE, Batch, TokenWindow, collate
 from pipeline.core.tracking import Captured, LayerSpec, weight_gradient
 
 _WORD = re.compile(r"\w+")
@@ -123,7 +123,7 @@ def sequence_gradient_norms(captured: dict[str, Captured]) -> torch.Tensor:
 # ---- the exact oracle -----------------------------------------------------------------------
 
 
-def flat_gradients(model: nn.Module, layers: dict[str, LayerSpec], seqs: list[Sequence], pad_id: int) -> torch.Tensor:
+def flat_gradients(model: nn.Module, layers: dict[str, LayerSpec], seqs: list[TokenWindow], pad_id: int) -> torch.Tensor:
     """``(len(seqs), D)``: per-sequence gradients of the summed NLL over the tracked layers, by autograd.
 
     One ``.backward()`` per sequence on a copy of ``model`` (the reference
@@ -143,8 +143,8 @@ def flat_gradients(model: nn.Module, layers: dict[str, LayerSpec], seqs: list[Se
 def exact_influence(
     model: nn.Module,
     layers: dict[str, LayerSpec],
-    train: list[Sequence],
-    queries: list[Sequence],
+    train: list[TokenWindow],
+    queries: list[TokenWindow],
     pad_id: int,
     damping: float | None = None,
     max_params: int = 20_000,
@@ -221,8 +221,8 @@ def replace_conv1d_modules(model: nn.Module) -> nn.Module:
 def kronfluence_pairwise(
     model: nn.Module,
     modules: list[str],
-    train: list[Sequence],
-    queries: list[Sequence],
+    train: list[TokenWindow],
+    queries: list[TokenWindow],
     pad_id: int,
     damping: float | None = None,
     empirical_fisher: bool = False,

@@ -503,7 +503,7 @@ def rss_worker_main(args: dict) -> dict:
     influence = InfluenceConfig(projection=spec, damping=args["damping"], empirical_fisher=args["empirical_fisher"])
     worker = ShardWorker(WorkerSpec(
         model_path=args["model_path"], model_cache_dir=args["cache_dir"], trust_remote_code=False,
-        influence=influence, id_column="id", text_column="text", window=args["window"],
+        influence=influence, id_column="id", text_column="text", window_len=args["window"],
         fit_batch_size=args["batch_size"], score_batch_size=args["batch_size"], storage_root=args["root"],
         device=args["device"],
     ))

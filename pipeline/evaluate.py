@@ -72,7 +72,7 @@ from pipeline.core.ekfac import CovarianceSums, EKFACFactors, LambdaSums, eigend
 from pipeline.core.forward import sequence_losses
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryGradients
 from pipeline.core.projection import MODES, ProjectionSpec
-from pipeline.core.text import IGNORE, Batch, Sequence, collate, encode_documents, encode_query
+from pipeline.core.text import IGNORE, Batch, TokenWindow, collate, encode_documents, encode_query
 from pipeline.core.tracking import Captured, DEFAULT_MODULES
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ def clean_json(obj):
     return obj
 
 
-def batches_of(seqs: list[Sequence], size: int, pad_id: int) -> list[Batch]:
+def batches_of(seqs: list[TokenWindow], size: int, pad_id: int) -> list[Batch]:
     return [collate(seqs[i : i + size], pad_id) for i in range(0, len(seqs), size)]
 
 
@@ -355,7 +355,7 @@ def new_gpt2(vocab_size: int, n_embd: int, n_layer: int, n_head: int, n_position
         return GPT2LMHeadModel(config)
 
 
-def train_causal_lm(model, seqs: list[Sequence], pad_id: int, *, epochs: int, batch_size: int, lr: float,
+def train_causal_lm(model, seqs: list[TokenWindow], pad_id: int, *, epochs: int, batch_size: int, lr: float,
                     seed: int, device: torch.device | str = "cpu") -> list[float]:
     """AdamW on the mean token NLL of ``seqs`` for ``epochs`` seeded shuffles; returns the loss per step.
 
@@ -390,7 +390,7 @@ def train_causal_lm(model, seqs: list[Sequence], pad_id: int, *, epochs: int, ba
 
 
 @torch.no_grad()
-def completion_logprobs(model, queries: list[Sequence], pad_id: int, device="cpu") -> np.ndarray:
+def completion_logprobs(model, queries: list[TokenWindow], pad_id: int, device="cpu") -> np.ndarray:
     """``f(q) = log p(completion | prompt)``, summed over completion tokens, per query."""
     model.eval()
     out = []
@@ -827,14 +827,14 @@ def backdoor(cfg: EvaluateConfig, world: DemoWorld, device: torch.device) -> dic
 # ---- small world: exact oracle and LDS ----------------------------------------------------
 
 
-def small_world_data(world: DemoWorld, cfg: SmallWorldConfig, seed: int) -> tuple[list[Sequence], list[Sequence]]:
+def small_world_data(world: DemoWorld, cfg: SmallWorldConfig, seed: int) -> tuple[list[TokenWindow], list[TokenWindow]]:
     """Training windows (planted documents of the first facts, then filler) and queries (facts, held-out)."""
     tok = world.tokenizer
     facts = world.facts[: cfg.n_facts]
     planted = [d for f in facts for d in world.docs if d["id"] in set(f["gold_doc_ids"])]
     filler = [d for d in world.docs if not d.get("is_planted_for")]
     random.Random(seed).shuffle(filler)
-    train: list[Sequence] = []
+    train: list[TokenWindow] = []
     next_filler = 0  # filler documents from here on were not used for training
     for i, doc in enumerate(planted + filler):
         if len(train) >= cfg.n_train:
@@ -852,7 +852,7 @@ def small_world_data(world: DemoWorld, cfg: SmallWorldConfig, seed: int) -> tupl
             continue
         ids = seqs[0].input_ids
         labels = (IGNORE,) * (len(ids) - cfg.completion_tokens) + ids[-cfg.completion_tokens :]
-        queries.append(Sequence(f"heldout-{doc['id']}", 0, ids, labels))
+        queries.append(TokenWindow(f"heldout-{doc['id']}", 0, ids, labels))
     if len(train) < cfg.n_train:
         raise ValueError(f"the demo corpus gives only {len(train)} windows for small.n_train={cfg.n_train}")
     return train, queries
@@ -870,7 +870,7 @@ def small_world(cfg: EvaluateConfig, world: DemoWorld, device: torch.device) -> 
         return new_gpt2(len(tok), sc.n_embd, sc.n_layer, sc.n_head, sc.window, cfg.seed, tok.eos_token_id, pad,
                         n_inner=sc.n_inner)
 
-    def trained_model(subset: list[Sequence], seed: int):
+    def trained_model(subset: list[TokenWindow], seed: int):
         model = fresh_model()
         train_causal_lm(model, subset, pad, epochs=sc.epochs, batch_size=sc.batch_size, lr=sc.lr, seed=seed,
                         device=device)

@@ -167,7 +167,7 @@ def worker_spec(cfg: AttributeConfig) -> WorkerSpec:
         influence=cfg.influence(),
         id_column=cfg.corpus.id_column,
         text_column=cfg.corpus.text_column,
-        window=cfg.corpus.window,
+        window_len=cfg.corpus.window,
         fit_batch_size=cfg.factors.batch_size,
         score_batch_size=cfg.score.batch_size,
         storage_root=cfg.storage.root,

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.core.ekfac import CovarianceSums, Eigenbases, EKFACFactors, LambdaSums
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryGradients
-from pipeline.core.text import Batch, Sequence, collate, encode_documents, encode_query
+from pipeline.core.text import Batch, TokenWindow, collate, encode_documents, encode_query
 from pipeline.core.topk import TopK
 from pipeline.corpus import Query, Shard, read_shard
 from pipeline.merge import TABLE_SCHEMA
@@ -45,7 +45,7 @@ class WorkerSpec:
     influence: InfluenceConfig
     id_column: str
     text_column: str
-    window: int
+    window_len: int
     fit_batch_size: int
     score_batch_size: int
     storage_root: str
@@ -78,11 +78,11 @@ class ShardWorker:
 
     # ---- data -----------------------------------------------------------------------------
 
-    def _windows(self, shard: Shard) -> tuple[list[Sequence], list[str]]:
+    def _windows(self, shard: Shard) -> tuple[list[TokenWindow], list[str]]:
         docs = read_shard(shard, self.spec.id_column, self.spec.text_column, self.spec.storage_options)
-        return encode_documents(self.tokenizer, docs, self.spec.window)
+        return encode_documents(self.tokenizer, docs, self.spec.window_len)
 
-    def _batches(self, seqs: list[Sequence], size: int) -> list[Batch]:
+    def _batches(self, seqs: list[TokenWindow], size: int) -> list[Batch]:
         return [collate(seqs[i : i + size], self.pad_id) for i in range(0, len(seqs), size)]
 
     # ---- fitting --------------------------------------------------------------------------
@@ -124,7 +124,7 @@ class ShardWorker:
         if self.storage.already_committed(out_url, is_dir=False):
             return self.storage.read_commit(out_url, is_dir=False)["info"]
         factors = EKFACFactors.from_bytes(self.storage.read_bytes(factors_url))
-        seqs = [encode_query(self.tokenizer, q.id, q.prompt, q.completion, self.spec.window) for q in queries]
+        seqs = [encode_query(self.tokenizer, q.id, q.prompt, q.completion, self.spec.window_len) for q in queries]
         grads = self.engine.query_gradients(
             self._batches(seqs, self.spec.score_batch_size), factors, [q.id for q in queries]
         )
@@ -193,7 +193,7 @@ class ShardWorker:
         self.storage.commit(out_url, info, is_dir=False)
         return info
 
-    def _result_table(self, acc: TopK, query_ids: list[str], seqs: list[Sequence]) -> pa.Table:
+    def _result_table(self, acc: TopK, query_ids: list[str], seqs: list[TokenWindow]) -> pa.Table:
         cols: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
         for q, query_id in enumerate(query_ids):
             for polarity, items in (("proponent", acc.proponents(q)), ("opponent", acc.opponents(q))):

@@ -40,7 +40,7 @@ from pipeline.core.ekfac import (
 )
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
-from pipeline.core.text import IGNORE, Sequence, collate
+from pipeline.core.text import IGNORE, TokenWindow, collate
 from pipeline.core.tracking import Captured, LayerSpec, find_tracked_layers, weight_gradient
 
 # Case A: relative error allowed between EK-FAC and the exact damped inverse
@@ -144,16 +144,16 @@ def _gated_data():
         x = int(torch.multinomial(weights, 1, generator=gen))
         y = int(torch.randint(0, GatedLM.VOCAB, (1,), generator=gen))
         ids = (x, y) if n % 3 else (x, x, y)
-        train.append(Sequence(f"t{n}", 0, ids, ids))
+        train.append(TokenWindow(f"t{n}", 0, ids, ids))
     queries = []
     for q in range(5):
         ids = tuple(int(t) for t in torch.randint(0, GatedLM.VOCAB, (5,), generator=gen))
         labels = (IGNORE, IGNORE) + ids[2:]  # dense in the eigenbasis: several (i, j) pairs
-        queries.append(Sequence(f"q{q}", 0, ids, labels))
+        queries.append(TokenWindow(f"q{q}", 0, ids, labels))
     return train, queries
 
 
-def _autograd_grads(model: nn.Module, seqs: list[Sequence], modules: dict[str, nn.Module], specs) -> torch.Tensor:
+def _autograd_grads(model: nn.Module, seqs: list[TokenWindow], modules: dict[str, nn.Module], specs) -> torch.Tensor:
     """Per-sequence gradients of the summed NLL, flattened over the tracked layers: ``(N, P)``."""
     rows = []
     for seq in seqs:
@@ -293,16 +293,16 @@ def _gpt2_data(n_train: int = 48, n_queries: int = 6):
     train = []
     for n in range(n_train):
         ids = tuple(progression(int(torch.randint(4, 13, (1,), generator=gen))))
-        train.append(Sequence(f"t{n}", 0, ids, ids))
+        train.append(TokenWindow(f"t{n}", 0, ids, ids))
     queries = []
     for q in range(n_queries):
         prompt = int(torch.randint(2, 6, (1,), generator=gen))
         ids = progression(prompt + 3)
-        queries.append(Sequence(f"q{q}", 0, tuple(ids), tuple([IGNORE] * prompt + ids[prompt:])))
+        queries.append(TokenWindow(f"q{q}", 0, tuple(ids), tuple([IGNORE] * prompt + ids[prompt:])))
     return train, queries
 
 
-def _tiny_gpt2(train: list[Sequence]) -> nn.Module:
+def _tiny_gpt2(train: list[TokenWindow]) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)

@@ -36,7 +36,7 @@ from kronfluence.utils.dataset import DataLoaderKwargs  # noqa: E402
 from pipeline.baselines import replace_conv1d_modules
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine  # noqa: E402
 from pipeline.core.projection import ProjectionSpec  # noqa: E402
-from pipeline.core.text import IGNORE, Sequence, collate  # noqa: E402
+from pipeline.core.text import IGNORE, TokenWindow, collate  # noqa: E402
 
 # Relative Frobenius error ||ours - kronfluence|| / ||kronfluence|| allowed with
 # the empirical Fisher in float64. Both sides compute the same float64 quantities
@@ -72,30 +72,30 @@ def _progression(gen: torch.Generator, length: int) -> list[int]:
     return [1 + (start + k * step) % (VOCAB - 1) for k in range(length)]
 
 
-def make_data(seed: int = 0) -> tuple[list[Sequence], list[Sequence]]:
+def make_data(seed: int = 0) -> tuple[list[TokenWindow], list[TokenWindow]]:
     gen = torch.Generator().manual_seed(seed)
     train = []
     for i in range(NUM_TRAIN):
         length = int(torch.randint(5, 17, (1,), generator=gen))
         ids = tuple(_progression(gen, length))
-        train.append(Sequence(f"doc{i}", 0, ids, ids))
+        train.append(TokenWindow(f"doc{i}", 0, ids, ids))
     queries = []
     for i in range(NUM_QUERIES):
         prompt_len = int(torch.randint(3, 7, (1,), generator=gen))
         ids = _progression(gen, prompt_len + 3)
         labels = [IGNORE] * prompt_len + ids[prompt_len:]
-        queries.append(Sequence(f"q{i}", 0, tuple(ids), tuple(labels)))
+        queries.append(TokenWindow(f"q{i}", 0, tuple(ids), tuple(labels)))
     return train, queries
 
 
-def batches_of(seqs: list[Sequence], size: int):
+def batches_of(seqs: list[TokenWindow], size: int):
     return [collate(seqs[i : i + size], PAD, "right") for i in range(0, len(seqs), size)]
 
 
 # ---- models -------------------------------------------------------------------------------
 
 
-def _train(model: nn.Module, train: list[Sequence], steps: int = 40) -> nn.Module:
+def _train(model: nn.Module, train: list[TokenWindow], steps: int = 40) -> nn.Module:
     """A few full-batch AdamW steps so gradients and curvature are not degenerate."""
     torch.manual_seed(0)
     batch = collate(train, PAD, "right")
@@ -111,7 +111,7 @@ def _train(model: nn.Module, train: list[Sequence], steps: int = 40) -> nn.Modul
     return model.to(torch.float64)
 
 
-def tiny_gpt2(train: list[Sequence]) -> nn.Module:
+def tiny_gpt2(train: list[TokenWindow]) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def tiny_gpt2(train: list[Sequence]) -> nn.Module:
     return _train(GPT2LMHeadModel(config), train)
 
 
-def tiny_llama(train: list[Sequence]) -> nn.Module:
+def tiny_llama(train: list[TokenWindow]) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def tiny_llama(train: list[Sequence]) -> nn.Module:
 
 
 class _Dataset(torch.utils.data.Dataset):
-    def __init__(self, seqs: list[Sequence]):
+    def __init__(self, seqs: list[TokenWindow]):
         self.seqs = list(seqs)
 
     def __len__(self):
@@ -150,7 +150,7 @@ class _Dataset(torch.utils.data.Dataset):
         return self.seqs[i]
 
 
-def _collate_dict(seqs: list[Sequence]) -> dict[str, torch.Tensor]:
+def _collate_dict(seqs: list[TokenWindow]) -> dict[str, torch.Tensor]:
     """Right padding to the batch's longest sequence, exactly as our ``collate``."""
     batch = collate(seqs, PAD, "right")
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
@@ -188,9 +188,9 @@ class LanguageModelingTask(Task):
 def kronfluence_scores(
     model: nn.Module,
     modules: list[str],
-    fit: list[Sequence],
-    train: list[Sequence],
-    queries: list[Sequence],
+    fit: list[TokenWindow],
+    train: list[TokenWindow],
+    queries: list[TokenWindow],
     dampings: list[float | None],
     out_dir,
     empirical_fisher: bool = True,
@@ -238,9 +238,9 @@ def kronfluence_scores(
 
 def our_scores(
     model: nn.Module,
-    fit: list[Sequence],
-    train: list[Sequence],
-    queries: list[Sequence],
+    fit: list[TokenWindow],
+    train: list[TokenWindow],
+    queries: list[TokenWindow],
     dampings: list[float | None],
     empirical_fisher: bool = True,
     batching: tuple[int, int, int] = KRON_BATCHING,

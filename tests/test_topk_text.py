@@ -86,9 +86,9 @@ def test_bad_queries_are_named(tokenizer):
 
 
 def test_collate_masks_padding_both_sides():
-    from pipeline.core.text import Sequence
+    from pipeline.core.text import TokenWindow
 
-    seqs = [Sequence("a", 0, (3, 4, 5), (3, 4, 5)), Sequence("b", 0, (6,) * 5, (6,) * 5)]
+    seqs = [TokenWindow("a", 0, (3, 4, 5), (3, 4, 5)), TokenWindow("b", 0, (6,) * 5, (6,) * 5)]
     right, left = collate(seqs, 0, "right"), collate(seqs, 0, "left")
     assert right.attention_mask.tolist()[0] == [1, 1, 1, 0, 0]
     assert left.attention_mask.tolist()[0] == [0, 0, 1, 1, 1]

@@ -12,7 +12,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from pipeline.core.text import IGNORE, Sequence
+from pipeline.core.text import IGNORE, TokenWindow
 
 VOCAB = 48
 
@@ -37,22 +37,22 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float64) -> torch.nn.Modu
     return model.to(dtype).eval()
 
 
-def random_sequences(n: int, seed: int = 0, min_len: int = 4, max_len: int = 12, prefix: str = "d") -> list[Sequence]:
+def random_sequences(n: int, seed: int = 0, min_len: int = 4, max_len: int = 12, prefix: str = "d") -> list[TokenWindow]:
     """Training-style sequences (every token after the first is a target) of varied length."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
         ids = tuple(torch.randint(2, VOCAB, (length,), generator=gen).tolist())
-        out.append(Sequence(f"{prefix}{i}", 0, ids, ids))
+        out.append(TokenWindow(f"{prefix}{i}", 0, ids, ids))
     return out
 
 
-def random_queries(n: int, seed: int = 100) -> list[Sequence]:
+def random_queries(n: int, seed: int = 100) -> list[TokenWindow]:
     """Query-style sequences: a prompt (unlabelled) followed by a labelled completion."""
     out = []
     for s in random_sequences(n, seed=seed, min_len=5, max_len=9, prefix="q"):
         cut = len(s.input_ids) // 2
         labels = (IGNORE,) * cut + s.input_ids[cut:]
-        out.append(Sequence(s.doc_id, 0, s.input_ids, labels))
+        out.append(TokenWindow(s.doc_id, 0, s.input_ids, labels))
     return out

@@ -1,6 +1,6 @@
 """Turning documents and queries into token sequences, and sequences into batches.
 
-Training documents are split into windows of at most ``window`` tokens that
+Training documents are split into windows of at most ``window_len`` tokens that
 overlap by one token, so every token after a document's first is predicted
 exactly once and the windows' summed losses add up to the document's loss.
 A query is ``prompt + completion``; only completion tokens carry labels.
@@ -16,12 +16,13 @@ IGNORE = -100
 
 
 @dataclass(frozen=True)
-class Sequence:
-    """One scored unit: a document window or a query.
+class TokenWindow:
+    """One scored unit: a token window of a document, or a query.
 
     ``input_ids`` holds token ids; ``labels`` the same ids where a token is
     predicted and ``IGNORE`` elsewhere (HF convention: ``labels[t]`` is the
-    target of position ``t-1``'s prediction). ``doc_id``/``window`` identify it.
+    target of position ``t-1``'s prediction). ``doc_id`` and ``window`` (the
+    0-based index of the window inside its document; 0 for a query) identify it.
     """
 
     doc_id: str
@@ -38,27 +39,27 @@ class BadInputError(ValueError):
     """Input that cannot be attributed; the message names the item and the fix."""
 
 
-def split_windows(doc_id: str, token_ids: list[int], window: int) -> list[Sequence]:
-    """Windows of at most ``window`` tokens, overlapping by one token.
+def split_windows(doc_id: str, token_ids: list[int], window_len: int) -> list[TokenWindow]:
+    """Windows of at most ``window_len`` tokens, overlapping by one token.
 
     A document with fewer than two tokens has nothing to predict and yields no
     window (the caller reports it as skipped).
     """
-    if window < 2:
-        raise ValueError(f"window must be >= 2 tokens, got {window}")
-    stride = window - 1
+    if window_len < 2:
+        raise ValueError(f"window_len must be >= 2 tokens, got {window_len}")
+    stride = window_len - 1
     out = []
     start = 0
     while start + 1 < len(token_ids):
-        ids = tuple(token_ids[start : start + window])
-        out.append(Sequence(doc_id, len(out), ids, ids))
+        ids = tuple(token_ids[start : start + window_len])
+        out.append(TokenWindow(doc_id, len(out), ids, ids))
         start += stride
     return out
 
 
 def encode_documents(
-    tokenizer, docs: list[tuple[str, str]], window: int, add_eos: bool = True
-) -> tuple[list[Sequence], list[str]]:
+    tokenizer, docs: list[tuple[str, str]], window_len: int, add_eos: bool = True
+) -> tuple[list[TokenWindow], list[str]]:
     """Tokenise ``(doc_id, text)`` pairs into windows.
 
     Returns the windows and the ids of documents skipped because they have
@@ -67,20 +68,20 @@ def encode_documents(
     texts = [text if isinstance(text, str) else "" for _, text in docs]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     eos = tokenizer.eos_token_id if add_eos else None
-    sequences: list[Sequence] = []
+    sequences: list[TokenWindow] = []
     skipped: list[str] = []
     for (doc_id, _), ids in zip(docs, encoded):
         ids = list(ids)
         if eos is not None and ids:
             ids.append(eos)
-        windows = split_windows(doc_id, ids, window)
+        windows = split_windows(doc_id, ids, window_len)
         if not windows:
             skipped.append(doc_id)
         sequences.extend(windows)
     return sequences, skipped
 
 
-def encode_query(tokenizer, query_id: str, prompt: str, completion: str, max_tokens: int) -> Sequence:
+def encode_query(tokenizer, query_id: str, prompt: str, completion: str, max_tokens: int) -> TokenWindow:
     """``prompt + completion`` with labels on the completion tokens only.
 
     The prompt is truncated from the left when the pair exceeds ``max_tokens``;
@@ -107,7 +108,7 @@ def encode_query(tokenizer, query_id: str, prompt: str, completion: str, max_tok
     prompt_ids = prompt_ids[-(max_tokens - len(completion_ids)) :]
     ids = tuple(prompt_ids + completion_ids)
     labels = tuple([IGNORE] * len(prompt_ids) + completion_ids)
-    return Sequence(query_id, 0, ids, labels)
+    return TokenWindow(query_id, 0, ids, labels)
 
 
 @dataclass
@@ -122,7 +123,7 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
 
-def collate(sequences: list[Sequence], pad_id: int, padding_side: str = "right") -> Batch:
+def collate(sequences: list[TokenWindow], pad_id: int, padding_side: str = "right") -> Batch:
     """Pad to the longest sequence; padded positions have mask 0 and label ``IGNORE``."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")

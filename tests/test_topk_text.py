@@ -62,7 +62,7 @@ def tokenizer():
 
 
 def test_encode_documents_skips_empty_and_splits_long(tokenizer):
-    seqs, skipped = encode_documents(tokenizer, [("a", "hello world"), ("b", ""), ("c", "x" * 30)], window=8)
+    seqs, skipped = encode_documents(tokenizer, [("a", "hello world"), ("b", ""), ("c", "x" * 30)], window_len=8)
     assert skipped == ["b"]
     assert {s.doc_id for s in seqs} == {"a", "c"}
     assert max(s.window for s in seqs if s.doc_id == "c") >= 3

@@ -57,36 +57,80 @@ def split_windows(doc_id: str, token_ids: list[int], window_len: int) -> list[To
     return out
 
 
-def encode_documents(
-    tokenizer, docs: list[tuple[str, str]], window_len: int, add_eos: bool = True
-) -> tuple[list[TokenWindow], list[str]]:
-    """Tokenise ``(doc_id, text)`` pairs into windows.
+@dataclass(frozen=True)
+class Tokenisation:
+    """How text becomes tokens, as the model was trained (docs/design.md#tokenisation-and-windows).
 
-    Returns the windows and the ids of documents skipped because they have
-    fewer than two tokens (empty documents).
+    ``add_bos``: a BOS token starts every document and every query's prompt;
+    ``add_eos``: an EOS token ends every document (pre-training concatenation).
+    Both are part of the factors' and queries' content ids.
+    """
+
+    add_bos: bool = False
+    add_eos: bool = True
+
+    def to_json(self) -> dict:
+        return {"add_bos": self.add_bos, "add_eos": self.add_eos}
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of text for its own model (Llama's do, GPT-2's does not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def resolve_tokenisation(tokenizer, add_bos: bool | None, add_eos: bool | None) -> Tokenisation:
+    """``corpus.add_bos`` / ``corpus.add_eos`` with ``None`` taken from the tokenizer.
+
+    Defaults: BOS where the tokenizer adds one itself; EOS whenever the tokenizer
+    has one. Asking for a token the tokenizer lacks is a ``BadInputError``.
+    """
+    if add_bos is None:
+        add_bos = tokenizer_adds_bos(tokenizer)
+    elif add_bos and tokenizer.bos_token_id is None:
+        raise BadInputError("corpus.add_bos=true but the tokenizer has no BOS token; set corpus.add_bos=false")
+    if add_eos is None:
+        add_eos = tokenizer.eos_token_id is not None
+    elif add_eos and tokenizer.eos_token_id is None:
+        raise BadInputError("corpus.add_eos=true but the tokenizer has no EOS token; set corpus.add_eos=false")
+    return Tokenisation(bool(add_bos), bool(add_eos))
+
+
+def encode_documents(
+    tokenizer, docs: list[tuple[str, str]], window_len: int, tokenisation: Tokenisation = Tokenisation()
+) -> tuple[list[TokenWindow], list[str]]:
+    """Tokenise ``(doc_id, text)`` pairs into windows, with BOS/EOS as ``tokenisation`` says.
+
+    Returns the windows and the ids of documents skipped because their text
+    has no tokens (empty documents).
     """
     texts = [text if isinstance(text, str) else "" for _, text in docs]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    eos = tokenizer.eos_token_id if add_eos else None
+    # resolve_tokenisation refuses an asked-for token the tokenizer lacks; the default asks for EOS.
+    bos = [tokenizer.bos_token_id] if tokenisation.add_bos and tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenisation.add_eos and tokenizer.eos_token_id is not None else []
     sequences: list[TokenWindow] = []
     skipped: list[str] = []
     for (doc_id, _), ids in zip(docs, encoded):
-        ids = list(ids)
-        if eos is not None and ids:
-            ids.append(eos)
-        windows = split_windows(doc_id, ids, window_len)
+        windows = split_windows(doc_id, bos + list(ids) + eos, window_len) if ids else []
         if not windows:
             skipped.append(doc_id)
         sequences.extend(windows)
     return sequences, skipped
 
 
-def encode_query(tokenizer, query_id: str, prompt: str, completion: str, max_tokens: int) -> TokenWindow:
+def encode_query(
+    tokenizer, query_id: str, prompt: str, completion: str, max_tokens: int, tokenisation: Tokenisation = Tokenisation()
+) -> TokenWindow:
     """``prompt + completion`` with labels on the completion tokens only.
 
-    The prompt is truncated from the left when the pair exceeds ``max_tokens``;
-    an empty completion, or one longer than ``max_tokens - 1``, is a
-    ``BadInputError`` naming the query.
+    With ``tokenisation.add_bos`` the prompt starts with BOS (kept when the
+    prompt is truncated from the left to fit ``max_tokens``). An empty
+    completion, or one longer than ``max_tokens - 1``, is a ``BadInputError``
+    naming the query.
     """
     if not isinstance(completion, str) or not completion:
         raise BadInputError(f"query {query_id!r} has an empty completion; there is nothing to attribute")
@@ -94,18 +138,22 @@ def encode_query(tokenizer, query_id: str, prompt: str, completion: str, max_tok
     completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
     if not completion_ids:
         raise BadInputError(f"query {query_id!r}: completion {completion!r} tokenises to no tokens")
-    if not prompt_ids:
+    start: list[int] = []
+    if tokenisation.add_bos:
+        start = [tokenizer.bos_token_id]
+    elif not prompt_ids:
         # The first token is never predicted; give the completion a start token.
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if bos is None:
             raise BadInputError(f"query {query_id!r} has an empty prompt and the tokenizer has no BOS/EOS token")
-        prompt_ids = [bos]
-    if len(completion_ids) + 1 > max_tokens:
+        start = [bos]
+    if len(completion_ids) + max(1, len(start)) > max_tokens:
         raise BadInputError(
             f"query {query_id!r}: completion is {len(completion_ids)} tokens, more than the "
-            f"window of {max_tokens} allows; shorten it or raise the window"
+            f"window of {max_tokens} allows; shorten it or raise corpus.window"
         )
-    prompt_ids = prompt_ids[-(max_tokens - len(completion_ids)) :]
+    room = max_tokens - len(completion_ids) - len(start)
+    prompt_ids = start + (prompt_ids[-room:] if room > 0 else [])
     ids = tuple(prompt_ids + completion_ids)
     labels = tuple([IGNORE] * len(prompt_ids) + completion_ids)
     return TokenWindow(query_id, 0, ids, labels)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.core.serialization import tensors_from_bytes, tensors_to_bytes
 from pipeline.core.tracking import Captured, LayerSpec
 
 FACTORS_FORMAT = "ekfac-v1"
@@ -243,20 +244,12 @@ class EKFACFactors:
 
     def to_bytes(self) -> bytes:
         """safetensors bytes with the meta as JSON in the header (no pickle)."""
-        from safetensors.torch import save
-
-        tensors = {k: v.detach().cpu() for k, v in self.to_tensors().items()}
-        return save(tensors, metadata={"meta": json.dumps(self.meta.to_json(), sort_keys=True)})
+        return tensors_to_bytes(self.to_tensors(), {"meta": json.dumps(self.meta.to_json(), sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "EKFACFactors":
-        from safetensors.torch import load
-
-        tensors = load(data)
-        # The metadata lives in the safetensors JSON header: 8-byte length, then JSON.
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
-        meta = FactorsMeta.from_json(json.loads(header["__metadata__"]["meta"]))
+        tensors, metadata = tensors_from_bytes(data)
+        meta = FactorsMeta.from_json(json.loads(metadata["meta"]))
         q_a = {n: tensors[f"{n}::Q_A"] for n in meta.layers}
         q_s = {n: tensors[f"{n}::Q_S"] for n in meta.layers}
         lam = {n: tensors[f"{n}::Lambda"] for n in meta.layers}

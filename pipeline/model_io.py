@@ -28,6 +28,11 @@ def check_model_dir(path: str, storage_options: dict | None = None) -> list[str]
     if not fs.isdir(root):
         raise BadInputError(f"model.path {path!r} is not a folder (a Hugging Face model directory is expected)")
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    gguf = [n for n in names if n.endswith(".gguf")]
+    if gguf and not any(n.endswith(".safetensors") for n in names):
+        raise BadInputError(
+            f"model.path {path!r} holds a GGUF checkpoint ({gguf[0]}), which is not loaded directly: convert it once "
+            f"with `python -m pipeline.pretrained convert {path} OUT_DIR` and set model.path=OUT_DIR")
     if "config.json" not in names:
         raise BadInputError(f"model.path {path!r} has no config.json; it holds {names[:10]}")
     if not any(n.endswith(".safetensors") for n in names):

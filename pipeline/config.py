@@ -18,6 +18,7 @@ from typing import Any
 from pipeline.core.influence import PRECISIONS, InfluenceConfig
 from pipeline.core.projection import MODES, ProjectionSpec
 from pipeline.core.tracking import DEFAULT_MODULES
+from pipeline.errors import ConfigError
 
 
 @dataclass
@@ -143,19 +144,19 @@ class AttributeConfig:
 
     def validate(self) -> None:
         """Fail on the driver, naming the key, before any cluster time is spent."""
-        from pipeline.storage import validate_name
+        from pipeline.layout import validate_name
 
         validate_name(self.run.id, "run.id")
         given = [bool(self.model.path), bool(self.corpus.path), bool(self.queries.path)]
         if any(given) and not all(given):
-            raise ValueError(
+            raise ConfigError(
                 "model.path, corpus.path and queries.path must be given together (all empty runs the demo); "
                 f"got model.path={self.model.path!r}, corpus.path={self.corpus.path!r}, queries.path={self.queries.path!r}"
             )
         if self.model.precision not in PRECISIONS:
-            raise ValueError(f"model.precision must be one of {PRECISIONS}, got {self.model.precision!r}")
+            raise ConfigError(f"model.precision must be one of {PRECISIONS}, got {self.model.precision!r}")
         if self.projection.mode not in MODES:
-            raise ValueError(f"projection.mode must be one of {MODES}, got {self.projection.mode!r}")
+            raise ConfigError(f"projection.mode must be one of {MODES}, got {self.projection.mode!r}")
         checks = [
             (self.corpus.window >= 2, f"corpus.window must be >= 2, got {self.corpus.window}"),
             (self.corpus.docs_per_shard >= 1, f"corpus.docs_per_shard must be >= 1, got {self.corpus.docs_per_shard}"),
@@ -170,12 +171,12 @@ class AttributeConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
         damping = self.factors.damping
         if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0):
-            raise ValueError(f"factors.damping must be a number >= 0 or null, got {damping!r}")
+            raise ConfigError(f"factors.damping must be a number >= 0 or null, got {damping!r}")
         if self.model.precision == "bf16" and self.cluster.gpus_per_worker <= 0:
-            raise ValueError("model.precision=bf16 needs GPU workers (cluster.gpus_per_worker > 0)")
+            raise ConfigError("model.precision=bf16 needs GPU workers (cluster.gpus_per_worker > 0)")
 
     def influence(self) -> InfluenceConfig:
         """The numeric core's view of this config."""
@@ -224,7 +225,7 @@ def to_typed(schema_cls: type, cfg):
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ValueError(f"missing mandatory value(s) {missing}; give them as overrides, e.g. {missing[0]}=...")
+        raise ConfigError(f"missing mandatory value(s) {missing}; give them as overrides, e.g. {missing[0]}=...")
     obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema_cls), cfg))
     if not isinstance(obj, schema_cls):
         raise TypeError(f"config did not convert to {schema_cls.__name__}")

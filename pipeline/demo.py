@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -41,12 +40,16 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from pipeline.core.text import Batch
+from pipeline.tiny_lm import new_gpt2, train
 
 logger = logging.getLogger(__name__)
 
@@ -268,11 +271,11 @@ def _build_into(root: Path, spec: DemoSpec) -> None:
                 lengths.max())
     stream = _eos_joined(doc_ids, tokenizer.eos_token_id)
 
-    # Fork the global torch RNG so model init is seeded without disturbing the caller.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = _new_model(spec, tokenizer)
-        loss_curve = _train(model, stream, spec, np_rng)
+    model = new_gpt2(len(tokenizer), n_embd=spec.n_embd, n_layer=spec.n_layer, n_head=spec.n_head,
+                     n_positions=spec.n_positions, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                     seed=spec.seed)
+    loss_curve = train(model, _stream_slices(stream, spec, np_rng), steps=spec.train_steps, lr=spec.lr,
+                       log_every=50, label="demo")
     model.save_pretrained(model_dir, safe_serialization=True)
     t_train = time.perf_counter()
 
@@ -495,65 +498,17 @@ def _eos_joined(doc_ids: list[list[int]], eos_id: int) -> np.ndarray:
     return np.asarray(stream, dtype=np.int64)
 
 
-def _new_model(spec: DemoSpec, tokenizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=spec.n_positions,
-        n_embd=spec.n_embd,
-        n_layer=spec.n_layer,
-        n_head=spec.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return GPT2LMHeadModel(config)
-
-
-def _train(model, stream: np.ndarray, spec: DemoSpec, rng: np.random.Generator) -> list[float]:
-    """AdamW on random ``window``-token slices of the stream; returns the loss per step."""
+def _stream_slices(stream: np.ndarray, spec: DemoSpec, rng: np.random.Generator) -> Iterator[Batch]:
+    """``train_steps`` batches of random ``window``-token slices of the stream, every token a target."""
     if len(stream) <= spec.window:
         raise ValueError(
             f"demo corpus has {len(stream)} tokens, fewer than one window of {spec.window}; "
             f"raise DemoSpec.n_filler_docs or lower DemoSpec.window")
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    warmup = max(1, spec.train_steps // 10)
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, spec.train_steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     tokens = torch.from_numpy(stream)
     offsets_all = rng.integers(0, len(stream) - spec.window, size=(spec.train_steps, spec.batch_size))
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(spec.train_steps):
-        batch = torch.stack([tokens[o:o + spec.window] for o in offsets_all[step]])
-        # Mean next-token loss over the window; computed here rather than via
-        # ``labels=`` to keep transformers' loss-type guessing out of the logs.
-        logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0 or step + 1 == spec.train_steps:
-            logger.info("demo train step %d/%d: loss %.3f (mean of last 50: %.3f), %.1f s",
-                        step + 1, spec.train_steps, losses[-1], float(np.mean(losses[-50:])),
-                        time.perf_counter() - t0)
-    model.eval()
-    return losses
+    for offsets in offsets_all:
+        batch = torch.stack([tokens[o:o + spec.window] for o in offsets])
+        yield Batch(batch, torch.ones_like(batch), batch)
 
 
 def _loss_summary(losses: list[float]) -> dict:

@@ -137,7 +137,7 @@ class BenchmarkConfig:
     work_dir: str = ""
 
     def validate(self) -> None:
-        from pipeline.storage import validate_name
+        from pipeline.layout import validate_name
 
         validate_name(self.name, "name")
         if not self.model.path and self.model.preset not in PRESETS:
@@ -496,6 +496,7 @@ def _maxrss_mib() -> float:
 def rss_worker_main(args: dict) -> dict:
     """In a fresh process: one ``ShardWorker`` scores every shard of a corpus; its peak RSS."""
     from pipeline.corpus import list_corpus, make_shards
+    from pipeline import layout
     from pipeline.storage import Storage
     from pipeline.worker import ShardWorker, WorkerSpec
 
@@ -512,14 +513,15 @@ def rss_worker_main(args: dict) -> dict:
     shards = make_shards(list_corpus(args["corpus_path"], "id", "text"), args["docs_per_shard"])
     started, windows = time.perf_counter(), 0
     for shard in shards:
-        info = worker.score(shard, args["queries_url"], storage.shard_result(args["run_id"], shard.shard_id), args["top_k"])
-        windows += info["num_windows"]
+        info = worker.score(shard, args["queries_url"], layout.shard_result(storage.root, args["run_id"], shard.shard_id), args["top_k"])
+        windows += info.num_windows
     return {"peak_rss_mib": _maxrss_mib(), "rss_after_load_mib": after_load, "num_shards": len(shards),
             "num_windows": windows, "seconds": time.perf_counter() - started}
 
 
 def memory(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.device, work: str) -> dict:
     """Peak RSS of a scoring worker process at N and ``factor`` x N documents."""
+    from pipeline import layout
     from pipeline.storage import Storage
 
     texts = [t for _, t in inputs.docs]
@@ -531,7 +533,7 @@ def memory(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.device, work
     q = engine.query_gradients(batches_of(queries, cfg.batch_size, pad), factors, [s.doc_id for s in queries])
     root = os.path.join(work, "memory")
     storage = Storage(root)
-    queries_url = storage.url("queries", "bench", "gradients.safetensors")
+    queries_url = layout.query_gradients(storage.root, "bench")
     storage.write_safetensors(queries_url, q.to_tensors(), {"query_ids": "\n".join(q.query_ids)})
     del engine
     env = dict(os.environ)
@@ -647,6 +649,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
 
 
 def _run_benchmark(cfg: BenchmarkConfig) -> dict:
+    from pipeline import layout
     from pipeline.storage import Storage
 
     storage = Storage(cfg.storage.root, cfg.storage.options)
@@ -728,7 +731,7 @@ def _run_benchmark(cfg: BenchmarkConfig) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     result["seconds_total"] = time.perf_counter() - started
     result = clean_json(result)
-    url = storage.benchmark(cfg.name)
+    url = layout.benchmark_result(storage.root, cfg.name)
     storage.write_json(url, result)
     log.info("benchmark written to %s (%.1f s)", url, result["seconds_total"])
     result["url"] = url

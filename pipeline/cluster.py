@@ -81,7 +81,7 @@ def run_units(workers: list, calls: list[tuple[str, tuple]], desc: str, slots_pe
                 index, worker = pending.pop(ref)
                 results[index] = ray.get(ref)
                 free.append(worker)
-                docs += int(results[index].get("num_docs", 0))
+                docs += results[index].num_docs or 0
                 bar.update(1)
                 if docs:
                     bar.set_postfix(docs_per_s=f"{docs / (time.perf_counter() - started):.1f}")

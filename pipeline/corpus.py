@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.text import BadInputError
+from pipeline.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

@@ -205,7 +205,7 @@ class EvaluateConfig:
     small: SmallWorldConfig = field(default_factory=SmallWorldConfig)
 
     def validate(self) -> None:
-        from pipeline.storage import validate_name
+        from pipeline.layout import validate_name
 
         validate_name(self.name, "name")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -997,6 +997,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
 
 
 def _run_evaluation(cfg: EvaluateConfig) -> dict:
+    from pipeline import layout
     from pipeline.storage import Storage
 
     storage = Storage(cfg.storage.root, cfg.storage.options)
@@ -1039,7 +1040,7 @@ def _run_evaluation(cfg: EvaluateConfig) -> dict:
         result["small_world"] = small_world(cfg, world, device)
     result["timings_s"]["total"] = time.perf_counter() - started
     result = clean_json(result)
-    url = storage.evaluation(cfg.name)
+    url = layout.evaluation_result(storage.root, cfg.name)
     storage.write_json(url, result)
     log.info("evaluation written to %s (%.1f s)", url, result["timings_s"]["total"])
     result["url"] = url

@@ -17,7 +17,7 @@ import tempfile
 
 import fsspec
 
-from pipeline.core.text import BadInputError
+from pipeline.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

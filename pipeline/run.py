@@ -4,7 +4,7 @@
 (the single-stage jobs). Inputs are validated here, on the driver, before
 any Ray worker is started.
 
-Storage layout (all under ``storage.root``; see ``pipeline.storage``):
+Storage layout (all under ``storage.root``; every path is built in ``pipeline.layout``):
 
 - ``factors/{factors_id}/``: partial sums per shard, eigenbases, ``factors.safetensors``.
   ``factors_id`` hashes the model fingerprint, tracked modules, Fisher kind,
@@ -26,6 +26,16 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
+from pipeline import layout
+from pipeline.commit import (
+    already_committed,
+    commit_dir,
+    commit_file,
+    read_dir_commit,
+    read_file_commit,
+    uncommit_dir,
+    uncommit_file,
+)
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
 from pipeline.core.tracking import LayerSpec
@@ -38,7 +48,7 @@ from pipeline.corpus import (
     read_queries,
     spread,
 )
-from pipeline.merge import merge_shard_tables
+from pipeline.merge import merge_shard_tables, refuse_unmergeable
 from pipeline.model_io import check_model_dir
 from pipeline.storage import Storage
 from pipeline.worker import WorkerSpec
@@ -95,7 +105,7 @@ class RunContext:
 
     @property
     def factors_url(self) -> str:
-        return self.storage.url("factors", self.factors_id, "factors.safetensors")
+        return layout.factors_file(self.storage.root, self.factors_id)
 
     @cached_property
     def queries_id(self) -> str:
@@ -113,10 +123,10 @@ class RunContext:
 
     @property
     def queries_url(self) -> str:
-        return self.storage.url("queries", self.queries_id, "gradients.safetensors")
+        return layout.query_gradients(self.storage.root, self.queries_id)
 
     def shard_url(self, shard: Shard) -> str:
-        return self.storage.shard_result(self.cfg.run.id, shard.shard_id)
+        return layout.shard_result(self.storage.root, self.cfg.run.id, shard.shard_id)
 
 
 def resolve_demo(cfg: AttributeConfig) -> AttributeConfig:
@@ -183,25 +193,24 @@ def fit_factors(ctx: RunContext) -> str:
     """Distributed EK-FAC fit: A/S partial sums per shard, eigendecomposition, Lambda partial sums."""
     from pipeline.cluster import run_units
 
-    storage, url = ctx.storage, ctx.factors_url
-    if storage.already_committed(url, is_dir=False):
+    storage, url, root, fid = ctx.storage, ctx.factors_url, ctx.storage.root, ctx.factors_id
+    if already_committed(storage, url):
         return url
-    fdir = storage.url("factors", ctx.factors_id)
     shards = ctx.fit_shards
-    cov_urls = [storage.url("factors", ctx.factors_id, "partials", f"cov-{s.shard_id}.safetensors") for s in shards]
+    cov_urls = [layout.covariance_partial(root, fid, s.shard_id) for s in shards]
     run_units(ctx.workers, [("covariance", (s, u)) for s, u in zip(shards, cov_urls)], "fit: covariances")
     cov = None
     for u in cov_urls:
         part = CovarianceSums.from_tensors(storage.read_safetensors(u)[0])
         cov = part if cov is None else cov + part
     bases = eigendecompose(cov)
-    bases_url = storage.url("factors", ctx.factors_id, "eigenbases.safetensors")
-    if not storage.already_committed(bases_url, is_dir=False):
+    bases_url = layout.eigenbases(root, fid)
+    if not already_committed(storage, bases_url):
         tensors = {f"{n}::Q_A": bases.q_a[n] for n in bases.q_a}
         tensors.update({f"{n}::Q_S": bases.q_s[n] for n in bases.q_s})
         storage.write_safetensors(bases_url, tensors)
-        storage.commit(bases_url, {"num_tokens": bases.num_tokens}, is_dir=False)
-    lam_urls = [storage.url("factors", ctx.factors_id, "partials", f"lambda-{s.shard_id}.safetensors") for s in shards]
+        commit_file(storage, bases_url, num_tokens=bases.num_tokens)
+    lam_urls = [layout.lambda_partial(root, fid, s.shard_id) for s in shards]
     run_units(ctx.workers, [("lambdas", (s, bases_url, u)) for s, u in zip(shards, lam_urls)], "fit: eigenvalues")
     lam = None
     for u in lam_urls:
@@ -215,13 +224,15 @@ def fit_factors(ctx: RunContext) -> str:
         fisher="empirical" if inf.empirical_fisher else "sampled",
         space=inf.factor_space,
         projection=inf.projection.to_json() if inf.factor_space == "projected" else {},
-        extra={"factors_id": ctx.factors_id, "shards": [s.shard_id for s in shards], "window": ctx.cfg.corpus.window},
+        extra={"factors_id": fid, "shards": [s.shard_id for s in shards], "window": ctx.cfg.corpus.window},
     )
     factors = EKFACFactors.from_parts(meta, bases, lam)
     storage.write_bytes(url, factors.to_bytes())
-    storage.commit(url, {"factors_id": ctx.factors_id, "num_tokens": bases.num_tokens,
-                         "num_sequences": lam.num_sequences}, is_dir=False)
-    log.info("factors %s fitted on %d tokens in %d fitting shards (%s)", ctx.factors_id, bases.num_tokens, len(shards), fdir)
+    commit_file(storage, url, factors_id=fid, num_tokens=bases.num_tokens, num_sequences=lam.num_sequences)
+    log.info(
+        "factors %s fitted on %d tokens in %d fitting shards (%s)",
+        fid, bases.num_tokens, len(shards), layout.factors_dir(root, fid),
+    )
     return url
 
 
@@ -230,73 +241,67 @@ def precondition_queries(ctx: RunContext) -> str:
     import ray
 
     url = ctx.queries_url
-    if not ctx.storage.already_committed(url, is_dir=False):
+    if not already_committed(ctx.storage, url):
         ray.get(ctx.workers[0].precondition.remote(ctx.queries, ctx.factors_url, url))
     return url
 
 
-def score_corpus(ctx: RunContext) -> list[dict]:
-    """Every shard scored against every query; shards already committed for these queries are skipped."""
+def score_corpus(ctx: RunContext) -> list:
+    """Every shard scored against every query; shards already committed for these queries are skipped.
+
+    Returns the commits of the shards scored now.
+    """
     from pipeline.cluster import run_units
 
     storage, top_k = ctx.storage, ctx.cfg.score.top_k
     todo = []
     for shard in ctx.shards:
         url = ctx.shard_url(shard)
-        commit = storage.read_commit(url, is_dir=False)
-        if commit is not None and not ctx.cfg.run.overwrite:
-            info = commit.get("info", {})
-            if info.get("queries_id") == ctx.queries_id and info.get("top_k") == top_k:
+        done = read_file_commit(storage, url)
+        if done is not None and not ctx.cfg.run.overwrite:
+            if done.queries_id == ctx.queries_id and done.top_k == top_k:
                 log.info("skip committed %s", url)
                 continue
-        if commit is not None:
-            storage.uncommit(url, is_dir=False)
+        if done is not None:
+            uncommit_file(storage, url)
         todo.append(shard)
-    calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), top_k, {"queries_id": ctx.queries_id})) for s in todo]
+    calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), top_k, ctx.queries_id)) for s in todo]
     return run_units(ctx.workers, calls, "score")
 
 
 def merge_results(ctx: RunContext) -> str:
-    """Merge committed shard results into the ranked table; refuses while any shard is uncommitted."""
-    storage, run_id = ctx.storage, ctx.cfg.run.id
-    out_dir = storage.attribution_dir(run_id)
-    commits = {s.shard_id: storage.read_commit(ctx.shard_url(s), is_dir=False) for s in ctx.shards}
-    missing = [sid for sid, c in commits.items() if c is None]
-    if missing:
-        raise RuntimeError(
-            f"cannot merge run {run_id!r}: {len(missing)} shard(s) are not committed, e.g. {missing[:5]}; "
-            "run the score stage first"
-        )
-    stale = [sid for sid, c in commits.items() if c["info"].get("queries_id") != ctx.queries_id]
-    if stale:
-        raise RuntimeError(f"cannot merge run {run_id!r}: shard(s) {stale[:5]} were scored for other queries")
-    merged_from = _digest({"shards": sorted(commits), "queries_id": ctx.queries_id, "top_k": ctx.cfg.score.top_k})
-    done = storage.read_commit(out_dir, is_dir=True)
-    if done is not None and done["info"].get("merged_from") == merged_from and not ctx.cfg.run.overwrite:
+    """Merge committed shard results into the ranked table; refuses (`MergeRefusedError`) results it cannot merge."""
+    storage, run_id, top_k = ctx.storage, ctx.cfg.run.id, ctx.cfg.score.top_k
+    out_dir = layout.attribution_dir(storage.root, run_id)
+    commits = {s.shard_id: read_file_commit(storage, ctx.shard_url(s)) for s in ctx.shards}
+    refuse_unmergeable(run_id, commits, ctx.queries_id, top_k)
+    merged_from = _digest({"shards": sorted(commits), "queries_id": ctx.queries_id, "top_k": top_k})
+    done = read_dir_commit(storage, out_dir)
+    if done is not None and done.merged_from == merged_from and not ctx.cfg.run.overwrite:
         log.info("skip committed %s", out_dir)
         return out_dir
     if done is not None:
-        storage.uncommit(out_dir, is_dir=True)
+        uncommit_dir(storage, out_dir)
     from tqdm import tqdm
 
     tables = [storage.read_parquet(ctx.shard_url(s)) for s in tqdm(ctx.shards, desc="merge: read", unit="shard")]
-    table = merge_shard_tables(tables, ctx.cfg.score.top_k)
-    storage.write_parquet(storage.url("runs", run_id, "attribution", "part-00000.parquet"), table)
-    storage.commit(out_dir, {"merged_from": merged_from, "num_rows": table.num_rows}, is_dir=True)
-    ctx.counts.update(_shard_counts(commits))
+    table = merge_shard_tables(tables, top_k)
+    storage.write_parquet(layout.attribution_part(storage.root, run_id), table)
+    commit_dir(storage, out_dir, merged_from=merged_from, num_rows=table.num_rows)
+    ctx.counts.update(_shard_counts(list(commits.values())))
     write_manifest(ctx, out_dir)
     return out_dir
 
 
-def _shard_counts(commits: dict) -> dict:
-    infos = [c["info"] for c in commits.values()]
+def _shard_counts(commits: list) -> dict:
+    """The run's counts summed over its shards' commits, with a sample of skipped and non-finite items."""
     return {
-        "num_windows": sum(i.get("num_windows", 0) for i in infos),
-        "num_tokens": sum(i.get("num_tokens", 0) for i in infos),
-        "num_skipped_docs": sum(i.get("num_skipped_docs", 0) for i in infos),
-        "num_nonfinite_windows": sum(i.get("num_nonfinite_windows", 0) for i in infos),
-        "skipped_docs_sample": [d for i in infos for d in i.get("skipped_docs", [])][:20],
-        "nonfinite_windows_sample": [d for i in infos for d in i.get("nonfinite_windows", [])][:20],
+        "num_windows": sum(c.num_windows or 0 for c in commits),
+        "num_tokens": sum(c.num_tokens or 0 for c in commits),
+        "num_skipped_docs": sum(c.num_skipped_docs or 0 for c in commits),
+        "num_nonfinite_windows": sum(c.num_nonfinite_windows or 0 for c in commits),
+        "skipped_docs_sample": [d for c in commits for d in c.skipped_docs or []][:20],
+        "nonfinite_windows_sample": [d for c in commits for d in c.nonfinite_windows or []][:20],
     }
 
 
@@ -315,8 +320,9 @@ def write_manifest(ctx: RunContext, table_url: str) -> dict:
         "timings": ctx.timings,
         "shards": [s.shard_id for s in ctx.shards],
     }
-    ctx.storage.write_json(ctx.storage.run_manifest(ctx.cfg.run.id), manifest)
-    ctx.storage.write_json(ctx.storage.latest_pointer(), {"run_id": ctx.cfg.run.id, "attribution": table_url})
+    root = ctx.storage.root
+    ctx.storage.write_json(layout.run_manifest(root, ctx.cfg.run.id), manifest)
+    ctx.storage.write_json(layout.latest_pointer(root), {"run_id": ctx.cfg.run.id, "attribution": table_url})
     return manifest
 
 
@@ -357,4 +363,4 @@ def run_stages(cfg: AttributeConfig, stages: tuple[str, ...] = STAGES) -> RunCon
 def run_attribution(cfg: AttributeConfig) -> dict:
     """Every stage; returns the run manifest (also at ``runs/{run.id}/manifest.json``)."""
     ctx = run_stages(cfg)
-    return ctx.storage.read_json(ctx.storage.run_manifest(ctx.cfg.run.id))
+    return ctx.storage.read_json(layout.run_manifest(ctx.storage.root, ctx.cfg.run.id))

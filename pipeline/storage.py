@@ -1,21 +1,16 @@
-"""Every storage path and every storage read/write of the project, through fsspec.
+"""Every storage read and write of the project, through fsspec.
 
 A `Storage` is rooted at one URL (a local folder, ``file://...`` or
-``s3://bucket/prefix``) and builds every output path under it
-deterministically (see the layout helpers). Nothing is pickled: tables are
-Parquet, tensors are safetensors, manifests and markers are JSON.
-
-A unit of work (one file or one folder) counts as done only when its commit
-marker exists; the marker is written *after* the data, so a crashed or retried
-worker never leaves a half-visible result and a rerun skips committed units::
+``s3://bucket/prefix``); every path under it comes from `pipeline.layout`,
+and units are committed by `pipeline.commit`. Nothing is pickled: tables are
+Parquet, tensors are safetensors, manifests and markers are JSON::
 
     storage = Storage("s3://bucket/attribution")
-    url = storage.shard_result("nightly-2026-11-22", "shard-00017")
-    if not storage.already_committed(url, is_dir=False):
-        storage.write_parquet(url, table)
-        storage.commit(url, {"rows": table.num_rows}, is_dir=False)
+    url = layout.shard_result(storage.root, "nightly-2026-11-22", "shard-00017")
+    storage.write_parquet(url, table)
 
-For ``s3://`` the endpoint and credentials come from the standard AWS
+Backend failures become `StorageError` naming the URL and the reason. For
+``s3://`` the endpoint and credentials come from the standard AWS
 environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``) unless ``storage_options`` gives them. Neither the
 options nor the credentials are ever logged or put into error messages.
@@ -24,8 +19,6 @@ options nor the credentials are ever logged or put into error messages.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import io
 import json
 import logging
 import os
@@ -39,74 +32,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline import layout
+from pipeline.core.serialization import tensors_from_bytes, tensors_to_bytes
+from pipeline.errors import ConfigError, StorageError
+
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-FILE_MARKER_SUFFIX = ".commit.json"
-DIR_MARKER_NAME = "_COMMITTED.json"
-MAX_NAME_LENGTH = 200
-
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
-_NAME_RULE = (
-    f"use 1-{MAX_NAME_LENGTH} characters from A-Z a-z 0-9 '.' '_' '-', not starting with '.'"
-)
 # Option keys whose values are credentials; their values are scrubbed from error messages.
 _SECRET_KEY_RE = re.compile(r"key|secret|token|password|passwd|credential", re.IGNORECASE)
 _SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-
-
-class StorageError(RuntimeError):
-    """A storage operation failed; the message names the URL and the reason, never credentials."""
-
-
-def validate_name(value: Any, what: str) -> str:
-    """Check that ``value`` is a safe single path name (an id) and return it.
-
-    Allowed: 1-200 characters from ``[A-Za-z0-9._-]``, not starting with ``.``
-    (so never ``.`` or ``..``). ``what`` names the input in the error, e.g.
-    ``validate_name(run_id, "run.id")``. Raises ``ValueError``.
-    """
-    if not isinstance(value, str):
-        raise ValueError(
-            f"{what}={value!r} must be a string (got {type(value).__name__}); "
-            f"quote it, and {_NAME_RULE}"
-        )
-    if not value:
-        raise ValueError(f"{what} is empty; {_NAME_RULE}")
-    if len(value) > MAX_NAME_LENGTH:
-        raise ValueError(f"{what}={value[:40]!r}... is {len(value)} characters long; {_NAME_RULE}")
-    if value.startswith("."):
-        raise ValueError(f"{what}={value!r} starts with '.'; {_NAME_RULE}")
-    if not _NAME_RE.fullmatch(value):
-        bad = sorted({c for c in value if not _NAME_RE.fullmatch(c)})
-        raise ValueError(f"{what}={value!r} contains {''.join(bad)!r}; {_NAME_RULE}")
-    return value
-
-
-def _check_part(part: Any, allow_hidden: bool) -> str:
-    """Check one path component given to `Storage.url`: a single, non-special name."""
-    rule = (
-        "a path part must be one non-empty name without '/', '\\' or NUL, not '.' or '..'"
-        + ("" if allow_hidden else ", and not starting with '.'")
-    )
-    if not isinstance(part, str):
-        raise ValueError(f"path part {part!r} is a {type(part).__name__}, not a string; {rule}")
-    if not part:
-        raise ValueError(f"path part '' is empty; {rule}")
-    if part in (".", ".."):
-        raise ValueError(f"path part {part!r} is not allowed; {rule}")
-    for bad, label in (("/", "'/'"), ("\\", "'\\'"), ("\0", "NUL")):
-        if bad in part:
-            raise ValueError(f"path part {part!r} contains {label}; {rule}")
-    if part.startswith(".") and not allow_hidden:
-        raise ValueError(f"path part {part!r} starts with '.'; {rule}")
-    return part
-
-
-def _now_utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _secret_values(options: Any) -> Iterator[str]:
@@ -120,7 +57,7 @@ def _secret_values(options: Any) -> Iterator[str]:
 
 
 class Storage:
-    """One storage root and every path and read/write under it.
+    """One storage root and every read/write under it (paths come from `pipeline.layout`).
 
     ``root`` is a local path (relative paths are made absolute), ``file://...``
     or ``s3://bucket/prefix``. ``storage_options`` go to fsspec unchanged
@@ -132,7 +69,7 @@ class Storage:
 
     def __init__(self, root: str, storage_options: dict | None = None):
         if not isinstance(root, str) or not root.strip():
-            raise ValueError(f"storage.root={root!r} must be a non-empty path or URL")
+            raise ConfigError(f"storage.root={root!r} must be a non-empty path or URL")
         self._options = dict(storage_options or {})
         protocol = fsspec.utils.get_protocol(root)
         if protocol in ("file", "local"):
@@ -151,61 +88,13 @@ class Storage:
         else:
             self._root_path = root_path.rstrip("/")
             if not self._root_path:
-                raise ValueError(f"storage.root={root!r} names no bucket; use s3://bucket/prefix")
+                raise ConfigError(f"storage.root={root!r} names no bucket; use s3://bucket/prefix")
             self.root = self.fs.unstrip_protocol(self._root_path)
 
     def __repr__(self) -> str:
         return f"Storage({self.root!r})"
 
     # ------------------------------------------------------------------ paths
-
-    def url(self, *parts: str, allow_hidden: bool = False) -> str:
-        """The URL of ``root/part1/part2/...``; every part is validated (see `_check_part`).
-
-        Raises ``ValueError`` naming the part when it is empty, ``.``/``..``,
-        contains ``/``, ``\\`` or NUL, or starts with ``.`` (unless ``allow_hidden``).
-        """
-        checked = [_check_part(p, allow_hidden) for p in parts]
-        if not checked:
-            return self.root
-        return self.root.rstrip("/") + "/" + "/".join(checked)
-
-    def factors_dir(self, factors_id: str) -> str:
-        """Folder of one fitted set of EK-FAC factors: ``{root}/factors/{factors_id}``."""
-        return self.url("factors", validate_name(factors_id, "factors id"))
-
-    def queries_dir(self, queries_id: str) -> str:
-        """Folder of one preconditioned query set: ``{root}/queries/{queries_id}``."""
-        return self.url("queries", validate_name(queries_id, "queries id"))
-
-    def run_dir(self, run_id: str) -> str:
-        """Folder of one scoring run: ``{root}/runs/{run_id}``."""
-        return self.url("runs", validate_name(run_id, "run.id"))
-
-    def shard_result(self, run_id: str, shard_id: str) -> str:
-        """One shard's top-k table: ``{root}/runs/{run_id}/shards/{shard_id}.parquet``."""
-        shard = validate_name(shard_id, "shard id")
-        return self.url("runs", validate_name(run_id, "run.id"), "shards", f"{shard}.parquet")
-
-    def attribution_dir(self, run_id: str) -> str:
-        """The merged, ranked Parquet dataset of a run: ``{root}/runs/{run_id}/attribution``."""
-        return self.url("runs", validate_name(run_id, "run.id"), "attribution")
-
-    def run_manifest(self, run_id: str) -> str:
-        """A run's provenance manifest: ``{root}/runs/{run_id}/manifest.json``."""
-        return self.url("runs", validate_name(run_id, "run.id"), "manifest.json")
-
-    def benchmark(self, name: str) -> str:
-        """A benchmark result: ``{root}/benchmarks/{name}.json``."""
-        return self.url("benchmarks", f"{validate_name(name, 'benchmark name')}.json")
-
-    def evaluation(self, name: str) -> str:
-        """An evaluation result: ``{root}/evaluations/{name}.json``."""
-        return self.url("evaluations", f"{validate_name(name, 'evaluation name')}.json")
-
-    def latest_pointer(self) -> str:
-        """Pointer to the newest complete run, updated only after its merge commits: ``{root}/latest.json``."""
-        return self.url("latest.json")
 
     def fs_path(self, url: str) -> str:
         """The filesystem-specific path of ``url`` (what ``self.fs`` and pyarrow expect)."""
@@ -333,6 +222,27 @@ class Storage:
             self.fs.rm(path, recursive=recursive)
         log.debug("deleted %s", url)
 
+    def size(self, url: str) -> int:
+        """Size in bytes of the file/object at ``url``; ``FileNotFoundError`` naming the URL if absent."""
+        path = self._path(url)
+        with self._io("checking", url, reading=True):
+            return int(self.fs.size(path))
+
+    def file_sizes(self, url: str) -> dict[str, int]:
+        """``{relative name: size in bytes}`` of every file under the folder ``url``, sorted; hidden names left out."""
+        path = self._path(url)
+        with self._io("listing", url):
+            try:
+                found = self.fs.find(path, detail=True)
+            except FileNotFoundError:
+                return {}
+        sizes = {}
+        for p, entry in found.items():
+            rel = p[len(path) :].lstrip("/")
+            if rel and not any(part.startswith(".") for part in rel.split("/")):
+                sizes[rel] = int(entry.get("size") or 0)
+        return dict(sorted(sizes.items()))
+
     # ------------------------------------------------------------ formats
 
     def write_json(self, url: str, obj: Any) -> None:
@@ -375,93 +285,19 @@ class Storage:
 
         ``metadata`` is a flat str -> str dict stored in the file header.
         """
-        from safetensors.torch import save
-
-        for k, v in (metadata or {}).items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise TypeError(
-                    f"safetensors metadata for {url} must map str to str; "
-                    f"{k!r}: {v!r} is not (json.dumps it first)"
-                )
-        cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-        self.write_bytes(url, save(cpu, metadata=metadata))
+        try:
+            data = tensors_to_bytes(tensors, metadata)
+        except TypeError as e:
+            raise TypeError(f"cannot write {url}: {e}") from e
+        self.write_bytes(url, data)
 
     def read_safetensors(self, url: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Read ``(tensors, metadata)`` written by `write_safetensors` (CPU tensors; ``{}`` if no metadata)."""
-        from safetensors.torch import load
-
         data = self.read_bytes(url)
         try:
-            # Format: 8-byte little-endian header length, then a JSON header
-            # whose optional "__metadata__" entry holds the str -> str metadata.
-            n = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8 : 8 + n])
-            metadata = dict(header.get("__metadata__") or {})
-            return load(data), metadata
+            return tensors_from_bytes(data)
         except Exception as e:
             raise StorageError(f"{url} is not a readable safetensors file: {e}") from e
-
-    # ------------------------------------------------------------ commits
-
-    def commit_marker(self, unit_url: str, is_dir: bool) -> str:
-        """URL of the marker of a unit: ``u + ".commit.json"`` (file) or ``u + "/_COMMITTED.json"`` (folder)."""
-        unit_url = unit_url.rstrip("/")
-        return f"{unit_url}/{DIR_MARKER_NAME}" if is_dir else unit_url + FILE_MARKER_SUFFIX
-
-    def commit(self, unit_url: str, info: dict, is_dir: bool) -> None:
-        """Mark a unit whose data is fully written as committed; the marker is written last.
-
-        The marker holds ``info``, a UTC timestamp and, for a file, its size in
-        bytes; for a folder, the size of every file in it (readers can trust
-        exactly those files). Raises `StorageError` if a file unit is missing.
-        """
-        path = self._path(unit_url, under_root=True)
-        record: dict[str, Any] = {"committed_at": _now_utc(), "info": info}
-        with self._io("committing", unit_url):
-            if is_dir:
-                record["files"] = self._dir_sizes(path)
-            else:
-                if not self.fs.exists(path):
-                    raise StorageError(f"cannot commit {unit_url}: it does not exist; write the data first")
-                record["size_bytes"] = int(self.fs.size(path))
-        self.write_json(self.commit_marker(unit_url, is_dir), record)
-        log.info("committed %s", unit_url)
-
-    def _dir_sizes(self, path: str) -> dict[str, int]:
-        try:
-            found = self.fs.find(path, detail=True)
-        except FileNotFoundError:
-            return {}
-        sizes = {}
-        for p, entry in found.items():
-            rel = p[len(path) :].lstrip("/")
-            if rel and rel != DIR_MARKER_NAME and not any(s.startswith(".") for s in rel.split("/")):
-                sizes[rel] = int(entry.get("size") or 0)
-        return dict(sorted(sizes.items()))
-
-    def is_committed(self, unit_url: str, is_dir: bool) -> bool:
-        """Whether the unit's commit marker exists (the only test readers may trust)."""
-        return self.exists(self.commit_marker(unit_url, is_dir))
-
-    def already_committed(self, unit_url: str, is_dir: bool) -> bool:
-        """`is_committed`, logging the skip with its URL when true: ``if storage.already_committed(u, ...): continue``."""
-        if self.is_committed(unit_url, is_dir):
-            log.info("skip %s: already committed", unit_url)
-            return True
-        return False
-
-    def read_commit(self, unit_url: str, is_dir: bool) -> dict | None:
-        """The unit's marker content, or ``None`` when it is not committed."""
-        try:
-            return self.read_json(self.commit_marker(unit_url, is_dir))
-        except FileNotFoundError:
-            return None
-
-    def uncommit(self, unit_url: str, is_dir: bool) -> None:
-        """Remove the marker first, then the data (for an explicit overwrite); missing parts are fine."""
-        self.rm(self.commit_marker(unit_url, is_dir))
-        self.rm(unit_url, recursive=is_dir)
-        log.info("uncommitted and deleted %s", unit_url)
 
     # ------------------------------------------------------------ checks
 
@@ -473,7 +309,7 @@ class Storage:
         credentials are rejected. Call it on the driver before any cluster
         time is spent.
         """
-        probe = self.url("_probe", f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        probe = layout.write_probe(self.root, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
         payload = b"attribution-pipeline write probe\n"
         try:
             path = self._path(probe, under_root=True)

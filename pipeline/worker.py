@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -19,6 +20,7 @@ import torch
 from pipeline.core.ekfac import CovarianceSums, Eigenbases, EKFACFactors, LambdaSums
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryGradients
 from pipeline.core.text import Batch, TokenWindow, collate, encode_documents, encode_query
+from pipeline.commit import Commit, already_committed, commit_file
 from pipeline.core.topk import TopK
 from pipeline.corpus import Query, Shard, read_shard
 from pipeline.merge import TABLE_SCHEMA
@@ -85,53 +87,70 @@ class ShardWorker:
     def _batches(self, seqs: list[TokenWindow], size: int) -> list[Batch]:
         return [collate(seqs[i : i + size], self.pad_id) for i in range(0, len(seqs), size)]
 
+    # ---- units ----------------------------------------------------------------------------
+
+    def _unit(self, out_url: str, compute: Callable[[], tuple[Callable[[str], None], dict]]) -> Commit:
+        """One unit of work at ``out_url``: skipped when committed, else computed, written, committed.
+
+        ``compute()`` returns ``(write, recorded)``: ``write(out_url)`` stores the
+        data, then the commit with the ``recorded`` fields is written last. Returns
+        the unit's commit (the existing one when skipped).
+        """
+        done = already_committed(self.storage, out_url)
+        if done is not None:
+            return done
+        write, recorded = compute()
+        write(out_url)
+        return commit_file(self.storage, out_url, **recorded)
+
     # ---- fitting --------------------------------------------------------------------------
 
-    def covariance(self, shard: Shard, out_url: str) -> dict:
+    def covariance(self, shard: Shard, out_url: str) -> Commit:
         """Partial ``A``/``S`` sums of one shard, committed at ``out_url``."""
-        if self.storage.already_committed(out_url, is_dir=False):
-            return self.storage.read_commit(out_url, is_dir=False)["info"]
-        seqs, skipped = self._windows(shard)
-        sums = self.engine.covariance_sums(self._batches(seqs, self.spec.fit_batch_size), seed=self._seed(shard))
-        info = {"shard_id": shard.shard_id, "num_tokens": sums.num_tokens, "skipped_docs": len(skipped)}
-        self.storage.write_safetensors(out_url, sums.to_tensors())
-        self.storage.commit(out_url, info, is_dir=False)
-        return info
 
-    def lambdas(self, shard: Shard, bases_url: str, out_url: str) -> dict:
+        def compute():
+            seqs, skipped = self._windows(shard)
+            sums = self.engine.covariance_sums(self._batches(seqs, self.spec.fit_batch_size), seed=self._seed(shard))
+            recorded = {"shard_id": shard.shard_id, "num_tokens": sums.num_tokens, "num_skipped_docs": len(skipped)}
+            return lambda url: self.storage.write_safetensors(url, sums.to_tensors()), recorded
+
+        return self._unit(out_url, compute)
+
+    def lambdas(self, shard: Shard, bases_url: str, out_url: str) -> Commit:
         """Partial eigenvalue-correction sums of one shard in the driver's eigenbases."""
-        if self.storage.already_committed(out_url, is_dir=False):
-            return self.storage.read_commit(out_url, is_dir=False)["info"]
-        tensors, _ = self.storage.read_safetensors(bases_url)
-        names = list(self.engine.layers)
-        bases = Eigenbases(
-            {n: tensors[f"{n}::Q_A"] for n in names}, {}, {n: tensors[f"{n}::Q_S"] for n in names}, {}, 0
-        )
-        seqs, _ = self._windows(shard)
-        sums = self.engine.lambda_sums(self._batches(seqs, self.spec.fit_batch_size), bases, seed=self._seed(shard))
-        info = {"shard_id": shard.shard_id, "num_sequences": sums.num_sequences}
-        self.storage.write_safetensors(out_url, sums.to_tensors())
-        self.storage.commit(out_url, info, is_dir=False)
-        return info
+
+        def compute():
+            tensors, _ = self.storage.read_safetensors(bases_url)
+            names = list(self.engine.layers)
+            bases = Eigenbases(
+                {n: tensors[f"{n}::Q_A"] for n in names}, {}, {n: tensors[f"{n}::Q_S"] for n in names}, {}, 0
+            )
+            seqs, _ = self._windows(shard)
+            sums = self.engine.lambda_sums(self._batches(seqs, self.spec.fit_batch_size), bases, seed=self._seed(shard))
+            recorded = {"shard_id": shard.shard_id, "num_sequences": sums.num_sequences}
+            return lambda url: self.storage.write_safetensors(url, sums.to_tensors()), recorded
+
+        return self._unit(out_url, compute)
 
     def _seed(self, shard: Shard) -> int:
         return self.spec.influence.seed * 1_000_003 + shard.index
 
     # ---- queries --------------------------------------------------------------------------
 
-    def precondition(self, queries: list[Query], factors_url: str, out_url: str) -> dict:
+    def precondition(self, queries: list[Query], factors_url: str, out_url: str) -> Commit:
         """Preconditioned (projected) query gradients of all queries, committed at ``out_url``."""
-        if self.storage.already_committed(out_url, is_dir=False):
-            return self.storage.read_commit(out_url, is_dir=False)["info"]
-        factors = EKFACFactors.from_bytes(self.storage.read_bytes(factors_url))
-        seqs = [encode_query(self.tokenizer, q.id, q.prompt, q.completion, self.spec.window_len) for q in queries]
-        grads = self.engine.query_gradients(
-            self._batches(seqs, self.spec.score_batch_size), factors, [q.id for q in queries]
-        )
-        info = {"num_queries": len(queries), "query_ids": [q.id for q in queries]}
-        self.storage.write_safetensors(out_url, grads.to_tensors(), {"query_ids": "\n".join(grads.query_ids)})
-        self.storage.commit(out_url, info, is_dir=False)
-        return info
+
+        def compute():
+            factors = EKFACFactors.from_bytes(self.storage.read_bytes(factors_url))
+            seqs = [encode_query(self.tokenizer, q.id, q.prompt, q.completion, self.spec.window_len) for q in queries]
+            grads = self.engine.query_gradients(
+                self._batches(seqs, self.spec.score_batch_size), factors, [q.id for q in queries]
+            )
+            recorded = {"num_queries": len(queries), "query_ids": [q.id for q in queries]}
+            metadata = {"query_ids": "\n".join(grads.query_ids)}
+            return lambda url: self.storage.write_safetensors(url, grads.to_tensors(), metadata), recorded
+
+        return self._unit(out_url, compute)
 
     def _load_queries(self, url: str) -> QueryGradients:
         cached = getattr(self, "_queries", None)
@@ -145,53 +164,57 @@ class ShardWorker:
 
     # ---- scoring --------------------------------------------------------------------------
 
-    def score(self, shard: Shard, queries_url: str, out_url: str, top_k: int, commit_info: dict | None = None) -> dict:
+    def score(self, shard: Shard, queries_url: str, out_url: str, top_k: int, queries_id: str | None = None) -> Commit:
         """Top-k proponents and opponents per query within one shard, committed at ``out_url``.
 
-        ``commit_info`` (e.g. the queries id) is recorded in the commit so the driver can tell a stale result.
+        ``queries_id`` and ``top_k`` are recorded in the commit so the driver can tell a stale result.
         """
-        if self.storage.already_committed(out_url, is_dir=False):
-            return self.storage.read_commit(out_url, is_dir=False)["info"]
-        started = time.perf_counter()
-        queries = self._load_queries(queries_url)
-        seqs, skipped = self._windows(shard)
-        acc = TopK(len(queries.query_ids), top_k)
-        nonfinite: list[str] = []
-        tokens = 0
-        for start in range(0, len(seqs), self.spec.score_batch_size):
-            chunk = seqs[start : start + self.spec.score_batch_size]
-            batch = collate(chunk, self.pad_id)
-            tokens += int(batch.attention_mask.sum())
-            scores = self.engine.score_batch(batch, queries)
-            keys = torch.tensor([seq_key(shard.index, start + i) for i in range(len(chunk))], dtype=torch.int64)
-            finite = torch.isfinite(scores).all(dim=1).cpu()
-            if not finite.all():
-                # Reported, never scored as zero: these windows are left out of the ranking.
-                bad = [f"{chunk[i].doc_id}#{chunk[i].window}" for i in (~finite).nonzero().flatten().tolist()]
-                log.warning("shard %s: non-finite gradients for %s; left out of the ranking", shard.shard_id, bad)
-                nonfinite.extend(bad)
-                scores, keys = scores[finite.to(scores.device)], keys[finite]
-            if len(keys):
-                acc.update(scores, keys)
-        table = self._result_table(acc, queries.query_ids, seqs)
-        self.storage.write_parquet(out_url, table)
-        self._maybe_die(shard)
-        info = {
-            "shard_id": shard.shard_id,
-            "num_docs": shard.row_end - shard.row_start,
-            "num_windows": len(seqs),
-            "num_tokens": tokens,
-            "num_rows": table.num_rows,
-            "skipped_docs": skipped[:100],
-            "num_skipped_docs": len(skipped),
-            "nonfinite_windows": nonfinite[:100],
-            "num_nonfinite_windows": len(nonfinite),
-            "seconds": round(time.perf_counter() - started, 3),
-            "top_k": top_k,
-            **(commit_info or {}),
-        }
-        self.storage.commit(out_url, info, is_dir=False)
-        return info
+
+        def compute():
+            started = time.perf_counter()
+            queries = self._load_queries(queries_url)
+            seqs, skipped = self._windows(shard)
+            acc = TopK(len(queries.query_ids), top_k)
+            nonfinite: list[str] = []
+            tokens = 0
+            for start in range(0, len(seqs), self.spec.score_batch_size):
+                chunk = seqs[start : start + self.spec.score_batch_size]
+                batch = collate(chunk, self.pad_id)
+                tokens += int(batch.attention_mask.sum())
+                scores = self.engine.score_batch(batch, queries)
+                keys = torch.tensor([seq_key(shard.index, start + i) for i in range(len(chunk))], dtype=torch.int64)
+                finite = torch.isfinite(scores).all(dim=1).cpu()
+                if not finite.all():
+                    # Reported, never scored as zero: these windows are left out of the ranking.
+                    bad = [f"{chunk[i].doc_id}#{chunk[i].window}" for i in (~finite).nonzero().flatten().tolist()]
+                    log.warning("shard %s: non-finite gradients for %s; left out of the ranking", shard.shard_id, bad)
+                    nonfinite.extend(bad)
+                    scores, keys = scores[finite.to(scores.device)], keys[finite]
+                if len(keys):
+                    acc.update(scores, keys)
+            table = self._result_table(acc, queries.query_ids, seqs)
+
+            def write(url: str) -> None:
+                self.storage.write_parquet(url, table)
+                self._maybe_die(shard)
+
+            recorded = {
+                "shard_id": shard.shard_id,
+                "num_docs": shard.row_end - shard.row_start,
+                "num_windows": len(seqs),
+                "num_tokens": tokens,
+                "num_rows": table.num_rows,
+                "skipped_docs": skipped[:100],
+                "num_skipped_docs": len(skipped),
+                "nonfinite_windows": nonfinite[:100],
+                "num_nonfinite_windows": len(nonfinite),
+                "seconds": round(time.perf_counter() - started, 3),
+                "top_k": top_k,
+                "queries_id": queries_id,
+            }
+            return write, recorded
+
+        return self._unit(out_url, compute)
 
     def _result_table(self, acc: TopK, query_ids: list[str], seqs: list[TokenWindow]) -> pa.Table:
         cols: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}

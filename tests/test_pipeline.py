@@ -11,12 +11,12 @@ core alone; it is readable with pyarrow and DuckDB with the columns and types
 of DESIGN section 4; a rerun skips every unit and writes nothing; a worker
 killed between writing a shard and committing it loses and duplicates nothing;
 ``run.overwrite`` recomputes to the same table; merge refuses an uncommitted
-shard; and the planted documents come out as the top proponents of the facts.
+shard and shards scored with another ``score.top_k``; and the planted documents come out as the top proponents of the facts.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import json
 import logging
@@ -36,6 +36,7 @@ from pipeline.config import (
     RunConfig,
     StorageConfig,
 )
+from pipeline.errors import MergeRefusedError
 from pipeline.worker import KILL_ENV
 from tests.pipeline_fixtures import (
     DUCKDB_TYPES,
@@ -309,6 +310,16 @@ def test_merge_refuses_while_a_shard_is_uncommitted(baseline, cluster, inputs, s
     manifest = run(cfg)
     assert s3.exists(marker)
     assert_identical_tables(table_of(s3, manifest), baseline["table"])
+
+
+def test_merge_refuses_shards_scored_with_another_top_k(baseline, cluster, inputs):
+    from pipeline.run import run_stages
+
+    cfg = make_cfg(inputs, cluster, "baseline")
+    asked = cfg.score.top_k + 10  # the shards hold top-k lists of cfg.score.top_k: not enough for a top-(k+10)
+    with pytest.raises(MergeRefusedError, match=f"score.top_k={asked}") as e:
+        run_stages(replace(cfg, score=replace(cfg.score, top_k=asked)), ("merge",))
+    assert f"score.top_k={cfg.score.top_k}" in str(e.value) and "run.overwrite=true" in str(e.value)
 
 
 def test_planted_documents_are_the_top_proponents(baseline, inputs):

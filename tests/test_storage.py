@@ -1,4 +1,4 @@
-"""Tests of pipeline.storage: path validation, layout, commit markers, formats, probes.
+"""Tests of pipeline.layout, pipeline.storage and pipeline.commit: path validation, layout, commit markers, formats, probes.
 
 Behaviour tests run on a local tmp root (default tier) and on a real
 S3-compatible server (moto on loopback, ``-m integration``).
@@ -16,7 +16,22 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
-from pipeline.storage import Storage, StorageError, validate_name
+from pipeline import layout
+from pipeline.commit import (
+    Commit,
+    already_committed,
+    commit_dir,
+    commit_file,
+    dir_is_committed,
+    file_is_committed,
+    read_dir_commit,
+    read_file_commit,
+    uncommit_dir,
+    uncommit_file,
+)
+from pipeline.errors import StorageError
+from pipeline.layout import validate_name
+from pipeline.storage import Storage
 
 BAD_PARTS = ["..", ".", "a/b", "a\\b", "", ".hidden", "a\0b"]
 
@@ -65,30 +80,30 @@ def test_validate_name_rejects_non_string():
 
 @pytest.mark.parametrize("part", BAD_PARTS)
 def test_url_rejects_escaping_parts(tmp_path, part):
-    storage = Storage(str(tmp_path))
     with pytest.raises(ValueError) as e:
-        storage.url("runs", part, "x")
+        layout.url(str(tmp_path), "runs", part, "x")
     assert repr(part) in str(e.value)
     assert "'/'" in str(e.value)  # says what is allowed
 
 
 def test_url_allow_hidden_still_refuses_dot_dot(tmp_path):
-    storage = Storage(str(tmp_path))
-    assert storage.url(".cache", allow_hidden=True) == f"{tmp_path}/.cache"
+    assert layout.url(str(tmp_path), ".cache", allow_hidden=True) == f"{tmp_path}/.cache"
     with pytest.raises(ValueError, match=r"'\.\.'"):
-        storage.url("..", allow_hidden=True)
+        layout.url(str(tmp_path), "..", allow_hidden=True)
 
 
 @pytest.mark.parametrize("bad", ["..", "a/b", "", ".x"])
 def test_layout_helpers_validate_ids(tmp_path, bad):
-    storage = Storage(str(tmp_path))
-    for helper in (storage.run_dir, storage.factors_dir, storage.queries_dir, storage.benchmark):
+    root = Storage(str(tmp_path)).root
+    for helper in (layout.run_dir, layout.factors_dir, layout.queries_dir, layout.benchmark_result,
+                   layout.evaluation_result, layout.factors_file, layout.eigenbases, layout.query_gradients):
         with pytest.raises(ValueError):
-            helper(bad)
-    with pytest.raises(ValueError, match="shard id"):
-        storage.shard_result("run1", bad)
+            helper(root, bad)
+    for helper in (layout.shard_result, layout.covariance_partial, layout.lambda_partial):
+        with pytest.raises(ValueError, match="shard id"):
+            helper(root, "id1", bad)
     with pytest.raises(ValueError, match="run.id"):
-        storage.run_manifest(bad)
+        layout.run_manifest(root, bad)
 
 
 @pytest.mark.parametrize(
@@ -103,17 +118,24 @@ def test_layout_helpers_validate_ids(tmp_path, bad):
 def test_layout(root, expected):
     s = Storage(root)  # constructing an s3 Storage does not contact the server
     assert s.root == expected
-    assert s.factors_dir("f1") == f"{expected}/factors/f1"
-    assert s.queries_dir("q1") == f"{expected}/queries/q1"
-    assert s.run_dir("r1") == f"{expected}/runs/r1"
-    assert s.shard_result("r1", "s-007") == f"{expected}/runs/r1/shards/s-007.parquet"
-    assert s.attribution_dir("r1") == f"{expected}/runs/r1/attribution"
-    assert s.run_manifest("r1") == f"{expected}/runs/r1/manifest.json"
-    assert s.benchmark("projection") == f"{expected}/benchmarks/projection.json"
-    assert s.evaluation("oracle") == f"{expected}/evaluations/oracle.json"
-    assert s.latest_pointer() == f"{expected}/latest.json"
-    assert s.commit_marker(s.run_dir("r1"), is_dir=True) == f"{expected}/runs/r1/_COMMITTED.json"
-    assert s.commit_marker(s.run_manifest("r1"), is_dir=False).endswith("manifest.json.commit.json")
+    r = s.root
+    assert layout.factors_dir(r, "f1") == f"{expected}/factors/f1"
+    assert layout.factors_file(r, "f1") == f"{expected}/factors/f1/factors.safetensors"
+    assert layout.covariance_partial(r, "f1", "s-007") == f"{expected}/factors/f1/partials/cov-s-007.safetensors"
+    assert layout.lambda_partial(r, "f1", "s-007") == f"{expected}/factors/f1/partials/lambda-s-007.safetensors"
+    assert layout.eigenbases(r, "f1") == f"{expected}/factors/f1/eigenbases.safetensors"
+    assert layout.queries_dir(r, "q1") == f"{expected}/queries/q1"
+    assert layout.query_gradients(r, "q1") == f"{expected}/queries/q1/gradients.safetensors"
+    assert layout.run_dir(r, "r1") == f"{expected}/runs/r1"
+    assert layout.shard_result(r, "r1", "s-007") == f"{expected}/runs/r1/shards/s-007.parquet"
+    assert layout.attribution_dir(r, "r1") == f"{expected}/runs/r1/attribution"
+    assert layout.attribution_part(r, "r1") == f"{expected}/runs/r1/attribution/part-00000.parquet"
+    assert layout.run_manifest(r, "r1") == f"{expected}/runs/r1/manifest.json"
+    assert layout.benchmark_result(r, "projection") == f"{expected}/benchmarks/projection.json"
+    assert layout.evaluation_result(r, "oracle") == f"{expected}/evaluations/oracle.json"
+    assert layout.latest_pointer(r) == f"{expected}/latest.json"
+    assert layout.dir_marker(layout.run_dir(r, "r1")) == f"{expected}/runs/r1/_COMMITTED.json"
+    assert layout.file_marker(layout.run_manifest(r, "r1")).endswith("manifest.json.commit.json")
 
 
 def test_relative_local_root_is_made_absolute(tmp_path, monkeypatch):
@@ -145,102 +167,113 @@ def test_repr_hides_storage_options(tmp_path):
 
 
 def test_commit_cycle_and_rerun_sees_committed(storage, caplog):
-    caplog.set_level(logging.INFO, logger="pipeline.storage")
-    url = storage.shard_result("run1", "shard-00003")
-    assert not storage.is_committed(url, is_dir=False)
-    assert storage.read_commit(url, is_dir=False) is None
+    caplog.set_level(logging.INFO, logger="pipeline")
+    url = layout.shard_result(storage.root, "run1", "shard-00003")
+    assert not file_is_committed(storage, url)
+    assert read_file_commit(storage, url) is None
 
     storage.write_parquet(url, _table())
     # Data alone is not a committed unit: a crash here leaves nothing readers trust.
     assert storage.exists(url)
-    assert not storage.is_committed(url, is_dir=False)
+    assert not file_is_committed(storage, url)
 
-    storage.commit(url, {"rows": 5}, is_dir=False)
-    assert storage.is_committed(url, is_dir=False)
+    commit_file(storage, url, num_rows=5)
+    assert file_is_committed(storage, url)
     assert f"committed {url}" in caplog.text
 
     # A rerun (a fresh Storage, as a new process would build) skips it and logs the skip.
     rerun = Storage(storage.root)
-    assert rerun.already_committed(url, is_dir=False)
+    assert already_committed(rerun, url)
     assert f"skip {url}: already committed" in caplog.text
-    record = rerun.read_commit(url, is_dir=False)
-    assert record["info"] == {"rows": 5}
-    assert record["size_bytes"] == len(rerun.read_bytes(url))
-    assert record["committed_at"].endswith("+00:00")
+    record = read_file_commit(rerun, url)
+    assert record.recorded() == {"num_rows": 5} and record.num_rows == 5
+    assert record.size_bytes == len(rerun.read_bytes(url))
+    assert record.committed_at.endswith("+00:00")
+    assert rerun.read_json(layout.file_marker(url))["info"] == {"num_rows": 5}  # the marker's form on storage
+
+
+def test_commit_record_round_trips_and_ignores_unknown_keys():
+    record = Commit("2026-11-22T01:02:03.004+00:00", size_bytes=3, shard_id="s1", top_k=10, skipped_docs=["d"])
+    assert Commit.from_json(json.loads(json.dumps(record.to_json()))) == record
+    assert record.to_json()["info"] == {"shard_id": "s1", "top_k": 10, "skipped_docs": ["d"]}
+    # A marker from a newer writer that records more is still read.
+    newer = dict(record.to_json(), info={"top_k": 10, "recorded_by_a_newer_version": 1})
+    assert Commit.from_json(newer).top_k == 10
 
 
 def test_commit_refuses_missing_file(storage):
-    url = storage.shard_result("run1", "never-written")
+    url = layout.shard_result(storage.root, "run1", "never-written")
     with pytest.raises(StorageError, match="write the data first"):
-        storage.commit(url, {}, is_dir=False)
-    assert not storage.exists(storage.commit_marker(url, is_dir=False))
+        commit_file(storage, url)
+    assert not storage.exists(layout.file_marker(url))
 
 
 def test_marker_is_written_after_data(storage, monkeypatch):
     order = []
     write_bytes = storage.write_bytes
     monkeypatch.setattr(storage, "write_bytes", lambda u, d: (order.append(u), write_bytes(u, d)))
-    url = storage.run_manifest("run1")
+    url = layout.run_manifest(storage.root, "run1")
     storage.write_json(url, {"a": 1})
-    storage.commit(url, {}, is_dir=False)
+    commit_file(storage, url)
     assert order == [url, url + ".commit.json"]
 
 
 def test_dir_unit_commit_lists_files_and_stays_readable(storage):
-    d = storage.attribution_dir("run1")
-    storage.write_parquet(storage.url("runs", "run1", "attribution", "part-0.parquet"), _table(3))
-    storage.write_parquet(storage.url("runs", "run1", "attribution", "part-1.parquet"), _table(4))
-    assert not storage.is_committed(d, is_dir=True)
-    storage.commit(d, {"queries": 2}, is_dir=True)
-    assert storage.is_committed(d, is_dir=True)
+    d = layout.attribution_dir(storage.root, "run1")
+    storage.write_parquet(layout.attribution_part(storage.root, "run1", 0), _table(3))
+    storage.write_parquet(layout.attribution_part(storage.root, "run1", 1), _table(4))
+    assert not dir_is_committed(storage, d)
+    commit_dir(storage, d, num_queries=2)
+    assert dir_is_committed(storage, d)
     assert storage.exists(d + "/_COMMITTED.json")
-    record = storage.read_commit(d, is_dir=True)
-    assert sorted(record["files"]) == ["part-0.parquet", "part-1.parquet"]
-    assert all(size > 0 for size in record["files"].values())
+    record = read_dir_commit(storage, d)
+    assert record.num_queries == 2
+    assert sorted(record.files) == ["part-00000.parquet", "part-00001.parquet"]
+    assert all(size > 0 for size in record.files.values())
     # pyarrow.dataset ignores the "_"-prefixed marker.
     dataset = ds.dataset(storage.fs_path(d), filesystem=storage.fs, format="parquet")
     assert dataset.to_table().num_rows == 7
 
 
 def test_uncommit_removes_marker_before_data(storage, monkeypatch):
-    url = storage.shard_result("run1", "s1")
+    url = layout.shard_result(storage.root, "run1", "s1")
     storage.write_bytes(url, b"data")
-    storage.commit(url, {}, is_dir=False)
+    commit_file(storage, url)
     removed = []
     rm = storage.rm
     monkeypatch.setattr(storage, "rm", lambda u, recursive=False: (removed.append(u), rm(u, recursive)))
-    storage.uncommit(url, is_dir=False)
+    uncommit_file(storage, url)
     assert removed == [url + ".commit.json", url]
-    assert not storage.is_committed(url, is_dir=False)
+    assert not file_is_committed(storage, url)
     assert not storage.exists(url)
 
 
 def test_uncommit_dir_unit(storage):
-    d = storage.factors_dir("f1")
-    storage.write_bytes(storage.url("factors", "f1", "layer.safetensors"), b"x")
-    storage.commit(d, {}, is_dir=True)
-    storage.uncommit(d, is_dir=True)
-    assert not storage.is_committed(d, is_dir=True)
+    d = layout.factors_dir(storage.root, "f1")
+    storage.write_bytes(layout.factors_file(storage.root, "f1"), b"x")
+    commit_dir(storage, d)
+    uncommit_dir(storage, d)
+    assert not dir_is_committed(storage, d)
     assert storage.ls(d) == []
-    storage.uncommit(d, is_dir=True)  # idempotent
+    uncommit_dir(storage, d)  # idempotent
 
 
 # ------------------------------------------------------------------ formats
 
 
 def test_json_round_trip_is_sorted_and_strict(storage):
-    url = storage.benchmark("b1")
+    url = layout.benchmark_result(storage.root, "b1")
     storage.write_json(url, {"b": [1, 2.5, None], "a": {"z": "ü", "y": True}})
     assert storage.read_json(url) == {"a": {"y": True, "z": "ü"}, "b": [1, 2.5, None]}
     text = storage.read_bytes(url).decode()
     assert text.index('"a"') < text.index('"b"') and '\n  "a": {' in text
     with pytest.raises(ValueError, match="benchmarks/b2.json"):
-        storage.write_json(storage.benchmark("b2"), {"x": float("nan")})
+        storage.write_json(layout.benchmark_result(storage.root, "b2"), {"x": float("nan")})
 
 
 def test_parquet_round_trip_is_deterministic(storage):
     table = _table()
-    url1, url2 = storage.shard_result("r", "a"), storage.shard_result("r", "b")
+    url1, url2 = layout.shard_result(storage.root, "r", "a"), layout.shard_result(storage.root, "r", "b")
     storage.write_parquet(url1, table)
     storage.write_parquet(url2, table)
     assert storage.read_parquet(url1).equals(table)
@@ -254,7 +287,7 @@ def test_safetensors_round_trip(storage):
         "c": torch.randn(4, 5).to(torch.bfloat16),
         "t": torch.randn(5, 3).t(),  # non-contiguous
     }
-    url = storage.url("factors", "f1", "factors.safetensors")
+    url = layout.factors_file(storage.root, "f1")
     storage.write_safetensors(url, tensors, metadata={"module": "h.0.mlp", "k": "8"})
     back, metadata = storage.read_safetensors(url)
     assert metadata == {"module": "h.0.mlp", "k": "8"}
@@ -268,13 +301,13 @@ def test_safetensors_round_trip(storage):
 
 
 def test_reading_missing_names_the_url(storage):
-    url = storage.run_manifest("nope")
+    url = layout.run_manifest(storage.root, "nope")
     with pytest.raises(FileNotFoundError, match="runs/nope/manifest.json"):
         storage.read_json(url)
 
 
 def test_corrupt_parquet_is_a_storage_error(storage):
-    url = storage.shard_result("r", "bad")
+    url = layout.shard_result(storage.root, "r", "bad")
     storage.write_bytes(url, b"not parquet")
     with pytest.raises(StorageError, match="shards/bad.parquet"):
         storage.read_parquet(url)
@@ -282,16 +315,16 @@ def test_corrupt_parquet_is_a_storage_error(storage):
 
 def test_ls_glob_rm(storage):
     for name in ("b", "a", "c"):
-        storage.write_bytes(storage.shard_result("r", name), name.encode())
-    shards = storage.url("runs", "r", "shards")
-    expected = [storage.shard_result("r", n) for n in "abc"]
+        storage.write_bytes(layout.shard_result(storage.root, "r", name), name.encode())
+    shards = layout.url(layout.run_dir(storage.root, "r"), "shards")
+    expected = [layout.shard_result(storage.root, "r", n) for n in "abc"]
     assert storage.ls(shards) == expected
     assert storage.glob(shards + "/*.parquet") == expected
-    assert storage.ls(storage.url("runs", "missing")) == []
+    assert storage.ls(layout.run_dir(storage.root, "missing")) == []
     storage.rm(expected[0])
     storage.rm(expected[0])  # a missing target is fine
     assert storage.ls(shards) == expected[1:]
-    storage.rm(storage.run_dir("r"), recursive=True)
+    storage.rm(layout.run_dir(storage.root, "r"), recursive=True)
     assert not storage.exists(shards)
 
 
@@ -300,7 +333,7 @@ def test_ls_glob_rm(storage):
 
 def test_local_write_is_atomic_on_failure(tmp_path, monkeypatch):
     storage = Storage(str(tmp_path))
-    url = storage.run_manifest("r")
+    url = layout.run_manifest(storage.root, "r")
     storage.write_bytes(url, b"old")
 
     def crash(src, dst):
@@ -316,14 +349,14 @@ def test_local_write_is_atomic_on_failure(tmp_path, monkeypatch):
 
 def test_local_ls_hides_stray_temp_files(tmp_path):
     storage = Storage(str(tmp_path))
-    storage.write_bytes(storage.shard_result("r", "a"), b"a")
+    storage.write_bytes(layout.shard_result(storage.root, "r", "a"), b"a")
     (tmp_path / "runs" / "r" / "shards" / ".a.parquet.123-abc.tmp").write_bytes(b"partial")
-    assert storage.ls(storage.url("runs", "r", "shards")) == [storage.shard_result("r", "a")]
+    assert storage.ls(layout.url(storage.root, "runs", "r", "shards")) == [layout.shard_result(storage.root, "r", "a")]
 
 
 def test_local_files_respect_umask(tmp_path):
     storage = Storage(str(tmp_path))
-    url = storage.run_manifest("r")
+    url = layout.run_manifest(storage.root, "r")
     storage.write_bytes(url, b"x")
     umask = os.umask(0)
     os.umask(umask)
@@ -335,7 +368,7 @@ def test_local_files_respect_umask(tmp_path):
 
 def test_check_writable_passes_and_leaves_no_probe(storage):
     storage.check_writable()
-    assert storage.ls(storage.url("_probe")) == []
+    assert storage.ls(layout.url(storage.root, "_probe")) == []
 
 
 def test_check_writable_read_only_local_dir(tmp_path):
@@ -410,11 +443,12 @@ def test_s3_commit_seen_across_instances_despite_listing(s3_env):
     reader = Storage(s3_env)
     writer = Storage(s3_env, storage_options={"skip_instance_cache": True})
     assert reader.fs is not writer.fs
-    url = reader.shard_result("r", "s1")
-    writer.write_bytes(reader.shard_result("r", "s0"), b"x")
-    assert reader.ls(reader.url("runs", "r", "shards")) == [reader.shard_result("r", "s0")]
-    assert not reader.is_committed(url, is_dir=False)
+    url = layout.shard_result(reader.root, "r", "s1")
+    shards = layout.url(reader.root, "runs", "r", "shards")
+    writer.write_bytes(layout.shard_result(reader.root, "r", "s0"), b"x")
+    assert reader.ls(shards) == [layout.shard_result(reader.root, "r", "s0")]
+    assert not file_is_committed(reader, url)
     writer.write_bytes(url, b"y")
-    writer.commit(url, {}, is_dir=False)
-    assert reader.is_committed(url, is_dir=False)
-    assert reader.ls(reader.url("runs", "r", "shards"))[-1] == url + ".commit.json"
+    commit_file(writer, url)
+    assert file_is_committed(reader, url)
+    assert reader.ls(shards)[-1] == url + ".commit.json"

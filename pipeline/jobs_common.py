@@ -6,21 +6,21 @@ import logging
 import sys
 from contextlib import contextmanager
 
-from pipeline.core.ekfac import FactorMismatchError
-from pipeline.core.text import BadInputError
-from pipeline.core.tracking import NoTrackedModulesError
-from pipeline.storage import StorageError
+from pipeline.errors import REPORTED_ERRORS
 
 log = logging.getLogger("pipeline")
-
-INPUT_ERRORS = (BadInputError, FactorMismatchError, NoTrackedModulesError, StorageError, ValueError)
 
 
 @contextmanager
 def exit_on_bad_input():
-    """Log a bad-input error as one line and exit with status 2 (set HYDRA_FULL_ERROR=1 for the trace)."""
+    """Log bad input, a storage failure or a refused merge as one line and exit with status 2.
+
+    Only the project's own error types (`pipeline.errors.REPORTED_ERRORS`) are
+    caught: any other exception, a plain ``ValueError`` included, is a bug and
+    keeps its traceback (set HYDRA_FULL_ERROR=1 to see it unabridged).
+    """
     try:
         yield
-    except INPUT_ERRORS as exc:
+    except REPORTED_ERRORS as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         sys.exit(2)

@@ -31,8 +31,7 @@ from pipeline.config import (
     ScoreConfig,
     StorageConfig,
 )
-from pipeline.core.text import BadInputError
-from pipeline.storage import StorageError
+from pipeline.errors import BadInputError, ConfigError, MergeRefusedError, StorageError
 from tests.pipeline_fixtures import scratch_env, shutdown_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -345,6 +344,49 @@ def test_job_rejects_escaping_run_id_with_status_2(tmp_path):
     assert "run.id" in lines[0] and "../escape" in lines[0] and "Traceback" not in output
     assert not ray_dirs and ".ray" not in home, f"Ray left files behind: {ray_dirs} {home}"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConfigError("score.top_k must be >= 1"), BadInputError("queries.jsonl: no queries"),
+     StorageError("writing s3://b/x failed"), MergeRefusedError("cannot merge run 'r'")],
+)
+def test_project_errors_end_the_job_with_one_line_and_status_2(error, caplog):
+    from pipeline.jobs_common import exit_on_bad_input
+
+    with pytest.raises(SystemExit) as e, exit_on_bad_input():
+        raise error
+    assert e.value.code == 2
+    assert [r.getMessage() for r in caplog.records] == [f"{type(error).__name__}: {error}"]
+
+
+def test_an_internal_value_error_keeps_its_traceback():
+    from pipeline.jobs_common import exit_on_bad_input
+
+    # A bug (a plain ValueError from deep inside, e.g. a shape check) is not bad input: it must propagate.
+    with pytest.raises(ValueError, match="internal") as e, exit_on_bad_input():
+        raise ValueError("internal: shapes (3, 4) and (5,) do not match")
+    assert type(e.value) is ValueError
+
+
+# ---- merge: shard results it cannot merge ----------------------------------------------------
+
+
+def test_merge_refuses_shards_scored_with_another_top_k():
+    from pipeline.commit import Commit
+    from pipeline.merge import refuse_unmergeable
+
+    commits = {f"s{i}": Commit(queries_id="q-1", top_k=10) for i in range(3)}
+    refuse_unmergeable("r", commits, "q-1", 10)  # the control: same queries, same top_k
+    with pytest.raises(MergeRefusedError) as e:
+        refuse_unmergeable("r", commits, "q-1", 20)
+    message = str(e.value)
+    assert "score.top_k=20" in message and "score.top_k=10" in message and "'s0'" in message
+    assert "run.overwrite=true" in message  # says how to fix it
+    with pytest.raises(MergeRefusedError, match="other queries"):
+        refuse_unmergeable("r", commits, "q-2", 10)
+    with pytest.raises(MergeRefusedError, match="not committed"):
+        refuse_unmergeable("r", dict(commits, s3=None), "q-1", 10)
 
 
 # ---- integration: S3 with rejected credentials, path-like ids through a real run ------------

@@ -1,10 +1,12 @@
 """Typed configuration of the attribution jobs.
 
-One dataclass per config group; Hydra composes the YAML in ``conf/`` against
+One dataclass per config group, holding every key's default: the YAML in
+``conf/`` exists only for groups with alternatives (model, storage, cluster,
+projection) and states only what an option changes. Hydra composes it against
 these schemas (registered in the ConfigStore by ``register_configs``) and the
 jobs convert the result with ``to_config``. ``AttributeConfig.validate`` runs
-on the driver before any cluster time is spent. The contract keys of
-DESIGN section 5 (``model.path``, ``corpus.path``, ``queries.path``,
+on the driver before any cluster time is spent. The contract keys
+(README, Configuration: ``model.path``, ``corpus.path``, ``queries.path``,
 ``storage.root``, ``run.id``, ``score.top_k``, ``projection.dim``,
 ``factors.damping``, ``factors.empirical_fisher``, ``cluster.address``) keep
 their names and meaning.
@@ -13,12 +15,14 @@ their names and meaning.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from pipeline.core.influence import PRECISIONS, InfluenceConfig
 from pipeline.core.projection import MODES, ProjectionSpec
 from pipeline.core.tracking import DEFAULT_MODULES
 from pipeline.errors import ConfigError
+
+# The driver's stages, in the order they run (``run.stages`` picks a subset).
+STAGES = ("fit", "precondition", "score", "merge")
 
 
 @dataclass
@@ -44,7 +48,7 @@ class CorpusConfig:
     # Tokens per training window; longer documents become several windows overlapping by one token.
     window: int = 64
     # Documents per shard (shards are file + row range, deterministic across reruns).
-    docs_per_shard: int = 256
+    docs_per_shard: int = 128
     # Check that document ids are unique across the corpus on the driver before scoring.
     check_unique_ids: bool = True
 
@@ -71,12 +75,15 @@ class RunConfig:
     overwrite: bool = False
     # Global seed (sampled Fisher labels, demo).
     seed: int = 0
+    # The stages to run, a subset of fit, precondition, score, merge; they run in that order whatever the
+    # order given. Each needs the previous ones committed (merge refuses while a shard is uncommitted).
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
 
 
 @dataclass
 class FactorsConfig:
-    # Fixed damping, or null for 0.1 * mean(Lambda) per layer.
-    damping: Any = None
+    # Fixed damping (>= 0), or null for 0.1 * mean(Lambda) per layer.
+    damping: float | None = None
     # true: fit with the data's own labels; false: labels sampled from the model (true Fisher).
     empirical_fisher: bool = False
     # Shards used to fit the factors (evenly spread over the corpus); 0 = all shards.
@@ -172,7 +179,11 @@ class AttributeConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        unknown = [s for s in self.run.stages if s not in STAGES]
+        if unknown or not self.run.stages:
+            raise ConfigError(f"run.stages must be a non-empty subset of {list(STAGES)}, got {list(self.run.stages)}")
         damping = self.factors.damping
+        # The type is checked here too: OmegaConf refuses a non-number, a config built in Python is not checked.
         if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0):
             raise ConfigError(f"factors.damping must be a number >= 0 or null, got {damping!r}")
         if self.model.precision == "bf16" and self.cluster.gpus_per_worker <= 0:

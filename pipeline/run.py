@@ -1,8 +1,9 @@
 """The driver: fit -> precondition -> score -> merge, each unit committed and skipped on rerun.
 
-``run_attribution(cfg)`` runs every stage; ``run_stage(cfg, name)`` runs one
-(the single-stage jobs). Inputs are validated here, on the driver, before
-any Ray worker is started.
+``run_attribution(cfg)`` runs the stages named by ``run.stages`` (all four by
+default) and returns the run manifest; ``run_stages(cfg, stages)`` runs the
+given ones. Inputs are validated here, on the driver, before any Ray worker is
+started.
 
 Storage layout (all under ``storage.root``; every path is built in ``pipeline.layout``):
 
@@ -19,10 +20,9 @@ Storage layout (all under ``storage.root``; every path is built in ``pipeline.la
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -36,7 +36,7 @@ from pipeline.commit import (
     uncommit_dir,
     uncommit_file,
 )
-from pipeline.config import AttributeConfig
+from pipeline.config import STAGES, AttributeConfig
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
 from pipeline.core.tracking import LayerSpec
 from pipeline.corpus import (
@@ -48,19 +48,13 @@ from pipeline.corpus import (
     read_queries,
     spread,
 )
+from pipeline.identity import FactorsKey, QueriesKey, digest
 from pipeline.merge import merge_shard_tables, refuse_unmergeable
 from pipeline.model_io import check_model_dir
 from pipeline.storage import Storage
 from pipeline.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
-
-STAGES = ("fit", "precondition", "score", "merge")
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
 
 @dataclass
 class RunContext:
@@ -85,41 +79,28 @@ class RunContext:
         return spread(self.shards, self.cfg.factors.sample_shards)
 
     @cached_property
-    def factors_id(self) -> str:
-        """Hash of what determines the factors; computed once (it lists every fitting shard)."""
+    def factors_key(self) -> FactorsKey:
+        """What determines the factors; computed once (it lists every fitting shard)."""
         if not self.model_fp:
-            raise RuntimeError("factors_id needs the model fingerprint; start the workers first")
-        inf = self.cfg.influence()
-        return "f-" + _digest(
-            {
-                "model": self.model_fp,
-                "modules": inf.modules,
-                "fisher": "empirical" if inf.empirical_fisher else "sampled",
-                "space": inf.factor_space,
-                "projection": inf.projection.to_json() if inf.factor_space == "projected" else None,
-                "window": self.cfg.corpus.window,
-                "seed": inf.seed,
-                "shards": [s.shard_id for s in self.fit_shards],
-            }
-        )
+            raise RuntimeError("factors_key needs the model fingerprint; start the workers first")
+        shard_ids = [s.shard_id for s in self.fit_shards]
+        return FactorsKey.of(self.cfg.influence(), self.model_fp, self.cfg.corpus.window, shard_ids)
+
+    @property
+    def factors_id(self) -> str:
+        return self.factors_key.id
 
     @property
     def factors_url(self) -> str:
         return layout.factors_file(self.storage.root, self.factors_id)
 
     @cached_property
+    def queries_key(self) -> QueriesKey:
+        return QueriesKey.of(self.cfg.influence(), self.factors_id, self.queries_fp, self.cfg.corpus.window)
+
+    @property
     def queries_id(self) -> str:
-        inf = self.cfg.influence()
-        return "q-" + _digest(
-            {
-                "factors": self.factors_id,
-                "queries": self.queries_fp,
-                "damping": inf.damping,
-                "projection": inf.projection.to_json(),
-                "query_rank": inf.query_rank,
-                "window": self.cfg.corpus.window,
-            }
-        )
+        return self.queries_key.id
 
     @property
     def queries_url(self) -> str:
@@ -224,7 +205,7 @@ def fit_factors(ctx: RunContext) -> str:
         fisher="empirical" if inf.empirical_fisher else "sampled",
         space=inf.factor_space,
         projection=inf.projection.to_json() if inf.factor_space == "projected" else {},
-        extra={"factors_id": fid, "shards": [s.shard_id for s in shards], "window": ctx.cfg.corpus.window},
+        extra=ctx.factors_key.metadata(),
     )
     factors = EKFACFactors.from_parts(meta, bases, lam)
     storage.write_bytes(url, factors.to_bytes())
@@ -275,7 +256,7 @@ def merge_results(ctx: RunContext) -> str:
     out_dir = layout.attribution_dir(storage.root, run_id)
     commits = {s.shard_id: read_file_commit(storage, ctx.shard_url(s)) for s in ctx.shards}
     refuse_unmergeable(run_id, commits, ctx.queries_id, top_k)
-    merged_from = _digest({"shards": sorted(commits), "queries_id": ctx.queries_id, "top_k": top_k})
+    merged_from = digest({"shards": sorted(commits), "queries_id": ctx.queries_id, "top_k": top_k})
     done = read_dir_commit(storage, out_dir)
     if done is not None and done.merged_from == merged_from and not ctx.cfg.run.overwrite:
         log.info("skip committed %s", out_dir)
@@ -337,15 +318,18 @@ def _timed(ctx: RunContext, name: str, fn):
     return result
 
 
-def run_stages(cfg: AttributeConfig, stages: tuple[str, ...] = STAGES) -> RunContext:
-    """Validate, start or join Ray, start the workers, run ``stages`` in order."""
+STAGE_FUNCTIONS = {"fit": fit_factors, "precondition": precondition_queries, "score": score_corpus,
+                   "merge": merge_results}
+
+
+def run_stages(cfg: AttributeConfig, stages: Sequence[str] | None = None) -> RunContext:
+    """Validate, start or join Ray, start the workers, run ``stages`` (default: ``run.stages``) in ``STAGES`` order."""
     import ray
 
     from pipeline.cluster import ray_session, start_workers
 
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES}")
+    if stages is not None:
+        cfg = replace(cfg, run=replace(cfg.run, stages=list(stages)))
     ctx = prepare(cfg)
     with ray_session(ctx.cfg.cluster):
         started = time.perf_counter()
@@ -353,14 +337,15 @@ def run_stages(cfg: AttributeConfig, stages: tuple[str, ...] = STAGES) -> RunCon
         ctx.model_fp = ray.get(ctx.workers[0].fingerprint.remote())
         ctx.layers = ray.get(ctx.workers[0].layer_specs.remote())
         ctx.timings["workers_s"] = round(time.perf_counter() - started, 3)
-        for stage, fn in (("fit", fit_factors), ("precondition", precondition_queries),
-                          ("score", score_corpus), ("merge", merge_results)):
-            if stage in stages:
-                _timed(ctx, stage, fn)
+        for stage in STAGES:
+            if stage in ctx.cfg.run.stages:
+                _timed(ctx, stage, STAGE_FUNCTIONS[stage])
     return ctx
 
 
-def run_attribution(cfg: AttributeConfig) -> dict:
-    """Every stage; returns the run manifest (also at ``runs/{run.id}/manifest.json``)."""
+def run_attribution(cfg: AttributeConfig) -> dict | None:
+    """The stages of ``run.stages`` (default: all); the run manifest (``runs/{run.id}/manifest.json``) if merged."""
     ctx = run_stages(cfg)
+    if "merge" not in ctx.cfg.run.stages:
+        return None
     return ctx.storage.read_json(layout.run_manifest(ctx.storage.root, ctx.cfg.run.id))

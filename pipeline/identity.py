@@ -1,0 +1,112 @@
+"""Content-addressed ids of the stored intermediates, each derived from one frozen key.
+
+Fitted factors and preconditioned query gradients are stored under an id that
+hashes everything that determines them, so any run that would compute the same
+ones reuses them (``pipeline.layout`` turns the ids into paths). The key's JSON
+is both what the id hashes and what the artefact's metadata stores
+(``FactorsKey.metadata`` goes into ``FactorsMeta.extra``): the id and the record
+of what it stands for cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from pipeline.core.influence import InfluenceConfig
+from pipeline.core.projection import ProjectionSpec
+
+
+def digest(obj) -> str:
+    """20 hex digits of the SHA-256 of ``obj``'s canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class FactorsKey:
+    """What determines a set of fitted EK-FAC factors."""
+
+    model: str  # the model's fingerprint (weights and config)
+    modules: str  # the tracked-modules pattern
+    fisher: str  # "sampled" (true Fisher) or "empirical"
+    space: str  # "full" or "projected" (curvature mode fits on projected vectors)
+    projection: ProjectionSpec | None  # only when the space is projected
+    window: int  # tokens per training window
+    seed: int  # seed of the sampled Fisher labels
+    shards: tuple[str, ...]  # ids of the fitting shards, in order
+
+    @classmethod
+    def of(cls, influence: InfluenceConfig, model_fp: str, window: int, shard_ids) -> "FactorsKey":
+        projected = influence.factor_space == "projected"
+        return cls(
+            model=model_fp,
+            modules=influence.modules,
+            fisher="empirical" if influence.empirical_fisher else "sampled",
+            space=influence.factor_space,
+            projection=influence.projection if projected else None,
+            window=window,
+            seed=influence.seed,
+            shards=tuple(shard_ids),
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "modules": self.modules,
+            "fisher": self.fisher,
+            "space": self.space,
+            "projection": None if self.projection is None else self.projection.to_json(),
+            "window": self.window,
+            "seed": self.seed,
+            "shards": list(self.shards),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FactorsKey":
+        projection = None if d["projection"] is None else ProjectionSpec(**d["projection"])
+        return cls(d["model"], d["modules"], d["fisher"], d["space"], projection, d["window"], d["seed"],
+                   tuple(d["shards"]))
+
+    @property
+    def id(self) -> str:
+        return "f-" + digest(self.to_json())
+
+    def metadata(self) -> dict:
+        """What the factors' metadata stores (``FactorsMeta.extra``): the id and the key it hashes."""
+        return {"factors_id": self.id, "key": self.to_json()}
+
+
+@dataclass(frozen=True)
+class QueriesKey:
+    """What determines a set of preconditioned query gradients."""
+
+    factors: str  # the factors' id
+    queries: str  # the queries file's content fingerprint
+    damping: float | None  # fixed damping, or None for 0.1 * mean(Lambda) per layer
+    projection: ProjectionSpec
+    query_rank: int
+    window: int
+
+    @classmethod
+    def of(cls, influence: InfluenceConfig, factors_id: str, queries_fp: str, window: int) -> "QueriesKey":
+        return cls(factors_id, queries_fp, influence.damping, influence.projection, influence.query_rank, window)
+
+    def to_json(self) -> dict:
+        return {
+            "factors": self.factors,
+            "queries": self.queries,
+            "damping": self.damping,
+            "projection": self.projection.to_json(),
+            "query_rank": self.query_rank,
+            "window": self.window,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "QueriesKey":
+        return cls(d["factors"], d["queries"], d["damping"], ProjectionSpec(**d["projection"]), d["query_rank"],
+                   d["window"])
+
+    @property
+    def id(self) -> str:
+        return "q-" + digest(self.to_json())

@@ -1,0 +1,65 @@
+"""Content-addressed ids: one frozen key per artefact, hashed into its id and stored in its metadata."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+import pytest
+
+from pipeline.core.ekfac import FactorsMeta
+from pipeline.core.influence import InfluenceConfig
+from pipeline.core.projection import ProjectionSpec
+from pipeline.identity import FactorsKey, QueriesKey, digest
+
+CURVATURE = InfluenceConfig(projection=ProjectionSpec(16, 3, "curvature"), damping=0.5, query_rank=2, seed=7)
+SKETCH = InfluenceConfig(projection=ProjectionSpec(16, 3, "sketch"))
+
+
+def factors_key(influence: InfluenceConfig = CURVATURE) -> FactorsKey:
+    return FactorsKey.of(influence, "model-fp", 64, ["s-1", "s-2"])
+
+
+def test_factors_key_reads_the_influence_config():
+    key = factors_key()
+    assert (key.fisher, key.space, key.projection, key.seed) == ("sampled", "projected", CURVATURE.projection, 7)
+    assert key.shards == ("s-1", "s-2")
+    # Sketch mode fits on full-size vectors: the projection does not determine the factors.
+    assert factors_key(SKETCH).space == "full" and factors_key(SKETCH).projection is None
+    assert factors_key(replace(SKETCH, empirical_fisher=True)).fisher == "empirical"
+
+
+@pytest.mark.parametrize("key", [factors_key(), factors_key(SKETCH),
+                                 QueriesKey.of(CURVATURE, "f-abc", "queries-fp", 64)])
+def test_the_id_is_the_hash_of_the_keys_json_and_round_trips(key):
+    prefix = "f-" if isinstance(key, FactorsKey) else "q-"
+    assert key.id == prefix + digest(key.to_json())
+    assert type(key).from_json(key.to_json()) == key
+    hash(key)  # frozen: usable as a dict key
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"model": "other"}, {"modules": ".*attn.*"}, {"fisher": "empirical"}, {"space": "full"},
+     {"projection": ProjectionSpec(8, 3, "curvature")}, {"window": 32}, {"seed": 8}, {"shards": ("s-1",)}],
+)
+def test_every_input_of_the_factors_key_changes_the_id(change):
+    assert set(change) <= {f.name for f in fields(FactorsKey)}
+    assert replace(factors_key(), **change).id != factors_key().id
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"factors": "f-other"}, {"queries": "other"}, {"damping": None}, {"projection": ProjectionSpec(8, 3)},
+     {"query_rank": 0}, {"window": 32}],
+)
+def test_every_input_of_the_queries_key_changes_the_id(change):
+    key = QueriesKey.of(CURVATURE, "f-abc", "queries-fp", 64)
+    assert replace(key, **change).id != key.id
+
+
+def test_the_factors_metadata_stores_the_key_its_id_hashes():
+    key = factors_key()
+    meta = FactorsMeta("model-fp", CURVATURE.modules, {}, key.fisher, key.space, extra=key.metadata())
+    stored = FactorsMeta.from_json(meta.to_json()).extra
+    assert stored["factors_id"] == key.id
+    assert FactorsKey.from_json(stored["key"]) == key

@@ -2,11 +2,13 @@
 
     python jobs/attribute.py                       # embedded demo: local Ray, local storage, demo model
     python jobs/attribute.py run.id=try2 projection.dim=0 score.top_k=5
+    python jobs/attribute.py run.stages=[fit,precondition]   # some stages only; committed units are skipped
     ray job submit --address http://HEAD:8265 -- python jobs/attribute.py cluster=ray storage=s3 \
         storage.root=s3://bucket/attribution model=hf model.path=s3://bucket/models/lm \
         corpus.path=s3://bucket/corpus/ queries.path=s3://bucket/queries.jsonl run.id=nightly-2026-11-22
 
-Config: conf/attribute.yaml (schema and field docs: pipeline/config.py).
+Config: conf/attribute.yaml (schema and field docs: pipeline/config.py). The
+ranked table's summary is printed when the merge ran.
 """
 
 import hydra
@@ -25,6 +27,8 @@ def main(cfg) -> None:
     with exit_on_bad_input():
         config = to_config(cfg)
         manifest = run_attribution(config)
+        if manifest is None:
+            return
         storage = Storage(config.storage.root, config.storage.options)
         print(format_summary(manifest, storage, config.demo.show, config.corpus.id_column,
                              config.corpus.text_column, config.storage.options))

@@ -136,3 +136,28 @@ def test_real_gguf_folder_as_model_path_is_refused(smollm2_cache, tmp_path):
     gguf_folder = tmp_path / Path(pretrained.SMOLLM2_GGUF_MEMBER).parent
     with pytest.raises(BadInputError, match="python -m pipeline.pretrained convert"):
         check_model_dir(str(gguf_folder))
+
+
+@pytest.mark.integration
+def test_smollm2_facts_corpus_plants_each_fact_in_documents_that_fit(smollm2_cache):
+    from transformers import AutoTokenizer
+
+    from benchmarks.smollm2_facts import FactsSpec, _document_ids, make_corpus
+
+    spec = FactsSpec()
+    tokenizer = AutoTokenizer.from_pretrained(pretrained.build_smollm2(smollm2_cache))
+    docs, facts = make_corpus(spec, tokenizer)
+    assert (docs, facts) == make_corpus(spec, tokenizer)
+    assert len(docs) == spec.n_filler_docs + spec.n_facts * spec.copies_per_fact == 128
+    assert len({d["id"] for d in docs}) == len(docs)
+    assert max(len(_document_ids(tokenizer, d["text"])) for d in docs) <= spec.window
+    filler = " ".join(d["text"] for d in docs if not d["is_planted_for"]).lower()
+    for fact in facts:
+        assert fact["subject"].lower() not in filler and fact["object"].lower() not in filler
+        gold = [d for d in docs if d["id"] in fact["gold_doc_ids"]]
+        assert {d["is_planted_for"] for d in gold} == {fact["fact_id"]}
+        assert len(gold) == spec.copies_per_fact
+        verbatim = [d for d in gold if fact["phrasing"][d["id"]] == "verbatim"]
+        assert len(verbatim) == spec.copies_per_fact // 2
+        assert all(fact["prompt"] + fact["completion"] in d["text"] for d in verbatim)
+        assert all(fact["object"] in d["text"] and fact["subject"] in d["text"] for d in gold)

@@ -89,6 +89,9 @@ class FactorsConfig:
     # Shards used to fit the factors (evenly spread over the corpus); 0 = all shards.
     sample_shards: int = 0
     batch_size: int = 8
+    # Fraction (0, 1] of the fitting shards (evenly spread) whose windows fit the eigenvalue correction
+    # (Lambda pass), as kronfluence's lambda_max_examples; 1.0 = all. Enters the factors id when < 1.
+    lambda_sample: float = 1.0
 
 
 @dataclass

@@ -35,10 +35,16 @@ class FactorsKey:
     window: int  # tokens per training window
     seed: int  # seed of the sampled Fisher labels
     shards: tuple[str, ...]  # ids of the fitting shards, in order
+    # ids of the shards of the eigenvalue-correction (Lambda) pass when a subset of ``shards``
+    # (factors.lambda_sample < 1); None: all of them, and the id is the same as before the key existed.
+    lambda_shards: tuple[str, ...] | None = None
 
     @classmethod
-    def of(cls, influence: InfluenceConfig, model_fp: str, window: int, shard_ids) -> "FactorsKey":
+    def of(
+        cls, influence: InfluenceConfig, model_fp: str, window: int, shard_ids, lambda_shard_ids=None
+    ) -> "FactorsKey":
         projected = influence.factor_space == "projected"
+        lambda_shards = None if lambda_shard_ids is None else tuple(lambda_shard_ids)
         return cls(
             model=model_fp,
             modules=influence.modules,
@@ -48,6 +54,7 @@ class FactorsKey:
             window=window,
             seed=influence.seed,
             shards=tuple(shard_ids),
+            lambda_shards=None if lambda_shards == tuple(shard_ids) else lambda_shards,
         )
 
     def to_json(self) -> dict:
@@ -60,13 +67,15 @@ class FactorsKey:
             "window": self.window,
             "seed": self.seed,
             "shards": list(self.shards),
+            **({} if self.lambda_shards is None else {"lambda_shards": list(self.lambda_shards)}),
         }
 
     @classmethod
     def from_json(cls, d: dict) -> "FactorsKey":
         projection = None if d["projection"] is None else ProjectionSpec(**d["projection"])
+        lambda_shards = tuple(d["lambda_shards"]) if "lambda_shards" in d else None
         return cls(d["model"], d["modules"], d["fisher"], d["space"], projection, d["window"], d["seed"],
-                   tuple(d["shards"]))
+                   tuple(d["shards"]), lambda_shards)
 
     @property
     def id(self) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -36,7 +37,7 @@ from pipeline.commit import (
     uncommit_dir,
     uncommit_file,
 )
-from pipeline.config import STAGES, AttributeConfig
+from pipeline.config import STAGES, AttributeConfig, ConfigError
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
 from pipeline.core.tracking import LayerSpec
 from pipeline.corpus import (
@@ -78,13 +79,22 @@ class RunContext:
     def fit_shards(self) -> list[Shard]:
         return spread(self.shards, self.cfg.factors.sample_shards)
 
+    @property
+    def lambda_shards(self) -> list[Shard]:
+        """The fitting shards of the eigenvalue-correction pass: ``factors.lambda_sample`` of them, evenly spread."""
+        fraction, shards = self.cfg.factors.lambda_sample, self.fit_shards
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"factors.lambda_sample must be in (0, 1] (1 = all fitting shards), got {fraction}")
+        return spread(shards, math.ceil(fraction * len(shards)))
+
     @cached_property
     def factors_key(self) -> FactorsKey:
         """What determines the factors; computed once (it lists every fitting shard)."""
         if not self.model_fp:
             raise RuntimeError("factors_key needs the model fingerprint; start the workers first")
         shard_ids = [s.shard_id for s in self.fit_shards]
-        return FactorsKey.of(self.cfg.influence(), self.model_fp, self.cfg.corpus.window, shard_ids)
+        lambda_ids = [s.shard_id for s in self.lambda_shards]
+        return FactorsKey.of(self.cfg.influence(), self.model_fp, self.cfg.corpus.window, shard_ids, lambda_ids)
 
     @property
     def factors_id(self) -> str:
@@ -191,8 +201,9 @@ def fit_factors(ctx: RunContext) -> str:
         tensors.update({f"{n}::Q_S": bases.q_s[n] for n in bases.q_s})
         storage.write_safetensors(bases_url, tensors)
         commit_file(storage, bases_url, num_tokens=bases.num_tokens)
-    lam_urls = [layout.lambda_partial(root, fid, s.shard_id) for s in shards]
-    run_units(ctx.workers, [("lambdas", (s, bases_url, u)) for s, u in zip(shards, lam_urls)], "fit: eigenvalues")
+    lam_shards = ctx.lambda_shards
+    lam_urls = [layout.lambda_partial(root, fid, s.shard_id) for s in lam_shards]
+    run_units(ctx.workers, [("lambdas", (s, bases_url, u)) for s, u in zip(lam_shards, lam_urls)], "fit: eigenvalues")
     lam = None
     for u in lam_urls:
         part = LambdaSums.from_tensors(storage.read_safetensors(u)[0])

@@ -8,12 +8,14 @@ prints a table and writes ``{storage.root}/benchmarks/{name}.json``.
         memory.n_docs=16 repeats=2 throughput_batches=4       # CPU-sized, a few minutes
     python jobs/benchmark.py name=gpu model.preset=gpt2-small device=cuda window=512 texts_per_doc=8 batch_size=16
 
-Config: conf/benchmark.yaml (schema and field docs: pipeline/benchmark.py, BenchmarkConfig).
+Config: conf/benchmark.yaml (schema, defaults and field docs: benchmarks/speed/config.py, BenchmarkConfig).
 """
 
 import hydra
 
-from pipeline.benchmark import format_report, register_configs, run_benchmark, to_config
+from benchmarks.speed.config import register_configs, to_config
+from benchmarks.speed.report import format_report
+from benchmarks.speed.run import run_benchmark
 from pipeline.jobs_common import exit_on_bad_input
 
 register_configs()

@@ -10,12 +10,14 @@ product, gradient cosine, chance), prints the tables and writes
         backdoor.epochs=2 fidelity.dims=[8,32] demo.n_filler_docs=100 demo.train_steps=100 backdoor.n_docs=60   # CPU-sized, minutes
     python jobs/evaluate.py backdoor.enabled=false small.lds=false   # facts, fidelity and oracle only
 
-Config: conf/evaluate.yaml (schema and field docs: pipeline/evaluate.py, EvaluateConfig).
+Config: conf/evaluate.yaml (schema, defaults and field docs: benchmarks/evaluate/config.py, EvaluateConfig).
 """
 
 import hydra
 
-from pipeline.evaluate import format_report, register_configs, run_evaluation, to_config
+from benchmarks.evaluate.config import register_configs, to_config
+from benchmarks.evaluate.report import format_report
+from benchmarks.evaluate.run import run_evaluation
 from pipeline.jobs_common import exit_on_bad_input
 
 register_configs()

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.baselines import BM25, exact_influence, raw_query_gradients
+from benchmarks.baselines import BM25, exact_influence, raw_query_gradients
+from benchmarks.common import batches_of
+from benchmarks.evaluate.scoring import SharedCaptureScorer
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
-from pipeline.evaluate import SharedCaptureScorer, batches_of
 from tests.tiny_models import random_queries, random_sequences, tiny_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -48,7 +49,7 @@ TINY_BENCHMARK = TINY_DEMO + [
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """One intra-op thread: on a busy 2-core machine two threads thrash (10x slower small ops)."""
-    from pipeline.evaluate import torch_threads
+    from benchmarks.common import torch_threads
 
     with torch_threads(1):
         yield
@@ -64,7 +65,8 @@ def compose(name: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from pipeline import benchmark, evaluate
+    from benchmarks.evaluate import config as evaluate
+    from benchmarks.speed import config as benchmark
 
     evaluate.register_configs()
     benchmark.register_configs()
@@ -140,7 +142,8 @@ def test_bm25_ranks_documents_sharing_rare_terms_first():
 
 @pytest.mark.parametrize("name", ["evaluate", "benchmark"])
 def test_shipped_configs_compose_and_validate(name):
-    from pipeline import benchmark, evaluate
+    from benchmarks.evaluate import config as evaluate
+    from benchmarks.speed import config as benchmark
 
     module = evaluate if name == "evaluate" else benchmark
     cfg = module.to_config(compose(name, []))
@@ -153,7 +156,9 @@ def test_shipped_configs_compose_and_validate(name):
 
 
 def test_evaluate_job_smoke(tmp_path, demo_cache):
-    from pipeline.evaluate import format_report, run_evaluation, to_config
+    from benchmarks.evaluate.config import to_config
+    from benchmarks.evaluate.report import format_report
+    from benchmarks.evaluate.run import run_evaluation
 
     cfg = to_config(compose("evaluate", TINY_EVALUATE + [
         f"storage.root={tmp_path}", f"demo.cache_dir={demo_cache}", "name=smoke", "small.lds=false"]))
@@ -178,7 +183,9 @@ def test_evaluate_job_smoke(tmp_path, demo_cache):
 
 
 def test_benchmark_job_smoke(tmp_path, demo_cache):
-    from pipeline.benchmark import format_report, run_benchmark, to_config
+    from benchmarks.speed.config import to_config
+    from benchmarks.speed.report import format_report
+    from benchmarks.speed.run import run_benchmark
 
     cfg = to_config(compose("benchmark", TINY_BENCHMARK + [
         f"storage.root={tmp_path}", f"demo.cache_dir={demo_cache}", f"work_dir={tmp_path / 'work'}",
@@ -207,7 +214,8 @@ def test_benchmark_job_smoke(tmp_path, demo_cache):
 @pytest.mark.integration
 def test_evaluate_all_sections_with_kronfluence(tmp_path, demo_cache):
     pytest.importorskip("kronfluence")
-    from pipeline.evaluate import run_evaluation, to_config
+    from benchmarks.evaluate.config import to_config
+    from benchmarks.evaluate.run import run_evaluation
 
     # Empirical Fisher on both sides: ours and kronfluence compute the same numbers (no label draws).
     cfg = to_config(compose("evaluate", TINY_EVALUATE + [
@@ -228,7 +236,8 @@ def test_evaluate_all_sections_with_kronfluence(tmp_path, demo_cache):
 @pytest.mark.integration
 def test_benchmark_all_sections_with_ray(tmp_path, demo_cache):
     pytest.importorskip("kronfluence")
-    from pipeline.benchmark import run_benchmark, to_config
+    from benchmarks.speed.config import to_config
+    from benchmarks.speed.run import run_benchmark
     from tests.pipeline_fixtures import scratch_env
 
     cfg = to_config(compose("benchmark", TINY_BENCHMARK + [

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from benchmarks.metrics import (
     auprc,
     average_precision,
     average_ranks,

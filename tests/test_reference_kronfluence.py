@@ -33,7 +33,7 @@ from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
 from kronfluence.task import Task  # noqa: E402
 from kronfluence.utils.dataset import DataLoaderKwargs  # noqa: E402
 
-from pipeline.baselines import replace_conv1d_modules
+from benchmarks.baselines import replace_conv1d_modules
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine  # noqa: E402
 from pipeline.core.projection import ProjectionSpec  # noqa: E402
 from pipeline.core.text import IGNORE, TokenWindow, collate  # noqa: E402

@@ -217,7 +217,6 @@ def replace_conv1d_modules(model: nn.Module) -> nn.Module:
     return model
 
 
-
 def kronfluence_pairwise(
     model: nn.Module,
     modules: list[str],

@@ -1,0 +1,142 @@
+"""``BenchmarkConfig``: the schema of ``jobs/benchmark.py`` and every default of its published CPU run.
+
+``conf/benchmark.yaml`` composes this schema and says only what differs; the
+defaults here are the settings docs/figures.md was measured with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from benchmarks.common import DemoWorldConfig
+from pipeline.config import AttributeConfig, StorageConfig, store_schema, to_typed
+from pipeline.core.influence import InfluenceConfig
+from pipeline.core.projection import ProjectionSpec
+from pipeline.errors import ConfigError
+
+PRESETS = {
+    # The demo's trained tiny GPT-2 (2 x 128 by default).
+    "demo": None,
+    # GPT-2 small's architecture (12 layers x 768, 12 heads), random init, with the demo tokenizer.
+    "gpt2-small": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024},
+}
+
+# How "ours" is run in the comparison with kronfluence.
+OURS = ("pipeline", "core")
+
+
+@dataclass
+class BenchModelConfig:
+    # demo | gpt2-small (see PRESETS); ignored when path is set.
+    preset: str = "demo"
+    # A Hugging Face model directory with safetensors weights (local); empty: the preset.
+    path: str = ""
+
+
+@dataclass
+class MemoryConfig:
+    enabled: bool = True
+    # Corpus sizes N and 10 N (documents) scored by one worker process each.
+    n_docs: int = 128
+    factor: int = 10
+    docs_per_shard: int = 64
+
+
+@dataclass
+class MergeConfig:
+    enabled: bool = True
+    # Rows of synthetic shard results merged (10 million for the published figure).
+    rows: int = 10_000_000
+    queries: int = 100
+    top_k: int = 50
+
+
+@dataclass
+class BenchmarkConfig:
+    # The result is written to {storage.root}/benchmarks/{name}.json.
+    name: str = "default"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    # auto: cuda if available, else cpu.
+    device: str = "auto"
+    model: BenchModelConfig = field(default_factory=BenchModelConfig)
+    demo: DemoWorldConfig = field(default_factory=DemoWorldConfig)
+    # Corpus size N in documents (demo documents cycled under new ids).
+    n_docs: int = 256
+    # Demo texts joined into one benchmark document (raise it with long windows so windows fill up).
+    texts_per_doc: int = 1
+    window: int = 64
+    batch_size: int = 8
+    # Batches timed in the ceiling and score measurements; queries scored there.
+    throughput_batches: int = 16
+    throughput_queries: int = 10
+    warmup: int = 1
+    repeats: int = 3
+    # Query counts of the comparison with kronfluence.
+    query_counts: list[int] = field(default_factory=lambda: [10, 100])
+    kronfluence: bool = True
+    # Also time ours with projection off (dim 0) in the kronfluence comparison.
+    compare_dim0: bool = True
+    # Runs per end-to-end measurement (median).
+    pipeline_repeats: int = 1
+    # pipeline: the Ray pipeline end to end (run_attribution on a local Ray); core: the in-process core.
+    ours: str = "pipeline"
+    # Documents per shard in the pipeline runs (several shards per worker, so workers share the corpus).
+    docs_per_shard: int = 32
+    # Ray workers compared in the scaling measurement.
+    scaling_workers: list[int] = field(default_factory=lambda: [1, 2])
+    scaling: bool = True
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    top_k: int = 10
+    # torch intra-op threads of the driver (0: torch's default); the memory worker gets the same.
+    threads: int = 0
+    # Scratch folder for corpora, models and pipeline runs (removed at the end); empty: the system temp.
+    work_dir: str = ""
+
+    def validate(self) -> None:
+        from pipeline.layout import validate_name
+
+        validate_name(self.name, "name")
+        if not self.model.path and self.model.preset not in PRESETS:
+            raise ConfigError(f"model.preset must be one of {sorted(PRESETS)}, got {self.model.preset!r}")
+        if self.ours not in OURS:
+            raise ConfigError(f"ours must be one of {OURS}, got {self.ours!r}")
+        checks = [
+            (self.n_docs >= 1 and self.texts_per_doc >= 1, "n_docs and texts_per_doc must be >= 1"),
+            (self.window >= 8, "window must be >= 8"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.throughput_batches >= 1, "throughput_batches must be >= 1"),
+            (self.repeats >= 1 and self.warmup >= 0, "repeats must be >= 1 and warmup >= 0"),
+            (self.pipeline_repeats >= 1, "pipeline_repeats must be >= 1"),
+            (all(int(q) >= 1 for q in self.query_counts), "query_counts must be >= 1"),
+            (self.memory.n_docs >= 1 and self.memory.factor >= 2, "memory.n_docs >= 1 and memory.factor >= 2"),
+            (self.merge.rows >= 1 and self.merge.queries >= 1 and self.merge.top_k >= 1, "merge sizes must be >= 1"),
+            (self.top_k >= 1, "top_k must be >= 1"),
+            (self.docs_per_shard >= 1, "docs_per_shard must be >= 1"),
+            (self.threads >= 0, "threads must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def projection(self) -> ProjectionSpec:
+        p = AttributeConfig().projection
+        return ProjectionSpec(p.dim, p.seed, p.mode)
+
+    def influence(self, dim: int | None = None) -> InfluenceConfig:
+        """The attribution job's default EK-FAC; ``dim`` overrides the projection dimension."""
+        d = AttributeConfig()
+        spec = self.projection()
+        if dim is not None:
+            spec = ProjectionSpec(dim, spec.seed, spec.mode)
+        return InfluenceConfig(projection=spec, damping=d.factors.damping, empirical_fisher=d.factors.empirical_fisher)
+
+
+def register_configs() -> None:
+    """Register ``BenchmarkConfig`` as ``benchmark_schema`` (its YAML in conf/ is validated against it)."""
+    store_schema("benchmark_schema", BenchmarkConfig, mandatory=("storage.root",))
+
+
+def to_config(cfg) -> BenchmarkConfig:
+    """An OmegaConf config (from Hydra) to a validated ``BenchmarkConfig``."""
+    return to_typed(BenchmarkConfig, cfg)

@@ -1,0 +1,122 @@
+"""What every speed measurement runs on: a model, a corpus of N documents and query files, and a timer.
+
+The corpus and queries come from the demo build (``pipeline.demo``): its
+documents are cycled under new ids to reach N. Timings are medians of
+``repeats`` runs after ``warmup`` untimed ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from benchmarks.speed.config import PRESETS, BenchmarkConfig
+from pipeline.core.text import TokenWindow, encode_documents, encode_query
+from pipeline.demo import build_demo
+from pipeline.model_io import load_model_and_tokenizer
+from pipeline.tiny_lm import new_gpt2
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_median(fn, warmup: int, repeats: int, device: torch.device) -> tuple[float, list[float]]:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` untimed ones, and every run."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), times
+
+
+@dataclass
+class BenchInputs:
+    """The model (a local HF folder, loaded), the corpus (Parquet and rows) and query files by count."""
+
+    model_dir: str
+    corpus_path: str
+    docs: list[tuple[str, str]]
+    queries_paths: dict[int, str]
+    model: Any
+    tokenizer: Any
+
+
+def write_corpus(path: str, source: list[str], n_docs: int, per_doc: int = 1) -> list[tuple[str, str]]:
+    """``n_docs`` documents of ``per_doc`` texts each, cycled from ``source`` under ids ``b0000000``...; Parquet."""
+    docs = [(f"b{i:07d}", " ".join(source[(i * per_doc + j) % len(source)] for j in range(per_doc)))
+            for i in range(n_docs)]
+    pq.write_table(pa.table({"id": [d[0] for d in docs], "text": [d[1] for d in docs]}), path)
+    return docs
+
+
+def write_queries(path: str, texts: list[str], count: int) -> None:
+    """``count`` queries from corpus texts: the first dozen words prompt the next four."""
+    rows, i = [], 0
+    while len(rows) < count:
+        words = texts[i % len(texts)].split()
+        offset = (i // len(texts)) % 4  # later passes over the texts start a little further in
+        if len(words) >= offset + 16:
+            rows.append({"id": f"bq{len(rows):04d}", "prompt": " ".join(words[offset : offset + 12]),
+                         "completion": " " + " ".join(words[offset + 12 : offset + 16])})
+        i += 1
+        if i > 100 * count + 100 and not rows:
+            raise ValueError("no corpus text has 16 words; cannot make benchmark queries")
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def prepare_inputs(cfg: BenchmarkConfig, work: str) -> BenchInputs:
+    """The demo's texts as an N-document corpus and query files under ``work``; the model of ``cfg.model``."""
+    demo = build_demo(cfg.demo.cache_dir, cfg.demo.spec())
+    texts = pq.read_table(demo.corpus_path, columns=["text"]).column(0).to_pylist()
+    corpus_path = os.path.join(work, f"corpus-{cfg.n_docs}.parquet")
+    docs = write_corpus(corpus_path, texts, cfg.n_docs, cfg.texts_per_doc)
+    queries_paths = {}
+    for q in sorted({int(x) for x in [*cfg.query_counts, cfg.throughput_queries]}):
+        queries_paths[q] = os.path.join(work, f"queries-{q}.jsonl")
+        write_queries(queries_paths[q], texts, q)
+    if cfg.model.path:
+        model_dir = cfg.model.path
+    elif cfg.model.preset == "demo":
+        model_dir = demo.model_dir
+    else:
+        preset = PRESETS[cfg.model.preset]
+        _, tok = load_model_and_tokenizer(demo.model_dir)
+        model = new_gpt2(len(tok), n_embd=preset["n_embd"], n_layer=preset["n_layer"], n_head=preset["n_head"],
+                         n_positions=max(preset["n_positions"], cfg.window), eos_id=tok.eos_token_id,
+                         pad_id=tok.pad_token_id, seed=0)
+        model_dir = os.path.join(work, f"model-{cfg.model.preset}")
+        model.save_pretrained(model_dir, safe_serialization=True)
+        tok.save_pretrained(model_dir)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    return BenchInputs(model_dir, corpus_path, docs, queries_paths, model, tokenizer)
+
+
+def read_query_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def encode_inputs(inputs: BenchInputs, window: int, n_queries: int) -> tuple[list[TokenWindow], list[TokenWindow]]:
+    """Windows of the corpus and encoded queries, exactly as the pipeline's workers make them."""
+    tok = inputs.tokenizer
+    windows, _ = encode_documents(tok, inputs.docs, window)
+    rows = read_query_rows(inputs.queries_paths[n_queries])
+    queries = [encode_query(tok, r["id"], r["prompt"], r["completion"], window) for r in rows]
+    return windows, queries

@@ -1,0 +1,176 @@
+"""Ours against kronfluence: wall time of the whole attribution and the overlap of the two top-k.
+
+kronfluence's EK-FAC fit + pairwise scores against ours: fit + precondition
++ score + merge through ``pipeline.run.run_attribution`` on a local Ray
+(``ours=pipeline``), or the in-process core (``ours=core``, labelled so), at
+each query count. End-to-end runs take ``pipeline_repeats`` runs each.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow.dataset as ds
+import torch
+
+from benchmarks import metrics
+from benchmarks.baselines import kronfluence_available, kronfluence_pairwise
+from benchmarks.common import batches_of
+from benchmarks.speed.config import BenchmarkConfig
+from benchmarks.speed.inputs import BenchInputs, encode_inputs, write_corpus
+from pipeline.config import AttributeConfig
+from pipeline.core.influence import InfluenceEngine
+from pipeline.core.topk import TopK
+from pipeline.run import run_attribution
+
+OURS_LABELS = {
+    "pipeline": "pipeline: run_attribution on a local Ray (validate, start workers, fit, precondition, score, merge)",
+    "core": "in-process core: fit + precondition + score + top-k, no Ray and no I/O",
+}
+
+
+def attribute_config(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int, root: str, run_id: str,
+                     dim: int | None, num_workers: int, device: torch.device) -> AttributeConfig:
+    """The attribution job's defaults pointed at the benchmark's model, corpus and queries."""
+    a = AttributeConfig()
+    a.model.path, a.corpus.path, a.queries.path = inputs.model_dir, inputs.corpus_path, inputs.queries_paths[n_queries]
+    a.storage.root, a.run.id = root, run_id
+    a.corpus.window = cfg.window
+    a.corpus.docs_per_shard = cfg.docs_per_shard
+    a.score.batch_size = a.factors.batch_size = cfg.batch_size
+    a.score.top_k = cfg.top_k
+    if dim is not None:
+        a.projection.dim = dim
+    a.cluster.num_workers = num_workers
+    if device.type == "cuda":
+        a.cluster.gpus_per_worker = 1.0 / num_workers
+    return a
+
+
+def ours_pipeline(cfg, inputs, n_queries, dim, work, tag, device, num_workers=None, corpus_path=None) -> dict:
+    """One end-to-end ``run_attribution`` in fresh storage: wall seconds, stage timings, top-k per query."""
+    root = tempfile.mkdtemp(prefix=f"run-{tag}-", dir=work)
+    a = attribute_config(cfg, inputs, n_queries, root, f"bench-{tag}", dim,
+                         num_workers or AttributeConfig().cluster.num_workers, device)
+    if corpus_path:
+        a.corpus.path = corpus_path
+    started = time.perf_counter()
+    manifest = run_attribution(a)
+    seconds = time.perf_counter() - started
+    table = ds.dataset(manifest["attribution"], format="parquet").to_table()
+    topk: dict[str, set] = {}
+    for row in table.to_pylist():
+        if row["polarity"] == "proponent" and row["rank"] <= cfg.top_k:
+            topk.setdefault(row["query_id"], set()).add((row["doc_id"], row["window"]))
+    shutil.rmtree(root, ignore_errors=True)
+    return {"seconds": seconds, "timings": manifest.get("timings", {}), "counts": manifest.get("counts", {}),
+            "topk": topk, "num_workers": a.cluster.num_workers}
+
+
+def ours_core(cfg, inputs, n_queries, dim, device) -> dict:
+    """The in-process core: fit + precondition + score every window + running top-k (no Ray, no I/O)."""
+    pad = inputs.tokenizer.pad_token_id
+    started = time.perf_counter()
+    windows, queries = encode_inputs(inputs, cfg.window, n_queries)
+    engine = InfluenceEngine(copy.deepcopy(inputs.model), cfg.influence(dim), device)
+    batches = batches_of(windows, cfg.batch_size, pad)
+    factors = engine.fit(batches)
+    fitted = time.perf_counter()
+    q = engine.query_gradients(batches_of(queries, cfg.batch_size, pad), factors, [s.doc_id for s in queries])
+    preconditioned = time.perf_counter()
+    acc = TopK(len(queries), cfg.top_k)
+    for i, batch in enumerate(batches):
+        keys = torch.arange(i * cfg.batch_size, i * cfg.batch_size + batch.input_ids.shape[0])
+        acc.update(engine.score_batch(batch, q), keys)
+    scored = time.perf_counter()
+    topk = {s.doc_id: {(windows[k].doc_id, windows[k].window) for _, k in acc.proponents(i)}
+            for i, s in enumerate(queries)}
+    return {"seconds": scored - started,
+            "timings": {"fit_s": fitted - started, "precondition_s": preconditioned - fitted, "score_s": scored - preconditioned},
+            "counts": {"num_windows": len(windows)}, "topk": topk}
+
+
+def _tracked_layers(cfg: BenchmarkConfig, inputs: BenchInputs) -> list[str]:
+    """Names of the layers ours tracks (found on a CPU copy), for kronfluence to track the same."""
+    return list(InfluenceEngine(copy.deepcopy(inputs.model), cfg.influence(0), "cpu").layers)
+
+
+def _warm_up(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.device, work: str, with_kronfluence: bool):
+    """Untimed small runs of both, so imports, library initialisation and caches are not counted."""
+    small_corpus = os.path.join(work, "warmup-corpus.parquet")
+    write_corpus(small_corpus, [t for _, t in inputs.docs], min(cfg.n_docs, 2 * cfg.batch_size))
+    if cfg.ours == "pipeline":
+        ours_pipeline(cfg, inputs, cfg.throughput_queries, None, work, "warmup", device, corpus_path=small_corpus)
+    if with_kronfluence:
+        windows, queries = encode_inputs(inputs, cfg.window, cfg.throughput_queries)
+        kronfluence_pairwise(inputs.model, _tracked_layers(cfg, inputs), windows[: 2 * cfg.batch_size], queries[:1],
+                             inputs.tokenizer.pad_token_id, device=str(device), train_batch_size=cfg.batch_size,
+                             query_batch_size=1)
+
+
+def versus_kronfluence(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.device, work: str, notes: dict) -> dict:
+    """Seconds of ours (default projection and dim 0) and of kronfluence at each query count, and top-k overlap."""
+    kron_ok, kron_reason = kronfluence_available() if cfg.kronfluence else (False, "disabled by config")
+    if not kron_ok:
+        notes["kronfluence"] = kron_reason
+    default_dim = cfg.projection().dim
+    dims = list(dict.fromkeys([default_dim] + ([0] if cfg.compare_dim0 else [])))
+    out: dict[str, Any] = {"ours_method": OURS_LABELS[cfg.ours], "pipeline_repeats": cfg.pipeline_repeats,
+                           "by_queries": {}}
+    if cfg.warmup > 0:
+        started = time.perf_counter()
+        _warm_up(cfg, inputs, device, work, kron_ok)
+        out["warmup_s"] = time.perf_counter() - started
+    for n_queries in [int(q) for q in cfg.query_counts]:
+        point: dict[str, Any] = {"ours": {}}
+        for dim in dims:
+            runs = []
+            for r in range(cfg.pipeline_repeats):
+                tag = f"q{n_queries}-d{dim}-r{r}"
+                runs.append(ours_pipeline(cfg, inputs, n_queries, dim, work, tag, device) if cfg.ours == "pipeline"
+                            else ours_core(cfg, inputs, n_queries, dim, device))
+            point["ours"][f"dim={dim}"] = {
+                "seconds": statistics.median(r["seconds"] for r in runs), "runs_s": [r["seconds"] for r in runs],
+                "stage_timings": runs[-1]["timings"], "num_windows": runs[-1]["counts"].get("num_windows"),
+                "_topk": runs[-1]["topk"],
+            }
+        if kron_ok:
+            _kronfluence_point(cfg, inputs, n_queries, device, point)
+        for ours in point["ours"].values():
+            ours.pop("_topk")
+        out["by_queries"][str(n_queries)] = point
+    out["dims"] = dims
+    return out
+
+
+def _kronfluence_point(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int, device: torch.device,
+                       point: dict) -> None:
+    """Time kronfluence at ``n_queries``; add its seconds to ``point`` and ours' overlap and speedup against it."""
+    windows, queries = encode_inputs(inputs, cfg.window, n_queries)
+    layers = _tracked_layers(cfg, inputs)
+    defaults = AttributeConfig().factors
+    kruns, scores = [], None
+    for _ in range(cfg.pipeline_repeats):
+        started = time.perf_counter()
+        scores, parts = kronfluence_pairwise(
+            inputs.model, layers, windows, queries, inputs.tokenizer.pad_token_id, damping=defaults.damping,
+            empirical_fisher=defaults.empirical_fisher, precision="float32", device=str(device),
+            train_batch_size=cfg.batch_size, query_batch_size=min(n_queries, 32))
+        kruns.append((time.perf_counter() - started, parts))
+    point["kronfluence"] = {"seconds": statistics.median(k[0] for k in kruns), "runs_s": [k[0] for k in kruns],
+                            "fit_s": kruns[-1][1]["fit_s"], "score_s": kruns[-1][1]["score_s"]}
+    theirs = {}
+    for qi, query in enumerate(queries):
+        order = metrics.rank_order(scores[qi].numpy())[: cfg.top_k]
+        theirs[query.doc_id] = {(windows[i].doc_id, windows[i].window) for i in order if scores[qi, i] > 0}
+    for ours in point["ours"].values():
+        overlaps = [len(ours["_topk"].get(qid, set()) & top) / cfg.top_k for qid, top in theirs.items()]
+        ours["topk_overlap_vs_kronfluence"] = float(np.mean(overlaps))
+        ours["speedup_vs_kronfluence"] = point["kronfluence"]["seconds"] / ours["seconds"]

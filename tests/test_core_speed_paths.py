@@ -1,0 +1,230 @@
+"""Exact EK-FAC at speed: the cheaper paths chosen by shape equal the plain ones (float64).
+
+Rotation (Lambda pass, query preconditioning): per token vs per sequence.
+Low-rank scoring: per token vs through the per-sequence gradient. Query
+gradients: layer by layer and batch by batch vs all at once. Memory checked
+before query gradients are formed. Lambda fitted on a subset of shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pipeline.config import AttributeConfig, ConfigError
+from pipeline.core import influence as influence_module
+from pipeline.core.ekfac import LambdaSums, eigendecompose, per_sequence_gradients, rotated_gradients, rotation_path
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryMemoryError, low_rank, scoring_path
+from pipeline.core.projection import ProjectionSpec
+from pipeline.core.text import collate
+from pipeline.core.tracking import Captured
+from pipeline.corpus import Shard
+from pipeline.identity import FactorsKey
+from pipeline.run import RunContext
+from tests.tiny_models import random_queries, random_sequences, tiny_model
+
+TOL = 1e-10
+PROJECTIONS = [ProjectionSpec(0), ProjectionSpec(6, mode="sketch"), ProjectionSpec(6, mode="curvature")]
+
+
+def batches_of(seqs, size, padding_side="right"):
+    return [collate(seqs[i : i + size], pad_id=1, padding_side=padding_side) for i in range(0, len(seqs), size)]
+
+
+def fitted(family="gpt2", projection=ProjectionSpec(0), rank=0, **kw):
+    engine = InfluenceEngine(
+        tiny_model(family), InfluenceConfig(projection=projection, precision="float64", query_rank=rank, **kw)
+    )
+    return engine, engine.fit(batches_of(random_sequences(8, seed=11), 4))
+
+
+def query_matrices(q, name):
+    """``(Q, k_out, k_in)`` query matrices of one layer, dense or rebuilt from low-rank factors."""
+    return q.dense[name] if name in q.dense else q.left[name] @ q.right[name].transpose(1, 2)
+
+
+def test_rotation_path_is_chosen_by_shape():
+    # A 576 x 1536 layer (SmolLM2's MLP): short windows rotate tokens, long ones the sequence gradient.
+    assert rotation_path(64, 1536, 576) == "token"
+    assert rotation_path(512, 1536, 576) == "token"
+    assert rotation_path(2048, 1536, 576) == "sequence"
+    assert scoring_path(64, 1536, 576, 100 * 8) == "token"
+    assert scoring_path(2048, 1536, 576, 100 * 32) == "sequence"
+
+
+def test_rotation_paths_agree_on_random_vectors():
+    gen = torch.Generator().manual_seed(0)
+    g, a = torch.randn(3, 7, 9, generator=gen, dtype=torch.float64), torch.randn(3, 7, 5, generator=gen, dtype=torch.float64)
+    q_s = torch.linalg.qr(torch.randn(9, 9, generator=gen, dtype=torch.float64))[0]
+    q_a = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))[0]
+    c = Captured(a, g)
+    expected = q_s.T @ torch.einsum("bto,bti->boi", g, a) @ q_a
+    for path in ("token", "sequence"):
+        torch.testing.assert_close(rotated_gradients(c, q_s, q_a, path), expected, rtol=TOL, atol=TOL)
+    with pytest.raises(ValueError, match="rotation path"):
+        rotated_gradients(c, q_s, q_a, "diagonal")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rotation_paths_give_the_same_lambda(family):
+    engine = InfluenceEngine(tiny_model(family), InfluenceConfig(precision="float64", empirical_fisher=True))
+    train = batches_of(random_sequences(8, seed=12), 4, padding_side="left")
+    bases = eigendecompose(engine.covariance_sums(train))
+    sums = {}
+    for path in ("token", "sequence"):
+        lam = LambdaSums.zeros(engine.space_dims(False))
+        for batch in train:
+            captured, _ = engine.capture_batch(batch, projected=False)
+            lam.update(captured, bases, batch.input_ids.shape[0], path=path)
+        sums[path] = lam
+    default = engine.lambda_sums(train, bases)
+    for name in engine.layers:
+        torch.testing.assert_close(sums["token"].sums[name], sums["sequence"].sums[name], rtol=TOL, atol=TOL)
+        torch.testing.assert_close(default.sums[name], sums["sequence"].sums[name], rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+@pytest.mark.parametrize("rank", [0, 3])
+def test_rotation_paths_give_the_same_preconditioned_queries(projection, rank):
+    engine, factors = fitted("neox", projection, rank)
+    queries = random_queries(5)
+    ids = [s.doc_id for s in queries]
+    token = engine.query_gradients(batches_of(queries, 2), factors, ids, path="token")
+    sequence = engine.query_gradients(batches_of(queries, 2), factors, ids, path="sequence")
+    for name in engine.layers:
+        torch.testing.assert_close(query_matrices(token, name), query_matrices(sequence, name), rtol=1e-9, atol=TOL)
+
+
+def previous_query_gradients(engine, batches, factors, rank):
+    """The former all-at-once computation: every layer's dense H^-1 G for every query, then a truncated SVD."""
+    parts = {n: [] for n in engine.layers}
+    projected_fit = engine.config.factor_space == "projected"
+    for batch in batches:
+        captured, _ = engine.capture_batch(batch, projected_fit, "data")
+        for name, c in captured.items():
+            pre = factors.precondition(name, per_sequence_gradients(c), engine.config.damping)
+            if engine.projector is not None and not projected_fit:
+                pre = engine.projector.project_matrix(name, pre)
+            parts[name].append(pre)
+    dense = {n: torch.cat(p, 0) for n, p in parts.items()}
+    if rank == 0:
+        return dense
+    out = {}
+    for name, d in dense.items():
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        out[name] = (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+    return out
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+@pytest.mark.parametrize("rank", [0, 2, 64])
+def test_query_gradients_layer_by_layer_equal_the_all_at_once_result(projection, rank):
+    engine, factors = fitted("gpt2", projection, rank)
+    queries = random_queries(5)
+    batches = batches_of(queries, 2)
+    got = engine.query_gradients(batches, factors, [s.doc_id for s in queries])
+    expected = previous_query_gradients(engine, batches, factors, rank)
+    for name in engine.layers:
+        torch.testing.assert_close(query_matrices(got, name), expected[name], rtol=1e-8, atol=1e-10)
+
+
+def test_low_rank_is_the_truncated_svd_on_either_side():
+    gen = torch.Generator().manual_seed(1)
+    for shape in [(3, 9, 5), (3, 5, 9)]:
+        m = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        for r in (1, 3, 5):
+            left, right = low_rank(m, r)
+            assert left.shape == (3, shape[1], r) and right.shape == (3, shape[2], r)
+            expected = (u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]
+            torch.testing.assert_close(left @ right.transpose(1, 2), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+@pytest.mark.parametrize("chunk", [influence_module.SCORING_CHUNK_ELEMENTS, 1])
+def test_low_rank_scoring_at_full_rank_equals_dense_on_both_paths(projection, chunk, monkeypatch):
+    engine, factors = fitted("llama", projection, 0)
+    queries = random_queries(3)
+    ids = [s.doc_id for s in queries]
+    dense = engine.query_gradients(batches_of(queries, 3), factors, ids)
+    full_rank = replace(engine.config, query_rank=64)
+    low_engine = InfluenceEngine(engine.model, full_rank)
+    low = low_engine.query_gradients(batches_of(queries, 3), factors, ids)
+    assert low.left and not low.dense
+    monkeypatch.setattr(influence_module, "SCORING_CHUNK_ELEMENTS", chunk)  # chunk=1: one query per step
+    captured, _ = engine.capture_batch(collate(random_sequences(4, seed=13), pad_id=1), projected=True)
+    for name in engine.layers:
+        expected = dense.layer_scores(name, captured[name])
+        for path in ("token", "sequence"):
+            got = low.layer_scores(name, captured[name], path=path)
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="scoring path"):
+        low.layer_scores(name, captured[name], path="diagonal")
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_query_memory_is_checked_before_anything_is_formed(rank, monkeypatch):
+    engine, factors = fitted("gpt2", ProjectionSpec(0), rank)
+    queries = random_queries(3)
+    need = engine.query_bytes(len(queries))
+    per_layer = {n: s.d_out * s.d_in for n, s in engine.layers.items()}
+    expected = 3 * 8 * (sum(per_layer.values()) if rank == 0 else sum(4 * (s.d_out + s.d_in) for s in engine.layers.values()))
+    assert need == expected
+    engine.config = replace(engine.config, max_query_bytes=need - 1)
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("query gradients were captured before the memory check")
+
+    monkeypatch.setattr(engine, "capture_batch", no_capture)
+    with pytest.raises(QueryMemoryError, match=r"score\.query_rank") as err:
+        engine.query_gradients(batches_of(queries, 3), factors, [s.doc_id for s in queries])
+    assert "max_query_bytes" in str(err.value)
+    if rank == 0:
+        assert "set score.query_rank=" in str(err.value)
+    with pytest.raises(ValueError, match="max_query_bytes"):
+        InfluenceConfig(max_query_bytes=0)
+
+
+# ---- lambda_sample: the Lambda pass on a subset of the fitting shards --------------------------
+
+
+def run_context(lambda_sample: float, num_shards: int = 10) -> RunContext:
+    cfg = AttributeConfig()
+    cfg.factors.lambda_sample = lambda_sample
+    shards = [Shard(i, f"s{i:03d}", "file://x", "jsonl", i, i + 1) for i in range(num_shards)]
+    return RunContext(cfg=cfg, storage=None, shards=shards, corpus_fp="c", queries=[], queries_fp="q", model_fp="m")
+
+
+def test_lambda_sample_one_keeps_every_shard_and_the_factors_id():
+    ctx = run_context(1.0)
+    assert ctx.lambda_shards == ctx.fit_shards
+    before = FactorsKey.of(ctx.cfg.influence(), "m", ctx.cfg.corpus.window, [s.shard_id for s in ctx.fit_shards])
+    assert "lambda_shards" not in ctx.factors_key.to_json()
+    assert ctx.factors_id == before.id
+
+
+def test_lambda_sample_is_a_deterministic_subset_that_enters_the_factors_id():
+    half = run_context(0.5)
+    ids = [s.shard_id for s in half.lambda_shards]
+    assert len(ids) == 5 and ids == [s.shard_id for s in run_context(0.5).lambda_shards]
+    assert ids[0] == "s000" and ids[-1] == "s009"  # evenly spread over the fitting shards
+    assert half.factors_id != run_context(1.0).factors_id
+    assert FactorsKey.from_json(half.factors_key.to_json()) == half.factors_key
+    assert len(run_context(0.01).lambda_shards) == 1
+    with pytest.raises(ConfigError, match="factors.lambda_sample"):
+        run_context(0.0).lambda_shards
+
+
+def test_lambda_on_fewer_batches_is_the_core_view_of_lambda_sample():
+    """In the core a sample is just fewer batches; all of them gives the one-go fit."""
+    engine = InfluenceEngine(tiny_model("neox"), InfluenceConfig(precision="float64", empirical_fisher=True))
+    train = batches_of(random_sequences(8, seed=14), 2)
+    bases = eigendecompose(engine.covariance_sums(train))
+    full = engine.fit(train)
+    every = engine.lambda_sums(train, bases)
+    part = engine.lambda_sums(train[::2], bases)
+    assert part.num_sequences == 4 and every.num_sequences == 8
+    for name in engine.layers:
+        torch.testing.assert_close(every.sums[name] / 8, full.lambdas[name], rtol=TOL, atol=TOL)

@@ -56,7 +56,8 @@ def test_rotation_path_is_chosen_by_shape():
 
 def test_rotation_paths_agree_on_random_vectors():
     gen = torch.Generator().manual_seed(0)
-    g, a = torch.randn(3, 7, 9, generator=gen, dtype=torch.float64), torch.randn(3, 7, 5, generator=gen, dtype=torch.float64)
+    g = torch.randn(3, 7, 9, generator=gen, dtype=torch.float64)
+    a = torch.randn(3, 7, 5, generator=gen, dtype=torch.float64)
     q_s = torch.linalg.qr(torch.randn(9, 9, generator=gen, dtype=torch.float64))[0]
     q_a = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))[0]
     c = Captured(a, g)
@@ -170,7 +171,8 @@ def test_query_memory_is_checked_before_anything_is_formed(rank, monkeypatch):
     queries = random_queries(3)
     need = engine.query_bytes(len(queries))
     per_layer = {n: s.d_out * s.d_in for n, s in engine.layers.items()}
-    expected = 3 * 8 * (sum(per_layer.values()) if rank == 0 else sum(4 * (s.d_out + s.d_in) for s in engine.layers.values()))
+    low_rank_size = sum(4 * (s.d_out + s.d_in) for s in engine.layers.values())
+    expected = 3 * 8 * (sum(per_layer.values()) if rank == 0 else low_rank_size)
     assert need == expected
     engine.config = replace(engine.config, max_query_bytes=need - 1)
 

@@ -122,7 +122,9 @@ def rotation_path(tokens: int, d_out: int, d_in: int) -> str:
     return "token" if per_token < per_sequence else "sequence"
 
 
-def rotated_gradients(captured: Captured, q_s: torch.Tensor, q_a: torch.Tensor, path: str | None = None) -> torch.Tensor:
+def rotated_gradients(
+    captured: Captured, q_s: torch.Tensor, q_a: torch.Tensor, path: str | None = None
+) -> torch.Tensor:
     """``Q_S^T G[n] Q_A`` for every sequence: ``(batch, d_out, d_in)``.
 
     ``q_s``: ``(d_out, d_out)``, ``q_a``: ``(d_in, d_in)`` in the captured

@@ -87,7 +87,8 @@ def _facts_section(cfg: EvaluateConfig, methods: dict[str, np.ndarray], doc_ids:
     k = cfg.facts.recall_k
 
     def metric_fn(scores):
-        return {"learned": ranking_metrics(scores, doc_ids, learned, k), "all": ranking_metrics(scores, doc_ids, facts, k)}
+        return {"learned": ranking_metrics(scores, doc_ids, learned, k),
+                "all": ranking_metrics(scores, doc_ids, facts, k)}
 
     return {
         "n_facts": len(facts),

@@ -44,7 +44,8 @@ def _facts(facts: dict) -> list[str]:
 
 
 def _backdoor(bd: dict) -> list[str]:
-    pk = [k for k in next(iter(bd["methods"].values())) if k.startswith("precision_at_") and k != "precision_at_n_poisoned"]
+    first = next(iter(bd["methods"].values()))
+    pk = [k for k in first if k.startswith("precision_at_") and k != "precision_at_n_poisoned"]
     return [
         f"\nBackdoor: {bd['n_poisoned']}/{bd['n_docs']} documents poisoned; log p(continuation) "
         f"{bd['backdoor_logprob']['with_trigger']:.2f} with trigger vs "

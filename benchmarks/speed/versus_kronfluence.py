@@ -93,7 +93,8 @@ def ours_core(cfg, inputs, n_queries, dim, device) -> dict:
     topk = {s.doc_id: {(windows[k].doc_id, windows[k].window) for _, k in acc.proponents(i)}
             for i, s in enumerate(queries)}
     return {"seconds": scored - started,
-            "timings": {"fit_s": fitted - started, "precondition_s": preconditioned - fitted, "score_s": scored - preconditioned},
+            "timings": {"fit_s": fitted - started, "precondition_s": preconditioned - fitted,
+                        "score_s": scored - preconditioned},
             "counts": {"num_windows": len(windows)}, "topk": topk}
 
 

@@ -373,7 +373,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 # --- model ------------------------------------------------------------------
 
-def _fine_tune(model, sequences: list[list[int]], pad_id: int, spec: FactsSpec, rng: np.random.Generator) -> list[float]:
+def _fine_tune(model, sequences: list[list[int]], pad_id: int, spec: FactsSpec,
+               rng: np.random.Generator) -> list[float]:
     """AdamW over whole documents, ``spec.epochs`` shuffled passes; returns the loss per step."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
@@ -432,7 +433,8 @@ def _query_logprobs(model, tokenizer, facts: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.smollm2_facts", description=__doc__.split("\n")[0])
-    parser.add_argument("cache", nargs="?", default=DEFAULT_CACHE_DIR, help=f"cache folder (default {DEFAULT_CACHE_DIR})")
+    parser.add_argument("cache", nargs="?", default=DEFAULT_CACHE_DIR,
+                        help=f"cache folder (default {DEFAULT_CACHE_DIR})")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--force", action="store_true", help="rebuild even if already cached")
     args = parser.parse_args(argv)

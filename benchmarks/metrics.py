@@ -21,7 +21,7 @@ Definitions (``gold``: the set of relevant items of one query):
   over queries.
 
 No scipy at run time: ``spearman`` is implemented on numpy and tested
-against ``scipy.stats.spearmanr`` in ``tests/test_metrics.py``.
+against ``scipy.stats.spearmanr`` in ``tests/eval/test_metrics.py``.
 """
 
 from __future__ import annotations

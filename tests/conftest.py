@@ -62,7 +62,7 @@ def s3_env(s3_server, monkeypatch, tmp_path):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-# ---- pipeline-level tests (tests/test_pipeline.py, tests/test_bad_input.py) ----------------
+# ---- pipeline-level tests (tests/pipeline/test_pipeline.py, test_bad_input.py) ----------------
 
 # A small planted-facts demo: ~100 documents (a third longer than one window),
 # a tiny GPT-2 trained for a few seconds. Shared by the session.

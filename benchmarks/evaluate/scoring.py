@@ -3,7 +3,7 @@
 All EK-FAC settings of one model are scored from shared full-size captures
 (``SharedCaptureScorer``): one forward/backward per batch and pass feeds
 every projection setting, exactly as separate engines would (projection is
-linear and applied to the same captured vectors; ``tests/test_eval_jobs.py``
+linear and applied to the same captured vectors; ``tests/eval/test_eval_jobs.py``
 checks the equality against ``InfluenceEngine.score_batch``). The helpers
 below turn window scores into document scores and scores into metric tables
 with a chance row.

@@ -1,8 +1,15 @@
-"""Helpers shared by the pipeline-level tests (test_pipeline, test_bad_input, test_configs).
+"""Helpers shared by the tests (imported as ``tests.helpers``; fixtures live in ``tests/conftest.py``).
 
+Models and inputs:
+- ``tiny_model``: a 2-layer GPT-2, Llama or GPT-NeoX built from a config (nothing downloaded).
+- ``random_sequences`` / ``random_queries``: training- and query-style ``TokenWindow`` lists.
+
+Environment:
 - ``scratch_env``: HOME and Ray's temp dir pointed at a scratch folder (Ray 2.60
   writes ``~/.ray/auth_token``), restored afterwards.
-- ``aws_env``: the standard AWS variables pointed at the test S3 server.
+- ``aws_env_vars``: the standard AWS variables pointed at the test S3 server.
+
+Pipeline outputs:
 - ``reference_table``: the ranked table computed by the numeric core alone, in
   one process, with the pipeline's shard layout, batching and tie-break keys.
 - ``assert_same_ranking``: row-for-row comparison with a stated score tolerance.
@@ -23,8 +30,66 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from pipeline.config import AttributeConfig
+from pipeline.core.text import IGNORE, TokenWindow
+
+# ---- tiny models and inputs ----------------------------------------------------------------
+
+VOCAB = 48
+
+
+def tiny_model(family: str, seed: int = 0, dtype=torch.float64) -> torch.nn.Module:
+    """A 2-layer model of the given family with a 48-token vocabulary."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    if family == "gpt2":
+        cfg = GPT2Config(n_positions=64, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **common)
+        model = GPT2LMHeadModel(cfg)
+    elif family == "llama":
+        cfg = LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=2, max_position_embeddings=64, **common)
+        model = LlamaForCausalLM(cfg)
+    elif family == "neox":
+        cfg = GPTNeoXConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                            max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0, **common)
+        model = GPTNeoXForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    return model.to(dtype).eval()
+
+
+def random_sequences(n: int, seed: int = 0, min_len: int = 4, max_len: int = 12, prefix: str = "d") -> list[TokenWindow]:
+    """Training-style sequences (every token after the first is a target) of varied length."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
+        ids = tuple(torch.randint(2, VOCAB, (length,), generator=gen).tolist())
+        out.append(TokenWindow(f"{prefix}{i}", 0, ids, ids))
+    return out
+
+
+def random_queries(n: int, seed: int = 100) -> list[TokenWindow]:
+    """Query-style sequences: a prompt (unlabelled) followed by a labelled completion."""
+    out = []
+    for s in random_sequences(n, seed=seed, min_len=5, max_len=9, prefix="q"):
+        cut = len(s.input_ids) // 2
+        labels = (IGNORE,) * cut + s.input_ids[cut:]
+        out.append(TokenWindow(s.doc_id, 0, s.input_ids, labels))
+    return out
+
+
+# ---- environment and pipeline outputs ---------------------------------------------------------
 
 # Scores of the pipeline (float32 on Ray workers, factors summed shard by shard)
 # and of the one-process reference (same batches, float32) agree to this
@@ -158,7 +223,6 @@ def reference_table(
     factors; pass those back as ``factors`` to score another projection with
     the same (full-size) factors without fitting again.
     """
-    import torch
 
     from pipeline.core.influence import InfluenceEngine
     from pipeline.core.text import collate, encode_documents, encode_query

@@ -13,7 +13,7 @@ from pipeline.core.influence import InfluenceConfig, InfluenceEngine, NonFiniteG
 from pipeline.core.projection import ProjectionSpec, Projector, projection_matrix
 from pipeline.core.text import collate
 from pipeline.core.tracking import NoTrackedModulesError, find_tracked_layers, weight_gradient
-from tests.tiny_models import random_queries, random_sequences, tiny_model
+from tests.helpers import random_queries, random_sequences, tiny_model
 
 FAMILIES = ["gpt2", "llama", "neox"]  # Conv1D with bias; Linear without bias; Linear with bias
 TOL = 1e-10  # float64 throughout

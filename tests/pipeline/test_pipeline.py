@@ -38,7 +38,7 @@ from pipeline.config import (
 )
 from pipeline.errors import MergeRefusedError
 from pipeline.worker import KILL_ENV
-from tests.pipeline_fixtures import (
+from tests.helpers import (
     DUCKDB_TYPES,
     SCORE_RTOL,
     assert_identical_tables,

@@ -23,7 +23,7 @@ from pipeline.core.tracking import Captured
 from pipeline.corpus import Shard
 from pipeline.identity import FactorsKey
 from pipeline.run import RunContext
-from tests.tiny_models import random_queries, random_sequences, tiny_model
+from tests.helpers import random_queries, random_sequences, tiny_model
 
 TOL = 1e-10
 PROJECTIONS = [ProjectionSpec(0), ProjectionSpec(6, mode="sketch"), ProjectionSpec(6, mode="curvature")]

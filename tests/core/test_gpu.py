@@ -1,6 +1,6 @@
 """CUDA paths of the core: same scores as the CPU float64 reference; bf16 autocast close in rank.
 
-Skipped without CUDA (CI has none); run on a GPU machine with ``pytest -m gpu tests/test_gpu.py``.
+Skipped without CUDA (CI has none); run on a GPU machine with ``pytest -m gpu tests/core/test_gpu.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec, Projector
 from pipeline.core.text import collate
-from tests.tiny_models import random_queries, random_sequences, tiny_model
+from tests.helpers import random_queries, random_sequences, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,

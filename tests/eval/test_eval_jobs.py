@@ -23,9 +23,9 @@ from benchmarks.common import batches_of
 from benchmarks.evaluate.scoring import SharedCaptureScorer
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
-from tests.tiny_models import random_queries, random_sequences, tiny_model
+from tests.helpers import random_queries, random_sequences, tiny_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 # A demo small enough to build in seconds (tokenizer + a few steps of a 1-layer GPT-2).
 TINY_DEMO = ["threads=1", "demo.n_filler_docs=24", "demo.n_facts=4", "demo.train_steps=4", "demo.n_embd=32", "demo.n_layer=1"]
@@ -238,7 +238,7 @@ def test_benchmark_all_sections_with_ray(tmp_path, demo_cache):
     pytest.importorskip("kronfluence")
     from benchmarks.speed.config import to_config
     from benchmarks.speed.run import run_benchmark
-    from tests.pipeline_fixtures import scratch_env
+    from tests.helpers import scratch_env
 
     cfg = to_config(compose("benchmark", TINY_BENCHMARK + [
         f"storage.root={tmp_path}", f"demo.cache_dir={demo_cache}", f"work_dir={tmp_path / 'work'}",

@@ -368,7 +368,7 @@ def _exact_variants(g_train, g_query, sizes, layer_damping: list[float]):
 # off-diagonal part in the Kronecker eigenbasis dropped (asserted to 1e-10
 # below); that diagonal carries only ~56-59% of each layer's Fisher (Frobenius),
 # so the gap is a property of the approximation, not of the implementation
-# (which matches kronfluence to ~1e-14, tests/test_reference_kronfluence.py).
+# (which matches kronfluence to ~1e-14, tests/core/test_reference_kronfluence.py).
 # Floors: about half the measured values; the checks with teeth are the
 # orderings (EK-FAC beats the identity-curvature gradient dot product, and is
 # closer to the block-diagonal exact Fisher, its own structure, than to the full).

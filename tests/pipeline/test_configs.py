@@ -23,7 +23,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 
 from pipeline.config import STAGES, AttributeConfig, register_configs, to_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = (ROOT / "conf").resolve()
 
 # Overrides that options with mandatory (???) values need.

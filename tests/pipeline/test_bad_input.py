@@ -32,9 +32,9 @@ from pipeline.config import (
     StorageConfig,
 )
 from pipeline.errors import BadInputError, ConfigError, MergeRefusedError, StorageError
-from tests.pipeline_fixtures import scratch_env, shutdown_ray
+from tests.helpers import scratch_env, shutdown_ray
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUERY = {"id": "q1", "prompt": "The capital of Zorbia is", "completion": " Quelmont."}
 
 
@@ -421,7 +421,7 @@ def test_path_like_document_ids_survive_a_run(tmp_path, small_demo):
     import ray
 
     from pipeline.run import run_attribution
-    from tests.pipeline_fixtures import read_table
+    from tests.helpers import read_table
 
     table = pq.read_table(small_demo.corpus_path).slice(0, 12)
     ids = ["dir/doc-0", "../up", ".hidden", "a\\b", "s3://not/a/url"] + table.column("id").to_pylist()[5:]

@@ -20,7 +20,7 @@ kronfluence's EK-FAC pairwise scores compute the same float64 quantities
 (DESIGN section 2) and must agree to rounding error. Both sides see exactly
 the same batches: HF's Llama keeps RMSNorm and rotary angles in float32 even in
 a float64 model, so a different batch layout would change scores at ~1e-7
-relative (see tests/test_reference_kronfluence.py).
+relative (see tests/core/test_reference_kronfluence.py).
 
 Our float32 scores (the default precision) are compared with our float64
 ones at a looser tolerance, and must give the same top 10 for every query.
@@ -47,7 +47,7 @@ from benchmarks.baselines import kronfluence_pairwise  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULES = r"model\.layers\.(0|15|29)\.mlp\.(gate|up|down)_proj"
 N_DOCS = 12
 WORDS_PER_DOC = 48

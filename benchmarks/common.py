@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline.core.text import Batch, TokenWindow, collate
+from pipeline.core.text import batches_of  # noqa: F401 (the measurement modules import it from here)
 from pipeline.demo import DemoSpec
 
 
@@ -126,8 +126,3 @@ def format_number(x, digits: int = 3, significant: bool = False) -> str:
             return f"{x:.{digits}f}"
         return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}g}"
     return str(x)
-
-
-def batches_of(windows: list[TokenWindow], size: int, pad_id: int) -> list[Batch]:
-    """``windows`` in order, collated (right-padded) ``size`` at a time."""
-    return [collate(windows[i : i + size], pad_id) for i in range(0, len(windows), size)]

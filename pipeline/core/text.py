@@ -186,3 +186,8 @@ def collate(sequences: list[TokenWindow], pad_id: int, padding_side: str = "righ
         mask[i, sl] = 1
         labels[i, sl] = torch.tensor(seq.labels)
     return Batch(ids, mask, labels)
+
+
+def batches_of(sequences: list[TokenWindow], size: int, pad_id: int, padding_side: str = "right") -> list[Batch]:
+    """``sequences`` in order, collated ``size`` at a time (the last batch may be smaller)."""
+    return [collate(sequences[i : i + size], pad_id, padding_side) for i in range(0, len(sequences), size)]

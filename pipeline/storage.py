@@ -9,22 +9,37 @@ Parquet, tensors are safetensors, manifests and markers are JSON::
     url = layout.shard_result(storage.root, "nightly-2026-11-22", "shard-00017")
     storage.write_parquet(url, table)
 
-Backend failures become `StorageError` naming the URL and the reason. For
-``s3://`` the endpoint and credentials come from the standard AWS
-environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``) unless ``storage_options`` gives them. Neither the
+Backend failures become `StorageError` naming the URL and the reason (a
+root that cannot be used as configured: `StorageConfigError`). For ``s3://``
+the endpoint and credentials come from the standard AWS environment variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``) or a
+credentials file (``AWS_SHARED_CREDENTIALS_FILE``, ``AWS_PROFILE``); prefer
+those to ``storage_options``, which travel on the command line. Neither the
 options nor the credentials are ever logged or put into error messages.
+
+Every s3 call is bounded: a connect or read that waits longer than
+``timeout_s`` fails and is retried ``retries`` times with exponential backoff
+(s3fs's retry loop; botocore's own is turned off so the two do not multiply),
+so a server that stops answering fails the call after about
+``(retries + 1) * timeout_s`` seconds plus the backoff, as a `StorageError`.
+
+Every write records the size and SHA-256 of the bytes it wrote, so that
+`pipeline.commit` can put them in the commit marker without downloading the
+file again; ``read_bytes(url, expect=...)`` checks what it read against a
+marker's `Checksum` in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -34,7 +49,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import layout
 from pipeline.core.serialization import tensors_from_bytes, tensors_to_bytes
-from pipeline.errors import ConfigError, StorageError
+from pipeline.errors import ConfigError, CorruptUnitError, StorageConfigError, StorageError
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +59,50 @@ log = logging.getLogger(__name__)
 # Option keys whose values are credentials; their values are scrubbed from error messages.
 _SECRET_KEY_RE = re.compile(r"key|secret|token|password|passwd|credential", re.IGNORECASE)
 _SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+# Bounds of every s3 call unless the config gives others (storage.timeout_s, storage.retries).
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_RETRIES = 3
+_HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a stored file
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """Size and SHA-256 (hex) of a stored file: what a commit marker records and readers check."""
+
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, data: bytes) -> Checksum:
+        return cls(len(data), hashlib.sha256(data).hexdigest())
+
+    def mismatch(self, found: Checksum) -> str | None:
+        """Why ``found`` is not this checksum (``None`` when it is)."""
+        if found.size != self.size:
+            return f"size {found.size} bytes, committed {self.size}"
+        if found.sha256 != self.sha256:
+            return f"sha256 {found.sha256[:16]}..., committed {self.sha256[:16]}..."
+        return None
+
+
+def bounded_options(options: dict | None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                    retries: int = DEFAULT_RETRIES) -> dict:
+    """``options`` with s3 connect/read timeouts and no botocore retries added (what the options set wins).
+
+    The result is safe to give to any fsspec filesystem (the local one ignores
+    these keys); s3fs's own retry loop, with backoff, is bounded by `Storage`.
+    """
+    if timeout_s <= 0 or retries < 0:
+        raise ConfigError(f"storage.timeout_s must be > 0 and storage.retries >= 0, got {timeout_s}, {retries}")
+    out = dict(options or {})
+    config = dict(out.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", timeout_s)
+    config.setdefault("read_timeout", timeout_s)
+    config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+    out["config_kwargs"] = config
+    return out
 
 
 def _secret_values(options: Any) -> Iterator[str]:
@@ -67,10 +126,14 @@ class Storage:
     for s3; every method takes such URLs.
     """
 
-    def __init__(self, root: str, storage_options: dict | None = None):
+    def __init__(self, root: str, storage_options: dict | None = None, *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES):
         if not isinstance(root, str) or not root.strip():
             raise ConfigError(f"storage.root={root!r} must be a non-empty path or URL")
         self._options = dict(storage_options or {})
+        self.timeout_s, self.retries = timeout_s, retries
+        # Size and SHA-256 of what this instance wrote, by URL, until `pipeline.commit` takes them.
+        self._written: dict[str, Checksum] = {}
         protocol = fsspec.utils.get_protocol(root)
         if protocol in ("file", "local"):
             # Plain absolute paths are what DuckDB, pandas and pyarrow all accept.
@@ -79,8 +142,11 @@ class Storage:
         else:
             # Listings cached in one process go stale when another worker commits;
             # a stale cache would make `exists` and `ls` miss committed units.
-            options = {"use_listings_cache": False, **self._options}
+            options = {"use_listings_cache": False, **bounded_options(self._options, timeout_s, retries)}
         self.fs, root_path = fsspec.core.url_to_fs(root, **options)
+        if hasattr(self.fs, "retries"):
+            # s3fs's retry loop (exponential backoff from 0.1 s): one first try plus `retries`.
+            self.fs.retries = retries + 1
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:
             self._root_path = LocalFileSystem._strip_protocol(root_path)
@@ -131,6 +197,12 @@ class Storage:
     def _reason(self, exc: BaseException) -> str:
         return self._redact(f"{type(exc).__name__}: {exc}")
 
+    def _timeout_hint(self, exc: BaseException) -> str:
+        if self.is_local or not _is_timeout(exc):
+            return ""
+        return (f" (no answer within storage.timeout_s={self.timeout_s:g}, tried {self.retries + 1} times: "
+                "is the storage server up and reachable?)")
+
     @contextlib.contextmanager
     def _io(self, action: str, url: str, *, reading: bool = False) -> Iterator[None]:
         """Turn backend errors into `StorageError` naming the URL (FileNotFoundError stays for reads)."""
@@ -145,7 +217,7 @@ class Storage:
                 f"{action} {url} failed: {self._reason(e)} (does the bucket or folder exist?)"
             ) from e
         except Exception as e:
-            raise StorageError(f"{action} {url} failed: {self._reason(e)}") from e
+            raise StorageError(f"{action} {url} failed: {self._reason(e)}{self._timeout_hint(e)}") from e
 
     # ------------------------------------------------------------ primitives
 
@@ -157,12 +229,19 @@ class Storage:
         already atomic, so write directly.
         """
         path = self._path(url, under_root=True)
+        data = bytes(data)
+        checksum = Checksum.of(data)  # hashed while in memory: the commit needs no second read
         with self._io("writing", url):
             if self.is_local:
                 self._write_local(path, data)
             else:
-                self.fs.pipe_file(path, bytes(data))
+                self.fs.pipe_file(path, data)
+        self._written[url] = checksum
         log.debug("wrote %s (%d bytes)", url, len(data))
+
+    def written_checksum(self, url: str) -> Checksum | None:
+        """The checksum of what this instance last wrote at ``url`` (forgotten once taken), else ``None``."""
+        return self._written.pop(url, None)
 
     @staticmethod
     def _write_local(path: str, data: bytes) -> None:
@@ -181,11 +260,33 @@ class Storage:
                 os.unlink(tmp)
             raise
 
-    def read_bytes(self, url: str) -> bytes:
-        """The whole content at ``url``; ``FileNotFoundError`` naming the URL if absent."""
+    def read_bytes(self, url: str, expect: Checksum | None = None) -> bytes:
+        """The whole content at ``url``; ``FileNotFoundError`` naming the URL if absent.
+
+        With ``expect`` (a commit marker's checksum), the bytes read are checked
+        against it in memory; `CorruptUnitError` names the URL when they differ.
+        """
         path = self._path(url)
         with self._io("reading", url, reading=True):
-            return self.fs.cat_file(path)
+            data = self.fs.cat_file(path)
+        if expect is not None:
+            why = expect.mismatch(Checksum.of(data))
+            if why is not None:
+                raise CorruptUnitError(
+                    f"{url} does not match its commit marker ({why}): it was changed after it was committed; "
+                    "rerun the stage that writes it to recompute it"
+                )
+        return data
+
+    def checksum(self, url: str) -> Checksum:
+        """Size and SHA-256 of the stored file at ``url``, read in chunks (one download, bounded memory)."""
+        path = self._path(url)
+        digest, size = hashlib.sha256(), 0
+        with self._io("reading", url, reading=True), self.fs.open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        return Checksum(size, digest.hexdigest())
 
     def exists(self, url: str) -> bool:
         """Whether a file/object (or a non-empty folder/prefix) exists at ``url``."""
@@ -267,9 +368,9 @@ class Storage:
         pq.write_table(table, sink)
         self.write_bytes(url, sink.getvalue().to_pybytes())
 
-    def read_parquet(self, url: str) -> pa.Table:
-        """Read the single Parquet object at ``url``."""
-        data = self.read_bytes(url)
+    def read_parquet(self, url: str, expect: Checksum | None = None) -> pa.Table:
+        """Read the single Parquet object at ``url`` (checked against ``expect`` as in `read_bytes`)."""
+        data = self.read_bytes(url, expect)
         try:
             return pq.read_table(pa.BufferReader(data))
         except pa.ArrowException as e:
@@ -291,9 +392,14 @@ class Storage:
             raise TypeError(f"cannot write {url}: {e}") from e
         self.write_bytes(url, data)
 
-    def read_safetensors(self, url: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Read ``(tensors, metadata)`` written by `write_safetensors` (CPU tensors; ``{}`` if no metadata)."""
-        data = self.read_bytes(url)
+    def read_safetensors(
+        self, url: str, expect: Checksum | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Read ``(tensors, metadata)`` written by `write_safetensors` (CPU tensors; ``{}`` if no metadata).
+
+        ``expect``: checked as in `read_bytes`.
+        """
+        data = self.read_bytes(url, expect)
         try:
             return tensors_from_bytes(data)
         except Exception as e:
@@ -320,8 +426,10 @@ class Storage:
             back = self.fs.cat_file(path)
             self.fs.rm_file(path)
         except Exception as e:
-            raise StorageError(
-                f"storage root {self.root} is not writable: {self._reason(e)}. {self._hint(e)}"
+            # A timeout or a refused connection is the infrastructure's fault; the rest is the config's.
+            kind = StorageError if _is_timeout(e) or isinstance(e, ConnectionError) else StorageConfigError
+            raise kind(
+                f"storage root {self.root} is not writable: {self._reason(e)}{self._timeout_hint(e)}. {self._hint(e)}"
             ) from e
         if back != payload:
             raise StorageError(
@@ -342,6 +450,17 @@ class Storage:
                 "AWS_SECRET_ACCESS_KEY (or storage_options) and the bucket policy."
             )
         return "Check AWS_ENDPOINT_URL (or storage_options), the network and the credentials."
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a connect or read timeout."""
+    seen = 0
+    while exc is not None and seen < 10:
+        name = type(exc).__name__
+        if isinstance(exc, TimeoutError) or "Timeout" in name or "EndpointConnectionError" in name:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _hidden(path: str) -> bool:

@@ -11,6 +11,8 @@ path can leave its folder::
     {root}/queries/{queries_id}/gradients.safetensors                   preconditioned query gradients
     {root}/runs/{run_id}/shards/{shard_id}.parquet                      one shard's top-k
     {root}/runs/{run_id}/attribution/part-00000.parquet                 the ranked table (a Parquet dataset)
+    {root}/runs/{run_id}/{table}/part-00000.parquet                     the run's other tables (pipeline.tables)
+    {root}/runs/{run_id}/report.html                                    the run's report
     {root}/runs/{run_id}/manifest.json                                  the run's provenance
     {root}/latest.json                                                  the newest complete run
     {root}/benchmarks/{name}.json, {root}/evaluations/{name}.json       measurement results
@@ -155,6 +157,16 @@ def attribution_dir(root: str, run_id: str) -> str:
 def attribution_part(root: str, run_id: str, index: int = 0) -> str:
     """One file of the ranked dataset: ``{root}/runs/{run_id}/attribution/part-{index:05d}.parquet``."""
     return url(attribution_dir(root, run_id), f"part-{index:05d}.parquet")
+
+
+def run_table_part(root: str, run_id: str, table: str, index: int = 0) -> str:
+    """One file of a run table (`pipeline.tables.TABLES`): ``{root}/runs/{run_id}/{table}/part-{index:05d}.parquet``."""
+    return url(run_dir(root, run_id), validate_name(table, "table name"), f"part-{index:05d}.parquet")
+
+
+def run_report(root: str, run_id: str) -> str:
+    """A run's self-contained HTML report: ``{root}/runs/{run_id}/report.html``."""
+    return url(run_dir(root, run_id), "report.html")
 
 
 def run_manifest(root: str, run_id: str) -> str:

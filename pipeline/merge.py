@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.commit import Commit
 from pipeline.errors import MergeRefusedError
@@ -57,27 +58,94 @@ def refuse_unmergeable(run_id: str, commits: dict[str, Commit | None], queries_i
         )
 
 
-def merge_shard_tables(tables: list[pa.Table], top_k: int) -> pa.Table:
+def merge_shard_tables(tables: list[pa.Table], top_k: int, extra: tuple[str, ...] = ()) -> pa.Table:
     """The global top-k per (query_id, polarity) from shard tables with a ``seq_key`` column.
 
-    Rows come out ordered by query_id, polarity (proponents first), rank.
+    Rows come out ordered by query_id, polarity (proponents first), rank, with
+    the contract's columns, then the ``extra`` columns carried from the shard
+    rows (e.g. ``text``, ``seq_key``). A table with a ``kind`` column
+    (`pipeline.shard_result`) contributes its ``window`` rows only.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if not tables:
-        return TABLE_SCHEMA.empty_table()
-    shards = pa.concat_tables([t.select(["query_id", "polarity", "doc_id", "window", "score", "seq_key"]) for t in tables])
+    keep = ["query_id", "polarity", "doc_id", "window", "score", "seq_key", *[c for c in extra if c != "seq_key"]]
+    parts = [_only_kind(t, "window").select(keep) for t in tables]
+    schema = pa.schema([TABLE_SCHEMA.field(n) for n in TABLE_SCHEMA.names] + [_field(tables, c) for c in extra])
+    if not parts:
+        return schema.empty_table()
+    carried = ['"window"', *[f'"{c}"' for c in extra if c != "seq_key"]]
+    ranked = _rank(pa.concat_tables(parts), top_k, carried)
+    return ranked.select(schema.names).cast(schema)
+
+
+def merge_document_tables(tables: list[pa.Table], top_k: int) -> pa.Table:
+    """The global top-k documents per (query_id, polarity) from the shards' ``document`` rows.
+
+    Exact for the same reason as windows: every shard kept its top-k documents
+    under (score, ``seq_key``), and a document's windows are all in one shard.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    cols = ["query_id", "polarity", "doc_id", "score", "seq_key", "num_windows"]
+    parts = [_only_kind(t, "document").select(cols) for t in tables if "kind" in t.column_names]
+    schema = pa.schema(
+        [("query_id", pa.string()), ("polarity", pa.string()), ("rank", pa.int32()), ("doc_id", pa.string()),
+         ("score", pa.float64()), ("num_windows", pa.int32())]
+    )
+    if not parts:
+        return schema.empty_table()
+    return _rank(pa.concat_tables(parts), top_k, ["num_windows"]).select(schema.names).cast(schema)
+
+
+def top_row_details(windows: pa.Table, details: pa.Table, token_rows: int) -> pa.Table:
+    """The shards' ``token`` or ``layer`` rows of the global top ``token_rows`` windows, with their global rank.
+
+    ``windows``: the merged ranking with ``seq_key``; ``details``: shard rows of
+    one kind. Ordered by query_id, polarity (proponents first), rank, position.
+    """
     con = duckdb.connect()
     try:
-        con.register("shards", shards)
-        result = con.sql(
+        con.register("ranked", windows.select(["query_id", "polarity", "rank", "seq_key"]))
+        con.register("details", details)
+        return con.sql(
+            f"""
+            SELECT d.* EXCLUDE (rank), r.rank
+            FROM details d JOIN ranked r USING (query_id, polarity, seq_key)
+            WHERE r.rank <= {int(token_rows)}
+            ORDER BY d.query_id, d.polarity DESC, r.rank, d.position
+            """
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
+def _only_kind(table: pa.Table, kind: str) -> pa.Table:
+    if "kind" not in table.column_names:
+        return table
+    return table.filter(pc.equal(table.column("kind"), kind))
+
+
+def _field(tables: list[pa.Table], name: str) -> pa.Field:
+    for t in tables:
+        if name in t.column_names:
+            return t.schema.field(name)
+    raise ValueError(f"column {name!r} is in none of the shard tables")
+
+
+def _rank(rows: pa.Table, top_k: int, carried: list[str]) -> pa.Table:
+    """Rows ranked per (query_id, polarity) by (strength, seq_key), the first ``top_k`` of each kept."""
+    con = duckdb.connect()
+    try:
+        con.register("shards", rows)
+        extra = "".join(f", {c}" for c in carried)
+        return con.sql(
             f"""
             SELECT query_id, polarity,
                    CAST(row_number() OVER (
                        PARTITION BY query_id, polarity
                        ORDER BY CASE WHEN polarity = 'proponent' THEN -score ELSE score END, seq_key
                    ) AS INTEGER) AS rank,
-                   doc_id, CAST("window" AS INTEGER) AS "window", score
+                   doc_id, score, seq_key{extra}
             FROM shards
             QUALIFY rank <= {int(top_k)}
             ORDER BY query_id, polarity DESC, rank
@@ -85,4 +153,26 @@ def merge_shard_tables(tables: list[pa.Table], top_k: int) -> pa.Table:
         ).to_arrow_table()
     finally:
         con.close()
-    return result.cast(TABLE_SCHEMA)
+
+
+def merge_run(ctx) -> pa.Table:
+    """The merge stage's writing, once `refuse_unmergeable` passed: every table of the run; the ranked windows.
+
+    ``ctx`` is the driver's `pipeline.run.RunContext` (its workers started):
+    worker 0 scores the queries' log-probabilities for the ``queries`` table.
+    """
+    import ray
+
+    from pipeline.shard_result import TOKEN_ROWS
+    from pipeline.tables import queries_table, run_metadata, write_run_tables
+
+    stats = ray.get(ctx.workers[0].describe_queries.remote(ctx.queries))
+    return write_run_tables(
+        ctx.storage,
+        ctx.cfg.run.id,
+        {s.index: ctx.shard_url(s) for s in ctx.shards},
+        ctx.cfg.score.top_k,
+        queries_table(ctx.queries, stats),
+        run_metadata(ctx),
+        TOKEN_ROWS,
+    )

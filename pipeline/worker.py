@@ -17,19 +17,35 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
+from pipeline.core.forward import sequence_losses
 from pipeline.core.ekfac import CovarianceSums, Eigenbases, EKFACFactors, LambdaSums
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryGradients
-from pipeline.core.text import Batch, TokenWindow, collate, encode_documents, encode_query
+from pipeline.core.text import Batch, Tokenisation, TokenWindow, collate, encode_documents, encode_query
 from pipeline.commit import Commit, already_committed, commit_file
 from pipeline.core.topk import TopK
 from pipeline.corpus import Query, Shard, read_shard
+from pipeline.decoding import WindowDecoder
 from pipeline.merge import TABLE_SCHEMA
 from pipeline.model_io import load_model_and_tokenizer, local_model_dir
+from pipeline.shard_result import (
+    DOCUMENT,
+    LAYER,
+    TOKEN,
+    WINDOW,
+    DocumentTopK,
+    TOKEN_ROWS,
+    ShardRows,
+    document_indices,
+    ranked,
+    seq_key,
+    shard_parquet_bytes,
+)
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
-# The ranked table's columns plus ``seq_key``, the tie-break the merge orders by.
+# The ranked table's columns plus ``seq_key``, the tie-break the merge orders by: the columns every
+# shard result has (`pipeline.shard_result.SHARD_RESULT_SCHEMA` adds the rest).
 SHARD_SCHEMA = TABLE_SCHEMA.append(pa.field("seq_key", pa.int64()))
 
 # Test hook: "SHARD_INDEX:MARKER_PATH" makes the worker process exit abruptly while
@@ -53,11 +69,10 @@ class WorkerSpec:
     storage_root: str
     storage_options: dict = field(default_factory=dict)
     device: str = "cpu"
-
-
-def seq_key(shard_index: int, local_index: int) -> int:
-    """Global, deterministic tie-break key of a window: shard order, then position in the shard."""
-    return (shard_index << 32) | local_index
+    # BOS/EOS around documents and query prompts (corpus.add_bos/add_eos as the driver resolved them).
+    tokenisation: Tokenisation = field(default_factory=Tokenisation)
+    # Windows per (query, polarity) whose per-token and per-layer scores are kept (tokens/layers tables).
+    token_rows: int = TOKEN_ROWS
 
 
 class ShardWorker:
@@ -71,6 +86,7 @@ class ShardWorker:
         model, self.tokenizer = load_model_and_tokenizer(local, spec.trust_remote_code)
         self.engine = InfluenceEngine(model, spec.influence, device)
         self.pad_id = self.tokenizer.pad_token_id
+        self.decoder = WindowDecoder(self.tokenizer)
 
     def fingerprint(self) -> str:
         return self.engine.fingerprint
@@ -81,8 +97,18 @@ class ShardWorker:
     # ---- data -----------------------------------------------------------------------------
 
     def _windows(self, shard: Shard) -> tuple[list[TokenWindow], list[str]]:
-        docs = read_shard(shard, self.spec.id_column, self.spec.text_column, self.spec.storage_options)
-        return encode_documents(self.tokenizer, docs, self.spec.window_len)
+        return self._encode(self._documents(shard))
+
+    def _documents(self, shard: Shard) -> list[tuple[str, str]]:
+        return read_shard(shard, self.spec.id_column, self.spec.text_column, self.spec.storage_options)
+
+    def _encode(self, docs: list[tuple[str, str]]) -> tuple[list[TokenWindow], list[str]]:
+        return encode_documents(self.tokenizer, docs, self.spec.window_len, self.spec.tokenisation)
+
+    def _query_windows(self, queries: list[Query]) -> list[TokenWindow]:
+        spec = self.spec
+        return [encode_query(self.tokenizer, q.id, q.prompt, q.completion, spec.window_len, spec.tokenisation)
+                for q in queries]
 
     def _batches(self, seqs: list[TokenWindow], size: int) -> list[Batch]:
         return [collate(seqs[i : i + size], self.pad_id) for i in range(0, len(seqs), size)]
@@ -142,7 +168,7 @@ class ShardWorker:
 
         def compute():
             factors = EKFACFactors.from_bytes(self.storage.read_bytes(factors_url))
-            seqs = [encode_query(self.tokenizer, q.id, q.prompt, q.completion, self.spec.window_len) for q in queries]
+            seqs = self._query_windows(queries)
             grads = self.engine.query_gradients(
                 self._batches(seqs, self.spec.score_batch_size), factors, [q.id for q in queries]
             )
@@ -151,6 +177,21 @@ class ShardWorker:
             return lambda url: self.storage.write_safetensors(url, grads.to_tensors(), metadata), recorded
 
         return self._unit(out_url, compute)
+
+    def describe_queries(self, queries: list[Query]) -> list[dict]:
+        """Per query: ``log_prob`` = log p(completion | prompt) under the model and ``num_completion_tokens``.
+
+        The query as it is attributed (`encode_query`: the prompt cut from the
+        left to fit the window); one forward pass without gradients.
+        """
+        seqs = self._query_windows(queries)
+        out = []
+        with torch.no_grad():
+            for batch in self._batches(seqs, self.spec.score_batch_size):
+                batch = batch.to(self.engine.device)
+                losses = sequence_losses(self.engine.model, batch, "data", None, self.spec.influence.precision)
+                out.extend(-float(x) for x in losses.to(torch.float64).cpu())
+        return [{"log_prob": lp, "num_completion_tokens": s.num_targets} for lp, s in zip(out, seqs)]
 
     def _load_queries(self, url: str) -> QueryGradients:
         cached = getattr(self, "_queries", None)
@@ -173,8 +214,11 @@ class ShardWorker:
         def compute():
             started = time.perf_counter()
             queries = self._load_queries(queries_url)
-            seqs, skipped = self._windows(shard)
+            docs = self._documents(shard)
+            seqs, skipped = self._encode(docs)
+            doc_of = document_indices(docs, seqs)
             acc = TopK(len(queries.query_ids), top_k)
+            doc_acc = DocumentTopK(shard.index, len(queries.query_ids), top_k)
             nonfinite: list[str] = []
             tokens = 0
             for start in range(0, len(seqs), self.spec.score_batch_size):
@@ -184,6 +228,9 @@ class ShardWorker:
                 scores = self.engine.score_batch(batch, queries)
                 keys = torch.tensor([seq_key(shard.index, start + i) for i in range(len(chunk))], dtype=torch.int64)
                 finite = torch.isfinite(scores).all(dim=1).cpu()
+                on_cpu = scores.detach().to("cpu", torch.float64)
+                for i in range(len(chunk)):
+                    doc_acc.add(doc_of[start + i], on_cpu[i] if finite[i] else None)
                 if not finite.all():
                     # Reported, never scored as zero: these windows are left out of the ranking.
                     bad = [f"{chunk[i].doc_id}#{chunk[i].window}" for i in (~finite).nonzero().flatten().tolist()]
@@ -192,10 +239,10 @@ class ShardWorker:
                     scores, keys = scores[finite.to(scores.device)], keys[finite]
                 if len(keys):
                     acc.update(scores, keys)
-            table = self._result_table(acc, queries.query_ids, seqs)
+            table = self._result_table(acc, doc_acc.finish(), doc_acc.num_windows, queries, seqs, docs, doc_of)
 
             def write(url: str) -> None:
-                self.storage.write_parquet(url, table)
+                self.storage.write_bytes(url, shard_parquet_bytes(table, self.decoder.method))
                 self._maybe_die(shard)
 
             recorded = {
@@ -203,7 +250,7 @@ class ShardWorker:
                 "num_docs": shard.row_end - shard.row_start,
                 "num_windows": len(seqs),
                 "num_tokens": tokens,
-                "num_rows": table.num_rows,
+                "num_rows": table.num_rows,  # rows of every kind (windows, documents, tokens, layers)
                 "skipped_docs": skipped[:100],
                 "num_skipped_docs": len(skipped),
                 "nonfinite_windows": nonfinite[:100],
@@ -216,17 +263,67 @@ class ShardWorker:
 
         return self._unit(out_url, compute)
 
-    def _result_table(self, acc: TopK, query_ids: list[str], seqs: list[TokenWindow]) -> pa.Table:
-        cols: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
-        for q, query_id in enumerate(query_ids):
-            for polarity, items in (("proponent", acc.proponents(q)), ("opponent", acc.opponents(q))):
-                for rank, (score, key) in enumerate(items, 1):
-                    seq = seqs[key & 0xFFFFFFFF]
-                    for name, value in zip(
-                        SHARD_SCHEMA.names, (query_id, polarity, rank, seq.doc_id, seq.window, score, key)
-                    ):
-                        cols[name].append(value)
-        return pa.table(cols, schema=SHARD_SCHEMA)
+    def _result_table(
+        self,
+        acc: TopK,
+        doc_acc: TopK,
+        num_windows: dict[int, int],
+        queries: QueryGradients,
+        seqs: list[TokenWindow],
+        docs: list[tuple[str, str]],
+        doc_of: list[int],
+    ) -> pa.Table:
+        """The shard's result rows (`pipeline.shard_result`): windows with their text, documents, tokens, layers."""
+        rows = ShardRows()
+        decoded = {}
+        for q, query_id in enumerate(queries.query_ids):
+            for polarity, rank, score, key in ranked(acc, q):
+                local = key & 0xFFFFFFFF
+                seq = seqs[local]
+                if local not in decoded:
+                    decoded[local] = self.decoder.window(docs[doc_of[local]][1], seq, self.spec.window_len)
+                w = decoded[local]
+                rows.add(kind=WINDOW, query_id=query_id, polarity=polarity, rank=rank, doc_id=seq.doc_id,
+                         window=seq.window, score=score, seq_key=key, text=w.text, char_start=w.char_start,
+                         char_end=w.char_end)
+            for polarity, rank, score, key in ranked(doc_acc, q):
+                d = key & 0xFFFFFFFF
+                rows.add(kind=DOCUMENT, query_id=query_id, polarity=polarity, rank=rank, doc_id=docs[d][0],
+                         score=score, seq_key=key, num_windows=num_windows[d])
+        self._token_rows(rows, acc, queries, seqs, decoded)
+        return rows.table()
+
+    def _token_rows(self, rows: ShardRows, acc: TopK, queries: QueryGradients, seqs: list[TokenWindow],
+                    decoded: dict) -> None:
+        """Token and layer rows of the ``token_rows`` strongest windows per (query, polarity).
+
+        One more forward and backward pass over those windows only; per-token,
+        per-layer scores ``(batch, Q, layers, tokens)`` from the core, summed over
+        layers (a token's share) and over tokens (a layer's share).
+        """
+        wanted = {}  # local window index -> [(q, polarity, rank, key)]
+        for q in range(len(queries.query_ids)):
+            for polarity, rank, _, key in ranked(acc, q, self.spec.token_rows):
+                wanted.setdefault(key & 0xFFFFFFFF, []).append((q, polarity, rank, key))
+        layer_names = list(self.engine.layers)
+        locals_ = sorted(wanted)
+        for start in range(0, len(locals_), self.spec.score_batch_size):
+            chunk = locals_[start : start + self.spec.score_batch_size]
+            batch = collate([seqs[i] for i in chunk], self.pad_id)
+            per_token = self.engine.token_scores(batch, queries).detach().to("cpu", torch.float64)
+            for b, local in enumerate(chunk):
+                seq, w = seqs[local], decoded[local]
+                n = len(seq.input_ids)
+                for q, polarity, rank, key in wanted[local]:
+                    scores = per_token[b, q, :, :n]  # (layers, tokens)
+                    common = dict(query_id=queries.query_ids[q], polarity=polarity, rank=rank, doc_id=seq.doc_id,
+                                  window=seq.window, seq_key=key)
+                    for t, (token, share) in enumerate(zip(w.tokens, scores.sum(0).tolist())):
+                        rows.add(kind=TOKEN, position=t, token_id=token.token_id, text=token.text,
+                                 special=token.special, char_start=token.char_start, char_end=token.char_end,
+                                 score=share, **common)
+                    for index, (name, share) in enumerate(zip(layer_names, scores.sum(1).tolist())):
+                        rows.add(kind=LAYER, position=index, text=name, score=share, **common)
 
     def _maybe_die(self, shard: Shard) -> None:
         spec = os.environ.get(KILL_ENV, "")

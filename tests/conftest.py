@@ -12,6 +12,9 @@ import urllib.request
 import uuid
 
 import pytest
+import torch
+
+from tests.helpers import aws_env_vars
 
 # Ray 2.60 turns token authentication on by default and caches the token in
 # the process. Tests start several local clusters in one process, each with its
@@ -19,6 +22,21 @@ import pytest
 # (seen: ray.init + shutdown, then ray.cluster_utils.Cluster). These clusters
 # live on loopback only and are started by the tests, so token auth is off.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
+
+    Tiny models on a busy 2-core machine: extra threads only spin and thrash
+    (5 to 10x the CPU time of small operations).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -42,16 +60,11 @@ def s3_env(s3_server, monkeypatch, tmp_path):
     """Point the standard AWS env vars at the test server, create a fresh bucket, yield ``s3://{bucket}``."""
     import s3fs
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    # A region makes s3fs/botocore address the bucket differently against a
-    # local server (bucket creation fails with us-east-1); leave it unset.
-    for var in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    # Never read the developer's ~/.aws files.
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name, value in aws_env_vars(s3_server, str(tmp_path)).items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
 
     bucket = f"test-{uuid.uuid4().hex[:16]}"
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)

@@ -32,20 +32,21 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
 )
 
+from benchmarks import metrics
 from pipeline.config import AttributeConfig
-from pipeline.core.text import IGNORE, TokenWindow
+from pipeline.core.text import IGNORE, TokenWindow, batches_of, collate
+from pipeline.tiny_lm import mean_token_nll, new_gpt2
 
 # ---- tiny models and inputs ----------------------------------------------------------------
 
 VOCAB = 48
+TINY_PAD = 1  # the tiny models' pad (and end-of-text) token
 
 
 def tiny_model(family: str, seed: int = 0, dtype=torch.float64) -> torch.nn.Module:
@@ -53,8 +54,7 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float64) -> torch.nn.Modu
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     if family == "gpt2":
-        cfg = GPT2Config(n_positions=64, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **common)
-        model = GPT2LMHeadModel(cfg)
+        model = new_gpt2(VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64, eos_id=1, pad_id=TINY_PAD, seed=seed)
     elif family == "llama":
         cfg = LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
                           num_key_value_heads=2, max_position_embeddings=64, **common)
@@ -66,6 +66,31 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float64) -> torch.nn.Modu
     else:
         raise ValueError(family)
     return model.to(dtype).eval()
+
+
+def train_full_batch(model: torch.nn.Module, windows: list[TokenWindow], pad_id: int, *, steps: int) -> torch.nn.Module:
+    """``steps`` full-batch AdamW steps (lr 1e-2), so gradients and curvature are not degenerate.
+
+    Returns the model in eval mode and float64, ready for the float64 oracles.
+    """
+    batch = collate(windows, pad_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = mean_token_nll(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval().to(torch.float64)
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rho of two score tensors of one shape, flattened.
+
+    ``benchmarks.metrics.spearman`` (average ranks for ties, checked against
+    scipy in tests/eval/test_metrics.py); it raises on non-finite scores.
+    """
+    return metrics.spearman(x.detach().cpu().flatten().numpy(), y.detach().cpu().flatten().numpy())
 
 
 def random_sequences(n: int, seed: int = 0, min_len: int = 4, max_len: int = 12, prefix: str = "d") -> list[TokenWindow]:
@@ -148,7 +173,12 @@ def scratch_env(**extra: str | None) -> Iterator[str]:
 
 
 def aws_env_vars(endpoint: str, scratch: str, key: str = "testing", secret: str = "testing") -> dict:
-    """The AWS variables that point s3fs/pyarrow at the loopback test server (no region, no ~/.aws)."""
+    """The AWS variables that point s3fs/pyarrow at the loopback test server (None: unset).
+
+    No region: it makes s3fs/botocore address the bucket differently against a
+    local server (bucket creation fails with us-east-1). The developer's ~/.aws
+    files are never read (config and credentials point into ``scratch``).
+    """
     return {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": key,
@@ -225,7 +255,7 @@ def reference_table(
     """
 
     from pipeline.core.influence import InfluenceEngine
-    from pipeline.core.text import collate, encode_documents, encode_query
+    from pipeline.core.text import encode_documents, encode_query
     from pipeline.model_io import load_model_and_tokenizer
     from pipeline.worker import seq_key
 
@@ -238,18 +268,15 @@ def reference_table(
             seqs, _ = encode_documents(tok, rows[start : start + cfg.corpus.docs_per_shard], cfg.corpus.window)
             shards.append((len(shards), seqs))
 
-    def batches(seqs, size):
-        return [collate(seqs[i : i + size], pad) for i in range(0, len(seqs), size)]
-
-    fit_batches = [b for _, seqs in shards for b in batches(seqs, cfg.factors.batch_size)]
+    fit_batches = [b for _, seqs in shards for b in batches_of(seqs, cfg.factors.batch_size, pad)]
     if factors is None:
         factors = engine.fit(fit_batches)
     qseqs = [encode_query(tok, q["id"], q["prompt"], q["completion"], cfg.corpus.window) for q in queries]
     qids = [q["id"] for q in queries]
-    grads = engine.query_gradients(batches(qseqs, cfg.score.batch_size), factors, qids)
+    grads = engine.query_gradients(batches_of(qseqs, cfg.score.batch_size, pad), factors, qids)
     scores, keys, where = [], [], []
     for index, seqs in shards:
-        for i, batch in enumerate(batches(seqs, cfg.score.batch_size)):
+        for i, batch in enumerate(batches_of(seqs, cfg.score.batch_size, pad)):
             scores.append(engine.score_batch(batch, grads).detach().to(torch.float64))
         keys.extend(seq_key(index, j) for j in range(len(seqs)))
         where.extend((s.doc_id, s.window) for s in seqs)

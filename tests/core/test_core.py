@@ -11,16 +11,12 @@ from pipeline.core.ekfac import EKFACFactors, FactorMismatchError, eigendecompos
 from pipeline.core.forward import sequence_losses
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine, NonFiniteGradientError, check_finite
 from pipeline.core.projection import ProjectionSpec, Projector, projection_matrix
-from pipeline.core.text import collate
+from pipeline.core.text import batches_of, collate
 from pipeline.core.tracking import NoTrackedModulesError, find_tracked_layers, weight_gradient
-from tests.helpers import random_queries, random_sequences, tiny_model
+from tests.helpers import TINY_PAD, random_queries, random_sequences, tiny_model
 
 FAMILIES = ["gpt2", "llama", "neox"]  # Conv1D with bias; Linear without bias; Linear with bias
 TOL = 1e-10  # float64 throughout
-
-
-def batches_of(seqs, size, padding_side="right"):
-    return [collate(seqs[i : i + size], pad_id=1, padding_side=padding_side) for i in range(0, len(seqs), size)]
 
 
 def autograd_gradient(model, seq, layers):
@@ -65,9 +61,9 @@ def test_projection_is_deterministic_and_unbiased():
 
 
 def _scores(engine, train, queries, factors=None, batch_size=4, padding_side="right"):
-    factors = factors or engine.fit(batches_of(train, batch_size, padding_side))
-    q = engine.query_gradients(batches_of(queries, batch_size, padding_side), factors, [s.doc_id for s in queries])
-    return torch.cat([engine.score_batch(b, q) for b in batches_of(train, batch_size, padding_side)]), factors
+    factors = factors or engine.fit(batches_of(train, batch_size, TINY_PAD, padding_side))
+    q = engine.query_gradients(batches_of(queries, batch_size, TINY_PAD, padding_side), factors, [s.doc_id for s in queries])
+    return torch.cat([engine.score_batch(b, q) for b in batches_of(train, batch_size, TINY_PAD, padding_side)]), factors
 
 
 @pytest.mark.parametrize("mode", ["sketch", "curvature"])
@@ -83,8 +79,8 @@ def test_scores_do_not_depend_on_batch_size_or_padding_side(mode):
 def test_fitting_in_shards_then_summing_equals_fitting_in_one_go():
     train = random_sequences(12, seed=3)
     engine = InfluenceEngine(tiny_model("neox"), InfluenceConfig(precision="float64", empirical_fisher=True))
-    one_go = engine.fit(batches_of(train, 4))
-    shards = [batches_of(train[:5], 2), batches_of(train[5:], 3)]
+    one_go = engine.fit(batches_of(train, 4, TINY_PAD))
+    shards = [batches_of(train[:5], 2, TINY_PAD), batches_of(train[5:], 3, TINY_PAD)]
     cov = sum((engine.covariance_sums(s) for s in shards[1:]), engine.covariance_sums(shards[0]))
     bases = eigendecompose(cov)
     lam = sum((engine.lambda_sums(s, bases) for s in shards[1:]), engine.lambda_sums(shards[0], bases))
@@ -97,9 +93,9 @@ def test_fitting_in_shards_then_summing_equals_fitting_in_one_go():
 def test_sampled_fisher_is_seeded_and_differs_from_empirical():
     train = random_sequences(8, seed=4)
     cfg = InfluenceConfig(precision="float64", seed=7)
-    a = InfluenceEngine(tiny_model("gpt2"), cfg).fit(batches_of(train, 4))
-    b = InfluenceEngine(tiny_model("gpt2"), cfg).fit(batches_of(train, 4))
-    emp = InfluenceEngine(tiny_model("gpt2"), InfluenceConfig(precision="float64", empirical_fisher=True)).fit(batches_of(train, 4))
+    a = InfluenceEngine(tiny_model("gpt2"), cfg).fit(batches_of(train, 4, TINY_PAD))
+    b = InfluenceEngine(tiny_model("gpt2"), cfg).fit(batches_of(train, 4, TINY_PAD))
+    emp = InfluenceEngine(tiny_model("gpt2"), InfluenceConfig(precision="float64", empirical_fisher=True)).fit(batches_of(train, 4, TINY_PAD))
     name = next(iter(a.lambdas))
     assert torch.equal(a.lambdas[name], b.lambdas[name])
     assert not torch.allclose(a.lambdas[name], emp.lambdas[name])
@@ -111,8 +107,8 @@ def test_sampled_fisher_is_seeded_and_differs_from_empirical():
 def test_token_and_layer_scores_sum_to_sequence_scores(projection, rank):
     train, queries = random_sequences(6, seed=5), random_queries(3)
     engine = InfluenceEngine(tiny_model("llama"), InfluenceConfig(projection=projection, precision="float64", query_rank=rank))
-    factors = engine.fit(batches_of(train, 3))
-    q = engine.query_gradients(batches_of(queries, 3), factors, [s.doc_id for s in queries])
+    factors = engine.fit(batches_of(train, 3, TINY_PAD))
+    q = engine.query_gradients(batches_of(queries, 3, TINY_PAD), factors, [s.doc_id for s in queries])
     batch = collate(train, pad_id=1)
     total, per_layer = engine.score_batch(batch, q, per_layer=True)
     tokens = engine.token_scores(batch, q)  # (B, Q, L, T)
@@ -149,7 +145,7 @@ def test_low_rank_queries_at_full_rank_equal_dense():
 
 def test_heuristic_damping_is_a_tenth_of_mean_lambda():
     engine = InfluenceEngine(tiny_model("gpt2"), InfluenceConfig(precision="float64"))
-    factors = engine.fit(batches_of(random_sequences(4), 4))
+    factors = engine.fit(batches_of(random_sequences(4), 4, TINY_PAD))
     name = next(iter(factors.lambdas))
     assert factors.damping(name, None) == pytest.approx(0.1 * factors.lambdas[name].mean().item())
     assert factors.damping(name, 0.5) == 0.5
@@ -167,10 +163,10 @@ def test_no_tracked_modules_names_the_pattern_and_candidates():
 
 def test_factors_from_another_model_or_module_set_are_rejected():
     train = random_sequences(4)
-    factors = InfluenceEngine(tiny_model("gpt2", seed=0), InfluenceConfig(precision="float64")).fit(batches_of(train, 4))
+    factors = InfluenceEngine(tiny_model("gpt2", seed=0), InfluenceConfig(precision="float64")).fit(batches_of(train, 4, TINY_PAD))
     other = InfluenceEngine(tiny_model("gpt2", seed=1), InfluenceConfig(precision="float64"))
     with pytest.raises(FactorMismatchError, match="fitted for model"):
-        other.query_gradients(batches_of(random_queries(1), 1), factors, ["q0"])
+        other.query_gradients(batches_of(random_queries(1), 1, TINY_PAD), factors, ["q0"])
     subset = InfluenceEngine(tiny_model("gpt2", seed=0), InfluenceConfig(modules=r".*\.h\.0\.mlp\..*", precision="float64"))
     with pytest.raises(FactorMismatchError, match="model.modules"):
         subset.check_factors(factors)
@@ -183,7 +179,7 @@ def test_factors_from_another_model_or_module_set_are_rejected():
 
 def test_factors_round_trip_through_safetensors_bytes():
     engine = InfluenceEngine(tiny_model("neox"), InfluenceConfig(precision="float64"))
-    factors = engine.fit(batches_of(random_sequences(4), 4))
+    factors = engine.fit(batches_of(random_sequences(4), 4, TINY_PAD))
     back = EKFACFactors.from_bytes(factors.to_bytes())
     assert back.meta.to_json() == factors.meta.to_json()
     for name in factors.lambdas:
@@ -201,12 +197,12 @@ def test_non_finite_gradients_are_reported_by_sequence():
 def test_non_finite_weights_give_a_named_error_for_queries():
     model = tiny_model("gpt2")
     engine = InfluenceEngine(model, InfluenceConfig(precision="float64"))
-    factors = engine.fit(batches_of(random_sequences(4), 4))
+    factors = engine.fit(batches_of(random_sequences(4), 4, TINY_PAD))
     with torch.no_grad():
         model.transformer.wte.weight[5:].fill_(float("nan"))
     engine._fingerprint = factors.meta.model_fingerprint  # same model object, weights now broken
     with pytest.raises(NonFiniteGradientError, match="queries"):
-        engine.query_gradients(batches_of(random_queries(2), 2), factors, ["q0", "q1"])
+        engine.query_gradients(batches_of(random_queries(2), 2, TINY_PAD), factors, ["q0", "q1"])
 
 
 def test_projector_skips_sides_already_small():

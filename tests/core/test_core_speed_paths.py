@@ -18,26 +18,22 @@ from pipeline.core import influence as influence_module
 from pipeline.core.ekfac import LambdaSums, eigendecompose, per_sequence_gradients, rotated_gradients, rotation_path
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryMemoryError, low_rank, scoring_path
 from pipeline.core.projection import ProjectionSpec
-from pipeline.core.text import collate
+from pipeline.core.text import batches_of, collate
 from pipeline.core.tracking import Captured
 from pipeline.corpus import Shard
 from pipeline.identity import FactorsKey
 from pipeline.run import RunContext
-from tests.helpers import random_queries, random_sequences, tiny_model
+from tests.helpers import TINY_PAD, random_queries, random_sequences, tiny_model
 
 TOL = 1e-10
 PROJECTIONS = [ProjectionSpec(0), ProjectionSpec(6, mode="sketch"), ProjectionSpec(6, mode="curvature")]
-
-
-def batches_of(seqs, size, padding_side="right"):
-    return [collate(seqs[i : i + size], pad_id=1, padding_side=padding_side) for i in range(0, len(seqs), size)]
 
 
 def fitted(family="gpt2", projection=ProjectionSpec(0), rank=0, **kw):
     engine = InfluenceEngine(
         tiny_model(family), InfluenceConfig(projection=projection, precision="float64", query_rank=rank, **kw)
     )
-    return engine, engine.fit(batches_of(random_sequences(8, seed=11), 4))
+    return engine, engine.fit(batches_of(random_sequences(8, seed=11), 4, TINY_PAD))
 
 
 def query_matrices(q, name):
@@ -71,7 +67,7 @@ def test_rotation_paths_agree_on_random_vectors():
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_rotation_paths_give_the_same_lambda(family):
     engine = InfluenceEngine(tiny_model(family), InfluenceConfig(precision="float64", empirical_fisher=True))
-    train = batches_of(random_sequences(8, seed=12), 4, padding_side="left")
+    train = batches_of(random_sequences(8, seed=12), 4, TINY_PAD, padding_side="left")
     bases = eigendecompose(engine.covariance_sums(train))
     sums = {}
     for path in ("token", "sequence"):
@@ -92,8 +88,8 @@ def test_rotation_paths_give_the_same_preconditioned_queries(projection, rank):
     engine, factors = fitted("neox", projection, rank)
     queries = random_queries(5)
     ids = [s.doc_id for s in queries]
-    token = engine.query_gradients(batches_of(queries, 2), factors, ids, path="token")
-    sequence = engine.query_gradients(batches_of(queries, 2), factors, ids, path="sequence")
+    token = engine.query_gradients(batches_of(queries, 2, TINY_PAD), factors, ids, path="token")
+    sequence = engine.query_gradients(batches_of(queries, 2, TINY_PAD), factors, ids, path="sequence")
     for name in engine.layers:
         torch.testing.assert_close(query_matrices(token, name), query_matrices(sequence, name), rtol=1e-9, atol=TOL)
 
@@ -124,7 +120,7 @@ def previous_query_gradients(engine, batches, factors, rank):
 def test_query_gradients_layer_by_layer_equal_the_all_at_once_result(projection, rank):
     engine, factors = fitted("gpt2", projection, rank)
     queries = random_queries(5)
-    batches = batches_of(queries, 2)
+    batches = batches_of(queries, 2, TINY_PAD)
     got = engine.query_gradients(batches, factors, [s.doc_id for s in queries])
     expected = previous_query_gradients(engine, batches, factors, rank)
     for name in engine.layers:
@@ -149,10 +145,10 @@ def test_low_rank_scoring_at_full_rank_equals_dense_on_both_paths(projection, ch
     engine, factors = fitted("llama", projection, 0)
     queries = random_queries(3)
     ids = [s.doc_id for s in queries]
-    dense = engine.query_gradients(batches_of(queries, 3), factors, ids)
+    dense = engine.query_gradients(batches_of(queries, 3, TINY_PAD), factors, ids)
     full_rank = replace(engine.config, query_rank=64)
     low_engine = InfluenceEngine(engine.model, full_rank)
-    low = low_engine.query_gradients(batches_of(queries, 3), factors, ids)
+    low = low_engine.query_gradients(batches_of(queries, 3, TINY_PAD), factors, ids)
     assert low.left and not low.dense
     monkeypatch.setattr(influence_module, "SCORING_CHUNK_ELEMENTS", chunk)  # chunk=1: one query per step
     captured, _ = engine.capture_batch(collate(random_sequences(4, seed=13), pad_id=1), projected=True)
@@ -181,7 +177,7 @@ def test_query_memory_is_checked_before_anything_is_formed(rank, monkeypatch):
 
     monkeypatch.setattr(engine, "capture_batch", no_capture)
     with pytest.raises(QueryMemoryError, match=r"score\.query_rank") as err:
-        engine.query_gradients(batches_of(queries, 3), factors, [s.doc_id for s in queries])
+        engine.query_gradients(batches_of(queries, 3, TINY_PAD), factors, [s.doc_id for s in queries])
     assert "max_query_bytes" in str(err.value)
     if rank == 0:
         assert "set score.query_rank=" in str(err.value)
@@ -222,7 +218,7 @@ def test_lambda_sample_is_a_deterministic_subset_that_enters_the_factors_id():
 def test_lambda_on_fewer_batches_is_the_core_view_of_lambda_sample():
     """In the core a sample is just fewer batches; all of them gives the one-go fit."""
     engine = InfluenceEngine(tiny_model("neox"), InfluenceConfig(precision="float64", empirical_fisher=True))
-    train = batches_of(random_sequences(8, seed=14), 2)
+    train = batches_of(random_sequences(8, seed=14), 2, TINY_PAD)
     bases = eigendecompose(engine.covariance_sums(train))
     full = engine.fit(train)
     every = engine.lambda_sums(train, bases)

@@ -40,8 +40,10 @@ from pipeline.core.ekfac import (
 )
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
-from pipeline.core.text import IGNORE, TokenWindow, collate
+from pipeline.core.text import IGNORE, TokenWindow, batches_of, collate
 from pipeline.core.tracking import Captured, LayerSpec, find_tracked_layers, weight_gradient
+from pipeline.tiny_lm import new_gpt2
+from tests.helpers import spearman, train_full_batch
 
 # Case A: relative error allowed between EK-FAC and the exact damped inverse
 # when EK-FAC is exact by construction (float64). Measured 2e-12 (engine) and
@@ -51,23 +53,11 @@ EXACT_REL_TOL = 1e-10
 # Case B: Spearman floors per damping are in GPT2_FLOORS, next to the measured values.
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: extra intra-op threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.norm(x - ref) / torch.linalg.norm(ref))
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(x.flatten().numpy(), y.flatten().numpy()).statistic)
 
 
 def random_rotation(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -174,12 +164,9 @@ def _engine_scores(model, train, queries, damping, modules_pattern, batch_size=4
     )
     engine = InfluenceEngine(copy.deepcopy(model), config)
 
-    def batches(seqs):
-        return [collate(seqs[i : i + batch_size], 0, "right") for i in range(0, len(seqs), batch_size)]
-
-    factors = engine.fit(batches(train))
-    q = engine.query_gradients(batches(queries), factors, [s.doc_id for s in queries])
-    scores = torch.cat([engine.score_batch(b, q) for b in batches(train)], 0).T
+    factors = engine.fit(batches_of(train, batch_size, 0))
+    q = engine.query_gradients(batches_of(queries, batch_size, 0), factors, [s.doc_id for s in queries])
+    scores = torch.cat([engine.score_batch(b, q) for b in batches_of(train, batch_size, 0)], 0).T
     return scores, engine, factors
 
 
@@ -303,24 +290,9 @@ def _gpt2_data(n_train: int = 48, n_queries: int = 6):
 
 
 def _tiny_gpt2(train: list[TokenWindow]) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=GPT2_VOCAB, n_positions=32, n_embd=8, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1,
-    )
-    config._attn_implementation = "eager"
-    model = GPT2LMHeadModel(config)
-    batch = collate(train, 0, "right")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, GPT2_VOCAB), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval().to(torch.float64)
+    model = new_gpt2(GPT2_VOCAB, n_embd=8, n_layer=2, n_head=2, n_positions=32, eos_id=1, pad_id=0, seed=0)
+    model.set_attn_implementation("eager")
+    return train_full_batch(model, train, 0, steps=60)
 
 
 @pytest.fixture(scope="module")

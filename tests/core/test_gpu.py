@@ -11,7 +11,7 @@ import torch
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec, Projector
 from pipeline.core.text import collate
-from tests.helpers import random_queries, random_sequences, tiny_model
+from tests.helpers import random_queries, random_sequences, spearman, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,11 +31,6 @@ def _scores(family, precision, device, projection):
     return torch.cat([engine.score_batch(b, q) for b in batches]).double().cpu()
 
 
-def _spearman(a, b):
-    ra, rb = a.flatten().argsort().argsort().double(), b.flatten().argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("projection", [ProjectionSpec(0), ProjectionSpec(8, mode="sketch"), ProjectionSpec(8, mode="curvature")])
 def test_cuda_float32_matches_cpu_float64(family, projection):
@@ -50,7 +45,7 @@ def test_cuda_float32_matches_cpu_float64(family, projection):
 def test_bf16_autocast_agrees_in_rank():
     ref = _scores("gpt2", "float32", "cuda", ProjectionSpec(8))
     bf16 = _scores("gpt2", "bf16", "cuda", ProjectionSpec(8))
-    rho = _spearman(ref, bf16)
+    rho = spearman(ref, bf16)
     print(f"bf16 autocast vs fp32: Spearman {rho:.4f}")
     assert torch.isfinite(bf16).all() and rho > 0.9
 

@@ -36,7 +36,9 @@ from kronfluence.utils.dataset import DataLoaderKwargs  # noqa: E402
 from benchmarks.baselines import replace_conv1d_modules
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine  # noqa: E402
 from pipeline.core.projection import ProjectionSpec  # noqa: E402
-from pipeline.core.text import IGNORE, TokenWindow, collate  # noqa: E402
+from pipeline.core.text import IGNORE, TokenWindow, batches_of, collate  # noqa: E402
+from pipeline.tiny_lm import new_gpt2  # noqa: E402
+from tests.helpers import spearman, train_full_batch  # noqa: E402
 
 # Relative Frobenius error ||ours - kronfluence|| / ||kronfluence|| allowed with
 # the empirical Fisher in float64. Both sides compute the same float64 quantities
@@ -88,39 +90,13 @@ def make_data(seed: int = 0) -> tuple[list[TokenWindow], list[TokenWindow]]:
     return train, queries
 
 
-def batches_of(seqs: list[TokenWindow], size: int):
-    return [collate(seqs[i : i + size], PAD, "right") for i in range(0, len(seqs), size)]
-
-
 # ---- models -------------------------------------------------------------------------------
 
 
-def _train(model: nn.Module, train: list[TokenWindow], steps: int = 40) -> nn.Module:
-    """A few full-batch AdamW steps so gradients and curvature are not degenerate."""
-    torch.manual_seed(0)
-    batch = collate(train, PAD, "right")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model.to(torch.float64)
-
-
 def tiny_gpt2(train: list[TokenWindow]) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1,
-    )
-    config._attn_implementation = "eager"
-    return _train(GPT2LMHeadModel(config), train)
+    model = new_gpt2(VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, eos_id=1, pad_id=PAD, seed=0)
+    model.set_attn_implementation("eager")
+    return train_full_batch(model, train, PAD, steps=40)
 
 
 def tiny_llama(train: list[TokenWindow]) -> nn.Module:
@@ -133,7 +109,7 @@ def tiny_llama(train: list[TokenWindow]) -> nn.Module:
         attention_dropout=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=PAD,
     )
     config._attn_implementation = "eager"
-    return _train(LlamaForCausalLM(config), train)
+    return train_full_batch(LlamaForCausalLM(config), train, PAD, steps=40)
 
 
 # ---- kronfluence side ---------------------------------------------------------------------
@@ -258,9 +234,9 @@ def our_scores(
         )
         engine = InfluenceEngine(copy.deepcopy(model), config)
         if factors is None:
-            factors = engine.fit(batches_of(fit, fit_size))
-        q = engine.query_gradients(batches_of(queries, query_size), factors, [s.doc_id for s in queries])
-        scores = torch.cat([engine.score_batch(b, q) for b in batches_of(train, train_size)], 0)
+            factors = engine.fit(batches_of(fit, fit_size, PAD))
+        q = engine.query_gradients(batches_of(queries, query_size, PAD), factors, [s.doc_id for s in queries])
+        scores = torch.cat([engine.score_batch(b, q) for b in batches_of(train, train_size, PAD)], 0)
         results.append(scores.T.to(torch.float64))
     return results, list(engine.layers)
 
@@ -269,24 +245,12 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.norm(ours - ref) / torch.linalg.norm(ref))
 
 
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(x.flatten().numpy(), y.flatten().numpy()).statistic)
-
-
 # ---- tests --------------------------------------------------------------------------------
 
 DAMPINGS = [1e-3, 1e-1, None]  # None: the 0.1 * mean(Lambda) heuristic on both sides
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: extra intra-op threads only spin (5x the CPU time on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ import torch
 from pipeline import pretrained
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
-from pipeline.core.text import collate, encode_documents, encode_query, resolve_tokenisation
+from pipeline.core.text import batches_of, encode_documents, encode_query, resolve_tokenisation
 
 pytest.importorskip("kronfluence")
 
@@ -99,10 +99,6 @@ def help_documents(n: int, words: int) -> list[tuple[str, str]]:
         if len(docs) == n:
             return docs
     raise AssertionError(f"pydoc_data.topics has fewer than {n} topics with {words} words of prose")
-
-
-def batches_of(seqs, size: int, pad_id: int):
-    return [collate(seqs[i : i + size], pad_id) for i in range(0, len(seqs), size)]
 
 
 def our_scores(model, train, queries, pad_id: int, precision: str) -> torch.Tensor:

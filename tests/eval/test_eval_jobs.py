@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from benchmarks.baselines import BM25, exact_influence, raw_query_gradients
-from benchmarks.common import batches_of
 from benchmarks.evaluate.scoring import SharedCaptureScorer
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
+from pipeline.core.text import batches_of
 from tests.helpers import random_queries, random_sequences, tiny_model
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -46,14 +46,7 @@ TINY_BENCHMARK = TINY_DEMO + [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine two threads thrash (10x slower small ops)."""
-    from benchmarks.common import torch_threads
-
-    with torch_threads(1):
-        yield
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory):

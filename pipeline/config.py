@@ -63,8 +63,12 @@ class QueriesConfig:
 class StorageConfig:
     # Root URL of all outputs: a local folder, file://... or s3://bucket/prefix.
     root: str = "outputs/attribution"
-    # Extra fsspec storage options (e.g. {"endpoint_url": ...}); credentials come from the AWS env vars.
+    # Extra fsspec storage options (e.g. {"endpoint_url": ...}). Credentials: the AWS env vars or a credentials
+    # file (AWS_SHARED_CREDENTIALS_FILE); a secret given here is on the command line (Hydra saves no copy).
     options: dict = field(default_factory=dict)
+    # Seconds an s3 connect or read may wait before it fails and is retried (storage.retries times, with backoff).
+    timeout_s: float = 60.0
+    retries: int = 3
 
 
 @dataclass
@@ -125,6 +129,10 @@ class ClusterConfig:
     local_num_cpus: int = 0
     # Restarts of a dead actor and retries of its task (outputs are committed last, so retries are safe).
     max_restarts: int = 3
+    # Seconds to wait for nodes (an autoscaler) when the workers do not fit on the cluster; 0: fail at once.
+    placement_timeout_s: float = 0.0
+    # Seconds without a finished unit (or the workers not ready) before the run fails, logging what is in flight.
+    stall_timeout_s: float = 1800.0
 
 
 @dataclass

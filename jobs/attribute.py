@@ -9,12 +9,22 @@
 
 Config: conf/attribute.yaml (schema and field docs: pipeline/config.py). The
 ranked table's summary is printed when the merge ran.
+
+Exit status: 0 done, 2 bad input (one line naming it), 3 storage or cluster
+fault (one line; a worker's traceback goes to runs/{run.id}/logs/ in
+storage), 1 a bug. Give credentials through the AWS environment variables or a
+credentials file, not storage.options on the command line: Hydra saves no
+copy of the config (conf/attribute.yaml), but the shell history and the
+process list would show them.
 """
+
+import datetime
 
 import hydra
 
+from pipeline import layout
 from pipeline.config import register_configs, to_config
-from pipeline.jobs_common import exit_on_bad_input
+from pipeline.jobs_common import exit_on_error
 from pipeline.run import run_attribution
 from pipeline.storage import Storage
 from pipeline.summary import format_summary
@@ -24,12 +34,15 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="attribute")
 def main(cfg) -> None:
-    with exit_on_bad_input():
+    with exit_on_error() as failure_log:
         config = to_config(cfg)
+        s = config.storage
+        storage = Storage(s.root, s.options, timeout_s=s.timeout_s, retries=s.retries)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        failure_log.point_at(storage, layout.failure_log(storage.root, config.run.id, stamp))
         manifest = run_attribution(config)
         if manifest is None:
             return
-        storage = Storage(config.storage.root, config.storage.options)
         print(format_summary(manifest, storage, config.demo.show, config.corpus.id_column,
                              config.corpus.text_column, config.storage.options))
 

@@ -5,6 +5,13 @@ task retries; because every unit they write is committed last and skipped
 when already committed, a retry after a crash neither loses nor duplicates
 output. Ray only carries plain dataclasses and small dicts; tensors and
 tables travel through storage as safetensors and Parquet.
+
+Nothing waits without bound: the request (``cluster.num_workers`` actors of
+``cluster.cpus_per_worker`` CPUs and ``cluster.gpus_per_worker`` GPUs) is
+checked against the cluster's nodes before any actor is created (waiting up
+to ``cluster.placement_timeout_s`` for an autoscaler to add nodes), and
+starting the workers or running units fails with `ClusterError` when nothing
+finishes for ``cluster.stall_timeout_s``, after logging what was in flight.
 """
 
 from __future__ import annotations
@@ -19,9 +26,13 @@ import ray
 from tqdm import tqdm
 
 from pipeline.config import ClusterConfig
+from pipeline.errors import ClusterError
 from pipeline.worker import KILL_ENV, ShardWorker, WorkerSpec
 
 log = logging.getLogger(__name__)
+
+# How often a wait wakes up to check its deadline.
+_POLL_S = 5.0
 
 
 @contextmanager
@@ -45,8 +56,59 @@ def ray_session(cfg: ClusterConfig) -> Iterator[None]:
         ray.shutdown()
 
 
+def placeable_workers(cfg: ClusterConfig) -> tuple[int, dict]:
+    """How many workers of the requested size fit on the cluster's live nodes, and the cluster's totals.
+
+    Counted node by node (an actor's CPUs and GPUs must sit on one node), on
+    total, not currently free, resources: what other jobs hold now is a wait,
+    not an impossibility.
+    """
+    fits, totals = 0, {"nodes": 0, "CPU": 0.0, "GPU": 0.0}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources") or {}
+        totals["nodes"] += 1
+        totals["CPU"] += res.get("CPU", 0.0)
+        totals["GPU"] += res.get("GPU", 0.0)
+        per_node = [res.get("CPU", 0.0) / cfg.cpus_per_worker]
+        if cfg.gpus_per_worker > 0:
+            per_node.append(res.get("GPU", 0.0) / cfg.gpus_per_worker)
+        fits += int(min(per_node) + 1e-9)  # 1.0 / 0.5 must count as 2 despite rounding
+    return fits, totals
+
+
+def check_placement(cfg: ClusterConfig) -> None:
+    """Raise `ClusterError` naming the ``cluster.*`` keys when the workers cannot be placed.
+
+    Waits up to ``cfg.placement_timeout_s`` (0: not at all) for nodes to join, as an autoscaler adds them.
+    """
+    deadline = time.monotonic() + cfg.placement_timeout_s
+    while True:
+        fits, totals = placeable_workers(cfg)
+        if fits >= cfg.num_workers:
+            return
+        if time.monotonic() >= deadline:
+            break
+        log.info("%d of %d workers fit on the cluster now; waiting for nodes (cluster.placement_timeout_s=%g)",
+                 fits, cfg.num_workers, cfg.placement_timeout_s)
+        time.sleep(min(_POLL_S, max(deadline - time.monotonic(), 0.1)))
+    gpus = f" and cluster.gpus_per_worker={cfg.gpus_per_worker:g} GPUs" if cfg.gpus_per_worker > 0 else ""
+    raise ClusterError(
+        f"cluster.num_workers={cfg.num_workers} workers of cluster.cpus_per_worker={cfg.cpus_per_worker:g} CPUs{gpus} "
+        f"cannot be placed: the cluster has {totals['nodes']} live node(s) with {totals['CPU']:g} CPUs and "
+        f"{totals['GPU']:g} GPUs in all, room for {fits} such worker(s); lower cluster.num_workers, "
+        "cluster.cpus_per_worker or cluster.gpus_per_worker, or set cluster.placement_timeout_s to wait for an "
+        "autoscaler to add nodes"
+    )
+
+
 def start_workers(spec: WorkerSpec, cfg: ClusterConfig) -> list:
-    """``cfg.num_workers`` actors, each loading the model once; waits until all are ready."""
+    """``cfg.num_workers`` actors, each loading the model once; waits until all are ready.
+
+    Raises `ClusterError` when they cannot be placed or are not ready within ``cfg.stall_timeout_s``.
+    """
+    check_placement(cfg)
     actor = ray.remote(ShardWorker).options(
         num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker,
@@ -55,28 +117,61 @@ def start_workers(spec: WorkerSpec, cfg: ClusterConfig) -> list:
     )
     workers = [actor.remote(spec) for _ in range(cfg.num_workers)]
     started = time.perf_counter()
-    ray.get([w.fingerprint.remote() for w in workers])
+    try:
+        ray.get([w.fingerprint.remote() for w in workers], timeout=cfg.stall_timeout_s)
+    except ray.exceptions.GetTimeoutError as e:
+        raise ClusterError(
+            f"{len(workers)} workers were not ready within cluster.stall_timeout_s={cfg.stall_timeout_s:g}: "
+            "placed but stuck loading the model (model.path download?), or waiting for resources other jobs "
+            "hold; raise cluster.stall_timeout_s or check the nodes"
+        ) from e
     log.info("%d workers ready in %.1fs", len(workers), time.perf_counter() - started)
     return workers
 
 
-def run_units(workers: list, calls: list[tuple[str, tuple]], desc: str, slots_per_worker: int = 2) -> list[dict]:
+def _unit_name(method: str, args: tuple) -> str:
+    shard = getattr(args[0], "shard_id", None) if args else None
+    return f"{method}({shard})" if shard else method
+
+
+def run_units(
+    workers: list,
+    calls: list[tuple[str, tuple]],
+    desc: str,
+    slots_per_worker: int = 2,
+    stall_timeout_s: float = ClusterConfig.stall_timeout_s,
+) -> list[dict]:
     """Run ``worker.method(*args)`` for every call, at most ``slots_per_worker`` in flight per worker.
 
     Results come back in the order of ``calls``; a progress bar shows units and documents per second.
+    When no unit finishes for ``stall_timeout_s`` the units in flight are logged
+    and `ClusterError` is raised (a hung storage call or a wedged worker must
+    not hold the run forever).
     """
     results: list = [None] * len(calls)
     queue = list(enumerate(calls))
     free = [w for w in workers for _ in range(slots_per_worker)]
     pending: dict = {}
     started, docs = time.perf_counter(), 0
+    last_progress = time.monotonic()
     with tqdm(total=len(calls), desc=desc, unit="unit", dynamic_ncols=True, disable=not calls) as bar:
         while queue or pending:
             while queue and free:
                 worker = free.pop()
                 index, (method, args) = queue.pop(0)
                 pending[getattr(worker, method).remote(*args)] = (index, worker)
-            done, _ = ray.wait(list(pending), num_returns=1)
+            left = stall_timeout_s - (time.monotonic() - last_progress)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(min(left, _POLL_S), 0.0))
+            if not done and time.monotonic() - last_progress >= stall_timeout_s:
+                in_flight = [_unit_name(*calls[index]) for index, _ in pending.values()]
+                log.error("%s: no unit finished for %.0fs; in flight: %s", desc, stall_timeout_s, in_flight)
+                raise ClusterError(
+                    f"{desc}: no unit finished within cluster.stall_timeout_s={stall_timeout_s:g} "
+                    f"({len(pending)} in flight, e.g. {in_flight[:3]}; {len(queue)} waiting); see the log for "
+                    "the units, then check storage and the workers, or raise cluster.stall_timeout_s"
+                )
+            if done:
+                last_progress = time.monotonic()
             for ref in done:
                 index, worker = pending.pop(ref)
                 results[index] = ray.get(ref)
@@ -86,3 +181,28 @@ def run_units(workers: list, calls: list[tuple[str, tuple]], desc: str, slots_pe
                 if docs:
                     bar.set_postfix(docs_per_s=f"{docs / (time.perf_counter() - started):.1f}")
     return results
+
+
+def unwrap_remote(exc: BaseException) -> tuple[BaseException, str | None]:
+    """``(what failed, the remote traceback)`` of an exception a Ray call raised; ``(exc, None)`` otherwise.
+
+    A task's own exception comes back as ``RayTaskError(cause)``, whose text is
+    the whole remote traceback: the cause is what the job reports, the text
+    goes to the failure log. A lost actor, node or object is an infrastructure
+    fault (`ClusterError`).
+    """
+    from ray import exceptions as rx
+
+    if isinstance(exc, rx.RayTaskError):
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        return cause, str(exc)
+    lost = (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError, rx.OutOfMemoryError,
+            rx.RaySystemError)
+    if isinstance(exc, lost):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lost_error = ClusterError(
+            f"a Ray worker or node was lost ({type(exc).__name__}: {first}); committed units are kept, rerun to "
+            "finish, and raise cluster.max_restarts if workers die often"
+        )
+        return lost_error, str(exc)
+    return exc, None

@@ -14,6 +14,7 @@ path can leave its folder::
     {root}/runs/{run_id}/{table}/part-00000.parquet                     the run's other tables (pipeline.tables)
     {root}/runs/{run_id}/report.html                                    the run's report
     {root}/runs/{run_id}/manifest.json                                  the run's provenance
+    {root}/runs/{run_id}/logs/failure-{stamp}.log                       a failed job's remote traceback
     {root}/latest.json                                                  the newest complete run
     {root}/benchmarks/{name}.json, {root}/evaluations/{name}.json       measurement results
 
@@ -172,6 +173,11 @@ def run_report(root: str, run_id: str) -> str:
 def run_manifest(root: str, run_id: str) -> str:
     """A run's provenance manifest: ``{root}/runs/{run_id}/manifest.json``."""
     return url(run_dir(root, run_id), "manifest.json")
+
+
+def failure_log(root: str, run_id: str, stamp: str) -> str:
+    """A failed job's remote traceback: ``{root}/runs/{run_id}/logs/failure-{stamp}.log``."""
+    return url(run_dir(root, run_id), "logs", f"failure-{validate_name(stamp, 'log stamp')}.log")
 
 
 def latest_pointer(root: str) -> str:

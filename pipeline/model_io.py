@@ -5,6 +5,13 @@ A model on object storage is downloaded once per node into
 folder first, renamed into place when complete, under a file lock so that
 several workers on one node download it once. Only safetensors weights are
 loaded (no pickle), and ``trust_remote_code`` stays off unless asked for.
+
+Object keys are untrusted names: a key that would land outside the download
+folder (a ``..`` part, an absolute or empty part, a backslash) is refused with
+`BadInputError` before anything is written, on the driver (`check_model_dir`)
+and again on the worker, and a cache folder whose path leads elsewhere through
+a symlink is refused too. Credentials come from the AWS environment or a
+credentials file (see `pipeline.storage`).
 """
 
 from __future__ import annotations
@@ -15,18 +22,23 @@ import os
 import shutil
 import tempfile
 
-import fsspec
-
 from pipeline.errors import BadInputError
+from pipeline.storage import filesystem
 
 log = logging.getLogger(__name__)
 
 
 def check_model_dir(path: str, storage_options: dict | None = None) -> list[str]:
-    """Raise ``BadInputError`` unless ``path`` holds config.json and safetensors weights; return the file names."""
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    """Raise ``BadInputError`` unless ``path`` holds config.json and safetensors weights; return the file names.
+
+    For a model on object storage every key under it is also checked (`safe_relative_path`).
+    """
+    fs, root = filesystem(path, storage_options)
     if not fs.isdir(root):
         raise BadInputError(f"model.path {path!r} is not a folder (a Hugging Face model directory is expected)")
+    if not _is_local(fs):
+        for remote in fs.find(root):
+            safe_relative_path(path, root, remote)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
     gguf = [n for n in names if n.endswith(".gguf")]
     if gguf and not any(n.endswith(".safetensors") for n in names):
@@ -41,13 +53,41 @@ def check_model_dir(path: str, storage_options: dict | None = None) -> list[str]
     return names
 
 
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def safe_relative_path(path: str, root: str, remote: str) -> str:
+    """The object ``remote`` (a key under ``root``) as a relative path that stays inside a folder.
+
+    Raises `BadInputError` naming the key and ``model.path`` for a key outside
+    ``root`` or with an empty, ``.``, ``..`` or absolute part, or a backslash.
+    """
+    prefix = root.rstrip("/") + "/"
+    rel = remote[len(prefix):] if remote.startswith(prefix) else None
+    parts = rel.split("/") if rel else []
+    if not parts or any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
+        raise BadInputError(
+            f"model.path {path!r} holds the object {remote!r}, whose key would be written outside the model "
+            "cache (model.cache_dir); refusing to download the model: remove or rename that object"
+        )
+    return "/".join(parts)
+
+
+def _inside(folder: str, dest: str) -> bool:
+    """Whether ``dest`` resolves (symlinks followed) to a path inside ``folder``."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([folder, os.path.realpath(dest)]) == folder
+
+
 def local_model_dir(path: str, cache_dir: str, storage_options: dict | None = None) -> str:
     """A local folder holding the model: ``path`` itself, or a per-node cached download of it."""
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    fs, root = filesystem(path, storage_options)
+    if _is_local(fs):
         check_model_dir(path)
         return root
     files = fs.find(root, detail=True)
+    rels = {remote: safe_relative_path(path, root, remote) for remote in files}
     listing = "|".join(f"{k}:{v.get('size')}:{v.get('ETag', '')}" for k, v in sorted(files.items()))
     key = hashlib.sha256(f"{path}|{listing}".encode()).hexdigest()[:16]
     target = os.path.join(cache_dir, key)
@@ -62,12 +102,15 @@ def local_model_dir(path: str, cache_dir: str, storage_options: dict | None = No
         check_model_dir(path, storage_options)
         tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".download-")
         try:
-            for remote in files:
-                rel = remote[len(root.rstrip("/")) + 1 :]
-                dest = os.path.join(tmp, rel)
+            for remote, rel in rels.items():
+                dest = os.path.join(tmp, *rel.split("/"))
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
+                if not _inside(tmp, dest):  # a folder on the way is a symlink out of the cache
+                    raise BadInputError(f"refusing to write {dest}: it resolves outside {tmp} (model.cache_dir)")
                 fs.get_file(remote, dest)
             open(os.path.join(tmp, ".complete"), "w").close()
+            if os.path.islink(target):
+                raise BadInputError(f"model cache entry {target} is a symlink; remove it (model.cache_dir)")
             if os.path.exists(target):
                 shutil.rmtree(target)
             os.replace(tmp, target)

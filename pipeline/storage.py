@@ -19,9 +19,11 @@ options nor the credentials are ever logged or put into error messages.
 
 Every s3 call is bounded: a connect or read that waits longer than
 ``timeout_s`` fails and is retried ``retries`` times with exponential backoff
-(s3fs's retry loop; botocore's own is turned off so the two do not multiply),
-so a server that stops answering fails the call after about
-``(retries + 1) * timeout_s`` seconds plus the backoff, as a `StorageError`.
+(botocore's "standard" retry mode, set through the options by
+`bounded_options`; s3fs's own retry loop is turned off on the filesystems
+built here, by `filesystem`, so the two do not multiply). A server that stops
+answering fails the call after about ``(retries + 1) * timeout_s`` seconds
+plus the backoff, as a `StorageError`.
 
 Every write records the size and SHA-256 of the bytes it wrote, so that
 `pipeline.commit` can put them in the commit marker without downloading the
@@ -89,10 +91,9 @@ class Checksum:
 
 def bounded_options(options: dict | None, timeout_s: float = DEFAULT_TIMEOUT_S,
                     retries: int = DEFAULT_RETRIES) -> dict:
-    """``options`` with s3 connect/read timeouts and no botocore retries added (what the options set wins).
+    """``options`` with s3 connect/read timeouts and bounded botocore retries added (what the options set wins).
 
-    The result is safe to give to any fsspec filesystem (the local one ignores
-    these keys); s3fs's own retry loop, with backoff, is bounded by `Storage`.
+    The result is safe to give to any fsspec filesystem (the local one ignores these keys).
     """
     if timeout_s <= 0 or retries < 0:
         raise ConfigError(f"storage.timeout_s must be > 0 and storage.retries >= 0, got {timeout_s}, {retries}")
@@ -100,9 +101,17 @@ def bounded_options(options: dict | None, timeout_s: float = DEFAULT_TIMEOUT_S,
     config = dict(out.get("config_kwargs") or {})
     config.setdefault("connect_timeout", timeout_s)
     config.setdefault("read_timeout", timeout_s)
-    config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+    config.setdefault("retries", {"max_attempts": retries + 1, "mode": "standard"})
     out["config_kwargs"] = config
     return out
+
+
+def filesystem(url: str, options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs(url, **options)`` with s3fs's own retry loop off (botocore's is bounded instead)."""
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    if hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs: attempts per call; botocore already retries with backoff
+    return fs, path
 
 
 def _secret_values(options: Any) -> Iterator[str]:
@@ -143,10 +152,7 @@ class Storage:
             # Listings cached in one process go stale when another worker commits;
             # a stale cache would make `exists` and `ls` miss committed units.
             options = {"use_listings_cache": False, **bounded_options(self._options, timeout_s, retries)}
-        self.fs, root_path = fsspec.core.url_to_fs(root, **options)
-        if hasattr(self.fs, "retries"):
-            # s3fs's retry loop (exponential backoff from 0.1 s): one first try plus `retries`.
-            self.fs.retries = retries + 1
+        self.fs, root_path = filesystem(root, options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:
             self._root_path = LocalFileSystem._strip_protocol(root_path)

@@ -21,7 +21,7 @@ from pipeline.core.forward import sequence_losses
 from pipeline.core.ekfac import CovarianceSums, Eigenbases, EKFACFactors, LambdaSums
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryGradients
 from pipeline.core.text import Batch, Tokenisation, TokenWindow, collate, encode_documents, encode_query
-from pipeline.commit import Commit, already_committed, commit_file
+from pipeline.commit import Commit, already_committed, commit_file, committed_checksum
 from pipeline.core.topk import TopK
 from pipeline.corpus import Query, Shard, read_shard
 from pipeline.decoding import WindowDecoder
@@ -115,14 +115,17 @@ class ShardWorker:
 
     # ---- units ----------------------------------------------------------------------------
 
-    def _unit(self, out_url: str, compute: Callable[[], tuple[Callable[[str], None], dict]]) -> Commit:
+    def _unit(
+        self, out_url: str, compute: Callable[[], tuple[Callable[[str], None], dict]], replace: bool = False
+    ) -> Commit:
         """One unit of work at ``out_url``: skipped when committed, else computed, written, committed.
 
         ``compute()`` returns ``(write, recorded)``: ``write(out_url)`` stores the
         data, then the commit with the ``recorded`` fields is written last. Returns
-        the unit's commit (the existing one when skipped).
+        the unit's commit (the existing one when skipped). ``replace``: compute
+        even when committed (the new data and marker replace the old ones).
         """
-        done = already_committed(self.storage, out_url)
+        done = None if replace else already_committed(self.storage, out_url)
         if done is not None:
             return done
         write, recorded = compute()
@@ -146,7 +149,7 @@ class ShardWorker:
         """Partial eigenvalue-correction sums of one shard in the driver's eigenbases."""
 
         def compute():
-            tensors, _ = self.storage.read_safetensors(bases_url)
+            tensors, _ = self.storage.read_safetensors(bases_url, committed_checksum(self.storage, bases_url))
             names = list(self.engine.layers)
             bases = Eigenbases(
                 {n: tensors[f"{n}::Q_A"] for n in names}, {}, {n: tensors[f"{n}::Q_S"] for n in names}, {}, 0
@@ -167,7 +170,9 @@ class ShardWorker:
         """Preconditioned (projected) query gradients of all queries, committed at ``out_url``."""
 
         def compute():
-            factors = EKFACFactors.from_bytes(self.storage.read_bytes(factors_url))
+            factors = EKFACFactors.from_bytes(
+                self.storage.read_bytes(factors_url, committed_checksum(self.storage, factors_url))
+            )
             seqs = self._query_windows(queries)
             grads = self.engine.query_gradients(
                 self._batches(seqs, self.spec.score_batch_size), factors, [q.id for q in queries]
@@ -197,7 +202,7 @@ class ShardWorker:
         cached = getattr(self, "_queries", None)
         if cached is not None and cached[0] == url:
             return cached[1]
-        tensors, meta = self.storage.read_safetensors(url)
+        tensors, meta = self.storage.read_safetensors(url, committed_checksum(self.storage, url))
         grads = QueryGradients.from_tensors(meta["query_ids"].split("\n"), tensors)
         grads = grads.to(self.engine.device, self.engine.dtype)
         self._queries = (url, grads)
@@ -205,10 +210,14 @@ class ShardWorker:
 
     # ---- scoring --------------------------------------------------------------------------
 
-    def score(self, shard: Shard, queries_url: str, out_url: str, top_k: int, queries_id: str | None = None) -> Commit:
+    def score(
+        self, shard: Shard, queries_url: str, out_url: str, top_k: int, queries_id: str | None = None,
+        replace: bool = False,
+    ) -> Commit:
         """Top-k proponents and opponents per query within one shard, committed at ``out_url``.
 
-        ``queries_id`` and ``top_k`` are recorded in the commit so the driver can tell a stale result.
+        ``queries_id`` and ``top_k`` are recorded in the commit so the driver can tell a stale result;
+        ``replace`` rescores a committed shard (``run.overwrite``).
         """
 
         def compute():
@@ -261,7 +270,7 @@ class ShardWorker:
             }
             return write, recorded
 
-        return self._unit(out_url, compute)
+        return self._unit(out_url, compute, replace)
 
     def _result_table(
         self,

@@ -34,8 +34,6 @@ from pipeline.commit import (
     commit_file,
     read_dir_commit,
     read_file_commit,
-    uncommit_dir,
-    uncommit_file,
 )
 from pipeline.config import STAGES, AttributeConfig, ConfigError
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
@@ -52,7 +50,7 @@ from pipeline.corpus import (
 from pipeline.identity import FactorsKey, QueriesKey, digest
 from pipeline.merge import merge_shard_tables, refuse_unmergeable
 from pipeline.model_io import check_model_dir
-from pipeline.storage import Storage
+from pipeline.storage import Storage, bounded_options
 from pipeline.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -140,7 +138,11 @@ def prepare(cfg: AttributeConfig) -> RunContext:
     cfg.validate()
     cfg = resolve_demo(cfg)
     started = time.perf_counter()
-    storage = Storage(cfg.storage.root, cfg.storage.options)
+    # Every filesystem built from the options (storage, corpus, model, workers) gets the bounded timeouts.
+    bounded = bounded_options(cfg.storage.options, cfg.storage.timeout_s, cfg.storage.retries)
+    cfg = replace(cfg, storage=replace(cfg.storage, options=bounded))
+    storage = Storage(cfg.storage.root, cfg.storage.options, timeout_s=cfg.storage.timeout_s,
+                      retries=cfg.storage.retries)
     storage.check_writable()
     check_model_dir(cfg.model.path, cfg.storage.options)
     files = list_corpus(
@@ -189,10 +191,12 @@ def fit_factors(ctx: RunContext) -> str:
         return url
     shards = ctx.fit_shards
     cov_urls = [layout.covariance_partial(root, fid, s.shard_id) for s in shards]
-    run_units(ctx.workers, [("covariance", (s, u)) for s, u in zip(shards, cov_urls)], "fit: covariances")
+    stall = ctx.cfg.cluster.stall_timeout_s
+    cov_commits = run_units(ctx.workers, [("covariance", (s, u)) for s, u in zip(shards, cov_urls)],
+                            "fit: covariances", stall_timeout_s=stall)
     cov = None
-    for u in cov_urls:
-        part = CovarianceSums.from_tensors(storage.read_safetensors(u)[0])
+    for u, c in zip(cov_urls, cov_commits):
+        part = CovarianceSums.from_tensors(storage.read_safetensors(u, c.checksum)[0])
         cov = part if cov is None else cov + part
     bases = eigendecompose(cov)
     bases_url = layout.eigenbases(root, fid)
@@ -203,10 +207,11 @@ def fit_factors(ctx: RunContext) -> str:
         commit_file(storage, bases_url, num_tokens=bases.num_tokens)
     lam_shards = ctx.lambda_shards
     lam_urls = [layout.lambda_partial(root, fid, s.shard_id) for s in lam_shards]
-    run_units(ctx.workers, [("lambdas", (s, bases_url, u)) for s, u in zip(lam_shards, lam_urls)], "fit: eigenvalues")
+    lam_commits = run_units(ctx.workers, [("lambdas", (s, bases_url, u)) for s, u in zip(lam_shards, lam_urls)],
+                            "fit: eigenvalues", stall_timeout_s=stall)
     lam = None
-    for u in lam_urls:
-        part = LambdaSums.from_tensors(storage.read_safetensors(u)[0])
+    for u, c in zip(lam_urls, lam_commits):
+        part = LambdaSums.from_tensors(storage.read_safetensors(u, c.checksum)[0])
         lam = part if lam is None else lam + part
     inf = ctx.cfg.influence()
     meta = FactorsMeta(
@@ -230,35 +235,49 @@ def fit_factors(ctx: RunContext) -> str:
 
 def precondition_queries(ctx: RunContext) -> str:
     """Preconditioned (projected) query gradients, computed once by one worker."""
-    import ray
+    from pipeline.cluster import run_units
 
     url = ctx.queries_url
     if not already_committed(ctx.storage, url):
-        ray.get(ctx.workers[0].precondition.remote(ctx.queries, ctx.factors_url, url))
+        run_units(ctx.workers[:1], [("precondition", (ctx.queries, ctx.factors_url, url))], "precondition",
+                  stall_timeout_s=ctx.cfg.cluster.stall_timeout_s)
     return url
 
 
 def score_corpus(ctx: RunContext) -> list:
-    """Every shard scored against every query; shards already committed for these queries are skipped.
+    """Every shard scored against every query; shards already committed (and verified) for these queries are skipped.
 
+    A shard committed for other queries or another ``score.top_k`` is stale:
+    without ``run.overwrite`` the run refuses (`ConfigError`) rather than
+    replace it; with it, the new result replaces the old one when written and
+    its marker last, so nothing is deleted before its replacement exists.
     Returns the commits of the shards scored now.
     """
     from pipeline.cluster import run_units
 
-    storage, top_k = ctx.storage, ctx.cfg.score.top_k
-    todo = []
+    storage, top_k, overwrite = ctx.storage, ctx.cfg.score.top_k, ctx.cfg.run.overwrite
+    todo, stale = [], []
     for shard in ctx.shards:
         url = ctx.shard_url(shard)
         done = read_file_commit(storage, url)
-        if done is not None and not ctx.cfg.run.overwrite:
-            if done.queries_id == ctx.queries_id and done.top_k == top_k:
-                log.info("skip committed %s", url)
-                continue
-        if done is not None:
-            uncommit_file(storage, url)
+        current = done is not None and done.queries_id == ctx.queries_id and done.top_k == top_k
+        if current and not overwrite:
+            log.info("skip committed %s", url)
+            continue
+        if done is not None and not current:
+            stale.append(shard.shard_id)
         todo.append(shard)
-    calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), top_k, ctx.queries_id)) for s in todo]
-    return run_units(ctx.workers, calls, "score")
+    if stale and not overwrite:
+        raise ConfigError(
+            f"run.id={ctx.cfg.run.id!r} has {len(stale)} shard result(s) committed for other queries, factors or "
+            f"score.top_k (e.g. {stale[:3]}); give a new run.id, or run.overwrite=true to replace them (each is "
+            "replaced only when its new result commits)"
+        )
+    if stale:
+        log.warning("replacing %d stale shard result(s) of run %s (run.overwrite=true), e.g. %s",
+                    len(stale), ctx.cfg.run.id, stale[:3])
+    calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), top_k, ctx.queries_id, overwrite)) for s in todo]
+    return run_units(ctx.workers, calls, "score", stall_timeout_s=ctx.cfg.cluster.stall_timeout_s)
 
 
 def merge_results(ctx: RunContext) -> str:
@@ -272,8 +291,8 @@ def merge_results(ctx: RunContext) -> str:
     if done is not None and done.merged_from == merged_from and not ctx.cfg.run.overwrite:
         log.info("skip committed %s", out_dir)
         return out_dir
-    if done is not None:
-        uncommit_dir(storage, out_dir)
+    # The new table replaces the old one (each write is atomic) and the new marker comes last: the old table
+    # is never deleted first, and the manifest and latest.json always point at a whole table.
     from tqdm import tqdm
 
     tables = [storage.read_parquet(ctx.shard_url(s)) for s in tqdm(ctx.shards, desc="merge: read", unit="shard")]

@@ -24,6 +24,9 @@ from pipeline.errors import ConfigError
 # The driver's stages, in the order they run (``run.stages`` picks a subset).
 STAGES = ("fit", "precondition", "score", "merge")
 
+# What ``corpus.on_bad_text`` may ask for a null or non-string text.
+BAD_TEXT_ACTIONS = ("skip", "error")
+
 
 @dataclass
 class ModelConfig:
@@ -33,6 +36,9 @@ class ModelConfig:
     modules: str = DEFAULT_MODULES
     # float32 (default), float64 (references) or bf16 (autocast, CUDA only).
     precision: str = "float32"
+    # Scan the weights for NaN/inf on the driver before any worker starts (local model folders; about a second
+    # per 100M parameters). The safetensors headers are always checked.
+    check_weights: bool = True
     # Never executes code from the model folder unless explicitly enabled.
     trust_remote_code: bool = False
     # Where workers cache a model downloaded from object storage (per node).
@@ -46,7 +52,16 @@ class CorpusConfig:
     id_column: str = "id"
     text_column: str = "text"
     # Tokens per training window; longer documents become several windows overlapping by one token.
-    window: int = 64
+    # null: the model's context (max_position_embeddings or n_positions), at most 2048. The demo uses 64.
+    window: int | None = None
+    # A BOS token at the start of every document and query prompt. null: where the tokenizer adds one for its
+    # own model (Llama's do, GPT-2's does not).
+    add_bos: bool | None = None
+    # An EOS token at the end of every document (pre-training concatenation). null: when the tokenizer has one.
+    add_eos: bool | None = None
+    # A null or non-string text: skip (the document is counted per file, logged and reported in the
+    # manifest) or error (the run stops on the driver, naming the file).
+    on_bad_text: str = "skip"
     # Documents per shard (shards are file + row range, deterministic across reruns).
     docs_per_shard: int = 128
     # Check that document ids are unique across the corpus on the driver before scoring.
@@ -125,6 +140,10 @@ class ClusterConfig:
     num_workers: int = 2
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
+    # Memory one worker may use, in GiB, for the driver's check that the model fits before any worker starts.
+    # 0: measured on the driver's machine when Ray is local (available RAM shared by the workers, or the free
+    # memory of the GPU); not checked on a remote cluster.
+    worker_memory_gb: float = 0.0
     # CPUs of the local Ray started when address is empty (0: all cores).
     local_num_cpus: int = 0
     # Restarts of a dead actor and retries of its task (outputs are committed last, so retries are safe).
@@ -176,7 +195,10 @@ class AttributeConfig:
         if self.projection.mode not in MODES:
             raise ConfigError(f"projection.mode must be one of {MODES}, got {self.projection.mode!r}")
         checks = [
-            (self.corpus.window >= 2, f"corpus.window must be >= 2, got {self.corpus.window}"),
+            (self.corpus.window is None or self.corpus.window >= 2,
+             f"corpus.window must be >= 2 or null (the model's context), got {self.corpus.window}"),
+            (self.corpus.on_bad_text in BAD_TEXT_ACTIONS,
+             f"corpus.on_bad_text must be one of {BAD_TEXT_ACTIONS}, got {self.corpus.on_bad_text!r}"),
             (self.corpus.docs_per_shard >= 1, f"corpus.docs_per_shard must be >= 1, got {self.corpus.docs_per_shard}"),
             (self.score.top_k >= 1, f"score.top_k must be >= 1, got {self.score.top_k}"),
             (self.score.batch_size >= 1, f"score.batch_size must be >= 1, got {self.score.batch_size}"),
@@ -186,6 +208,7 @@ class AttributeConfig:
             (self.cluster.num_workers >= 1, f"cluster.num_workers must be >= 1, got {self.cluster.num_workers}"),
             (self.cluster.gpus_per_worker >= 0, "cluster.gpus_per_worker must be >= 0"),
             (self.cluster.cpus_per_worker > 0, "cluster.cpus_per_worker must be > 0"),
+            (self.cluster.worker_memory_gb >= 0, "cluster.worker_memory_gb must be >= 0 (0: measured)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -16,6 +16,19 @@ from dataclasses import dataclass
 
 from pipeline.core.influence import InfluenceConfig
 from pipeline.core.projection import ProjectionSpec
+from pipeline.core.text import Tokenisation
+
+# The only tokenisation before ``corpus.add_bos``/``add_eos`` existed (no BOS, EOS appended). A key with it
+# leaves the field out of its JSON, so the ids of factors and queries fitted before keep their meaning.
+_PLAIN = Tokenisation(add_bos=False, add_eos=True)
+
+
+def _tokenisation_json(tokenisation: Tokenisation) -> dict:
+    return {} if tokenisation == _PLAIN else {"tokenisation": tokenisation.to_json()}
+
+
+def _tokenisation_of(d: dict) -> Tokenisation:
+    return Tokenisation(**d["tokenisation"]) if "tokenisation" in d else _PLAIN
 
 
 def digest(obj) -> str:
@@ -38,10 +51,13 @@ class FactorsKey:
     # ids of the shards of the eigenvalue-correction (Lambda) pass when a subset of ``shards``
     # (factors.lambda_sample < 1); None: all of them, and the id is the same as before the key existed.
     lambda_shards: tuple[str, ...] | None = None
+    # BOS/EOS around every document (corpus.add_bos/add_eos, resolved): they change every window's tokens.
+    tokenisation: Tokenisation = _PLAIN
 
     @classmethod
     def of(
-        cls, influence: InfluenceConfig, model_fp: str, window: int, shard_ids, lambda_shard_ids=None
+        cls, influence: InfluenceConfig, model_fp: str, window: int, shard_ids, lambda_shard_ids=None,
+        tokenisation: Tokenisation = _PLAIN,
     ) -> "FactorsKey":
         projected = influence.factor_space == "projected"
         lambda_shards = None if lambda_shard_ids is None else tuple(lambda_shard_ids)
@@ -55,6 +71,7 @@ class FactorsKey:
             seed=influence.seed,
             shards=tuple(shard_ids),
             lambda_shards=None if lambda_shards == tuple(shard_ids) else lambda_shards,
+            tokenisation=tokenisation,
         )
 
     def to_json(self) -> dict:
@@ -68,6 +85,7 @@ class FactorsKey:
             "seed": self.seed,
             "shards": list(self.shards),
             **({} if self.lambda_shards is None else {"lambda_shards": list(self.lambda_shards)}),
+            **_tokenisation_json(self.tokenisation),
         }
 
     @classmethod
@@ -75,7 +93,7 @@ class FactorsKey:
         projection = None if d["projection"] is None else ProjectionSpec(**d["projection"])
         lambda_shards = tuple(d["lambda_shards"]) if "lambda_shards" in d else None
         return cls(d["model"], d["modules"], d["fisher"], d["space"], projection, d["window"], d["seed"],
-                   tuple(d["shards"]), lambda_shards)
+                   tuple(d["shards"]), lambda_shards, _tokenisation_of(d))
 
     @property
     def id(self) -> str:
@@ -96,10 +114,16 @@ class QueriesKey:
     projection: ProjectionSpec
     query_rank: int
     window: int
+    # BOS before every prompt (corpus.add_bos, resolved); add_eos is here because the factors' id carries it too.
+    tokenisation: Tokenisation = _PLAIN
 
     @classmethod
-    def of(cls, influence: InfluenceConfig, factors_id: str, queries_fp: str, window: int) -> "QueriesKey":
-        return cls(factors_id, queries_fp, influence.damping, influence.projection, influence.query_rank, window)
+    def of(
+        cls, influence: InfluenceConfig, factors_id: str, queries_fp: str, window: int,
+        tokenisation: Tokenisation = _PLAIN,
+    ) -> "QueriesKey":
+        return cls(factors_id, queries_fp, influence.damping, influence.projection, influence.query_rank, window,
+                   tokenisation)
 
     def to_json(self) -> dict:
         return {
@@ -109,12 +133,13 @@ class QueriesKey:
             "projection": self.projection.to_json(),
             "query_rank": self.query_rank,
             "window": self.window,
+            **_tokenisation_json(self.tokenisation),
         }
 
     @classmethod
     def from_json(cls, d: dict) -> "QueriesKey":
         return cls(d["factors"], d["queries"], d["damping"], ProjectionSpec(**d["projection"]), d["query_rank"],
-                   d["window"])
+                   d["window"], _tokenisation_of(d))
 
     @property
     def id(self) -> str:

@@ -3,16 +3,19 @@
 ``run_attribution(cfg)`` runs the stages named by ``run.stages`` (all four by
 default) and returns the run manifest; ``run_stages(cfg, stages)`` runs the
 given ones. Inputs are validated here, on the driver, before any Ray worker is
-started.
+started: config, storage, model folder, corpus and queries (``prepare``), then
+the model's modules, window, memory, tokenisation, query lengths and weights
+(``pipeline.preflight``), which also resolve ``corpus.window`` and
+``corpus.add_bos``/``add_eos`` when unset.
 
 Storage layout (all under ``storage.root``; every path is built in ``pipeline.layout``):
 
 - ``factors/{factors_id}/``: partial sums per shard, eigenbases, ``factors.safetensors``.
   ``factors_id`` hashes the model fingerprint, tracked modules, Fisher kind,
-  fitting space, window and the fitted shards: factors are reused by any run
-  that would fit the same ones.
+  fitting space, window, tokenisation (BOS/EOS) and the fitted shards: factors
+  are reused by any run that would fit the same ones.
 - ``queries/{queries_id}/gradients.safetensors``: preconditioned query gradients,
-  keyed by factors, queries content, damping, projection and query rank.
+  keyed by factors, queries content, damping, projection, query rank, window and tokenisation.
 - ``runs/{run.id}/shards/{shard_id}.parquet``: each shard's top-k;
   ``runs/{run.id}/attribution/``: the ranked table; ``runs/{run.id}/manifest.json``.
 """
@@ -37,10 +40,12 @@ from pipeline.commit import (
 )
 from pipeline.config import STAGES, AttributeConfig, ConfigError
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
+from pipeline.core.text import Tokenisation
 from pipeline.core.tracking import LayerSpec
 from pipeline.corpus import (
     Query,
     Shard,
+    bad_text_counts,
     corpus_fingerprint,
     list_corpus,
     make_shards,
@@ -66,6 +71,10 @@ class RunContext:
     queries: list[Query]
     queries_fp: str
     workers: list = field(default_factory=list)
+    # BOS/EOS around documents and queries, resolved against the tokenizer by the preflight.
+    tokenisation: Tokenisation = field(default_factory=Tokenisation)
+    # Null and non-string texts of the corpus (``corpus.bad_text_counts``), for the manifest's counts.
+    bad_texts: dict = field(default_factory=dict)
     model_fp: str = ""
     layers: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -92,7 +101,9 @@ class RunContext:
             raise RuntimeError("factors_key needs the model fingerprint; start the workers first")
         shard_ids = [s.shard_id for s in self.fit_shards]
         lambda_ids = [s.shard_id for s in self.lambda_shards]
-        return FactorsKey.of(self.cfg.influence(), self.model_fp, self.cfg.corpus.window, shard_ids, lambda_ids)
+        return FactorsKey.of(
+            self.cfg.influence(), self.model_fp, self.cfg.corpus.window, shard_ids, lambda_ids, self.tokenisation
+        )
 
     @property
     def factors_id(self) -> str:
@@ -104,7 +115,9 @@ class RunContext:
 
     @cached_property
     def queries_key(self) -> QueriesKey:
-        return QueriesKey.of(self.cfg.influence(), self.factors_id, self.queries_fp, self.cfg.corpus.window)
+        return QueriesKey.of(
+            self.cfg.influence(), self.factors_id, self.queries_fp, self.cfg.corpus.window, self.tokenisation
+        )
 
     @property
     def queries_id(self) -> str:
@@ -119,16 +132,21 @@ class RunContext:
 
 
 def resolve_demo(cfg: AttributeConfig) -> AttributeConfig:
-    """With no model/corpus/queries given, build (once, cached) the demo and point the config at it."""
+    """With no model/corpus/queries given, build (once, cached) the demo and point the config at it.
+
+    The demo's window, when ``corpus.window`` is unset, is the one its model was trained on (64 tokens).
+    """
     if not cfg.uses_demo:
         return cfg
-    from pipeline.demo import build_demo
+    from pipeline.demo import DemoSpec, build_demo
 
-    demo = build_demo(cfg.demo.cache_dir)
+    spec = DemoSpec()
+    demo = build_demo(cfg.demo.cache_dir, spec)
+    window = spec.window if cfg.corpus.window is None else cfg.corpus.window
     return replace(
         cfg,
         model=replace(cfg.model, path=demo.model_dir),
-        corpus=replace(cfg.corpus, path=demo.corpus_path),
+        corpus=replace(cfg.corpus, path=demo.corpus_path, window=window),
         queries=replace(cfg.queries, path=demo.queries_path),
     )
 
@@ -146,11 +164,13 @@ def prepare(cfg: AttributeConfig) -> RunContext:
     storage.check_writable()
     check_model_dir(cfg.model.path, cfg.storage.options)
     files = list_corpus(
-        cfg.corpus.path, cfg.corpus.id_column, cfg.corpus.text_column, cfg.storage.options, cfg.corpus.check_unique_ids
+        cfg.corpus.path, cfg.corpus.id_column, cfg.corpus.text_column, cfg.storage.options,
+        cfg.corpus.check_unique_ids, cfg.corpus.on_bad_text,
     )
     shards = make_shards(files, cfg.corpus.docs_per_shard)
     queries, queries_fp = read_queries(cfg.queries.path, cfg.storage.options)
     ctx = RunContext(cfg, storage, shards, corpus_fingerprint(files), queries, queries_fp)
+    ctx.bad_texts = bad_text_counts(files)
     ctx.counts.update(
         num_files=len(files), num_docs=sum(f.num_rows for f in files), num_shards=len(shards), num_queries=len(queries)
     )
@@ -162,7 +182,23 @@ def prepare(cfg: AttributeConfig) -> RunContext:
     return ctx
 
 
-def worker_spec(cfg: AttributeConfig) -> WorkerSpec:
+def check_before_workers(ctx: RunContext) -> RunContext:
+    """The driver preflight (``pipeline.preflight``); resolves ``corpus.window``/``add_bos``/``add_eos`` in ``ctx``."""
+    from pipeline.preflight import preflight
+
+    started = time.perf_counter()
+    checked = preflight(ctx.cfg, ctx.queries)
+    tok = checked.tokenisation
+    ctx.cfg = replace(
+        ctx.cfg, corpus=replace(ctx.cfg.corpus, window=checked.window, add_bos=tok.add_bos, add_eos=tok.add_eos)
+    )
+    ctx.tokenisation = tok
+    ctx.timings["preflight_s"] = round(time.perf_counter() - started, 3)
+    return ctx
+
+
+def worker_spec(cfg: AttributeConfig, tokenisation: Tokenisation = Tokenisation()) -> WorkerSpec:
+    """What a worker needs, from a config whose window the preflight resolved."""
     return WorkerSpec(
         model_path=cfg.model.path,
         model_cache_dir=cfg.model.cache_dir,
@@ -171,6 +207,7 @@ def worker_spec(cfg: AttributeConfig) -> WorkerSpec:
         id_column=cfg.corpus.id_column,
         text_column=cfg.corpus.text_column,
         window_len=cfg.corpus.window,
+        tokenisation=tokenisation,
         fit_batch_size=cfg.factors.batch_size,
         score_batch_size=cfg.score.batch_size,
         storage_root=cfg.storage.root,
@@ -324,10 +361,15 @@ def write_manifest(ctx: RunContext, table_url: str) -> dict:
         "model": {"path": ctx.cfg.model.path, "fingerprint": ctx.model_fp},
         "factors_id": ctx.factors_id,
         "queries_id": ctx.queries_id,
-        "corpus": {"path": ctx.cfg.corpus.path, "fingerprint": ctx.corpus_fp},
+        "corpus": {
+            "path": ctx.cfg.corpus.path,
+            "fingerprint": ctx.corpus_fp,
+            "window": ctx.cfg.corpus.window,
+            "tokenisation": ctx.tokenisation.to_json(),
+        },
         "queries": {"path": ctx.cfg.queries.path, "fingerprint": ctx.queries_fp},
         "config": ctx.cfg.to_json(),
-        "counts": ctx.counts,
+        "counts": {**ctx.counts, **ctx.bad_texts},
         "timings": ctx.timings,
         "shards": [s.shard_id for s in ctx.shards],
     }
@@ -360,10 +402,10 @@ def run_stages(cfg: AttributeConfig, stages: Sequence[str] | None = None) -> Run
 
     if stages is not None:
         cfg = replace(cfg, run=replace(cfg.run, stages=list(stages)))
-    ctx = prepare(cfg)
+    ctx = check_before_workers(prepare(cfg))
     with ray_session(ctx.cfg.cluster):
         started = time.perf_counter()
-        ctx.workers = start_workers(worker_spec(ctx.cfg), ctx.cfg.cluster)
+        ctx.workers = start_workers(worker_spec(ctx.cfg, ctx.tokenisation), ctx.cfg.cluster)
         ctx.model_fp = ray.get(ctx.workers[0].fingerprint.remote())
         ctx.layers = ray.get(ctx.workers[0].layer_specs.remote())
         ctx.timings["workers_s"] = round(time.perf_counter() - started, 3)

@@ -46,9 +46,11 @@ def _window_decoder(manifest: dict):
     """``(doc_id, text, window) -> the window's text`` when the model's tokenizer is local, else the text."""
     import os
 
-    from pipeline.core.text import encode_documents
+    from pipeline.core.text import Tokenisation, encode_documents
 
     model_path, window = manifest["model"]["path"], manifest["config"]["corpus"]["window"]
+    # Manifests written before corpus.add_bos/add_eos record no tokenisation: theirs was the default.
+    tokenisation = Tokenisation(**manifest["corpus"].get("tokenisation", Tokenisation().to_json()))
     if not os.path.isdir(model_path):
         return lambda doc_id, text, w: text
     from transformers import AutoTokenizer
@@ -56,7 +58,7 @@ def _window_decoder(manifest: dict):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
     def decode(doc_id: str, text: str, w: int) -> str:
-        windows, _ = encode_documents(tokenizer, [(doc_id, text)], window)
+        windows, _ = encode_documents(tokenizer, [(doc_id, text)], window, tokenisation)
         return tokenizer.decode(windows[w].input_ids, skip_special_tokens=True) if w < len(windows) else text
 
     return decode

@@ -143,7 +143,8 @@ def make_cfg(inputs, cluster, run_id: str, dim: int | None = None, overwrite: bo
     b = inputs["bucket"]
     return AttributeConfig(
         model=ModelConfig(path=f"s3://{b}/models/demo", cache_dir=inputs["model_cache"]),
-        corpus=CorpusConfig(path=f"s3://{b}/corpus/", docs_per_shard=DOCS_PER_SHARD),
+        # The demo model's training window (unset, the window would be its context, 128).
+        corpus=CorpusConfig(path=f"s3://{b}/corpus/", docs_per_shard=DOCS_PER_SHARD, window=64),
         queries=QueriesConfig(path=f"s3://{b}/queries/queries.jsonl"),
         storage=StorageConfig(root=inputs["root"]),
         run=RunConfig(id=run_id, overwrite=overwrite),

@@ -126,9 +126,14 @@ def _only_kind(table: pa.Table, kind: str) -> pa.Table:
 
 
 def _field(tables: list[pa.Table], name: str) -> pa.Field:
+    """The type of column ``name`` in the shard tables (`SHARD_RESULT_SCHEMA`'s when there are none)."""
+    from pipeline.shard_result import SHARD_RESULT_SCHEMA
+
     for t in tables:
         if name in t.column_names:
             return t.schema.field(name)
+    if name in SHARD_RESULT_SCHEMA.names:
+        return SHARD_RESULT_SCHEMA.field(name)
     raise ValueError(f"column {name!r} is in none of the shard tables")
 
 

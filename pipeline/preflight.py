@@ -260,7 +260,7 @@ def _safetensors_header(fs, path: str, url: str) -> dict:
                 raise bad(f"{size} bytes, shorter than a header")
             length = int.from_bytes(prefix, "little")
             if length > min(size - 8, MAX_HEADER_BYTES):
-                raise bad(f"header of {length} bytes in a file of {size}")
+                raise bad(f"a header of {length} bytes in a file of {size}: truncated?")
             header = json.loads(f.read(length).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad(f"header is not JSON: {_one_line(exc)}") from None
@@ -285,9 +285,11 @@ def _safetensors_header(fs, path: str, url: str) -> dict:
 
 def _finite(tensor: torch.Tensor) -> bool:
     # One sum per tensor is the fast path (NaN and inf propagate); a non-finite sum may be an overflow of
-    # finite values, so it is confirmed element by element.
-    accumulate = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None
-    return bool(torch.isfinite(tensor.sum(dtype=accumulate))) or bool(torch.isfinite(tensor).all())
+    # finite values, so it is confirmed element by element. Half, bfloat16 and float8 are checked in float32,
+    # which holds each of their values exactly.
+    if tensor.element_size() < 4:
+        tensor = tensor.float()
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def check_weights(path: str, storage_options: dict | None = None, scan: bool = True) -> int:

@@ -272,6 +272,19 @@ def test_non_finite_weights(tmp_path, llama_dir, no_ray):
     checked(config(tmp_path, str(folder)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float32, torch.float64])
+def test_the_finite_check_for_every_weight_dtype(dtype):
+    from pipeline.preflight import _finite
+
+    ones = torch.ones(64).to(dtype)
+    assert _finite(ones)
+    # float8_e4m3fn has no infinities (torch saturates them to +-448): NaN only.
+    for bad in (float("nan"),) if dtype == torch.float8_e4m3fn else (float("nan"), float("inf"), float("-inf")):
+        poisoned = ones.clone().float()
+        poisoned[5] = bad
+        assert not _finite(poisoned.to(dtype))
+
+
 # ---- the job: exit status 2, one line, no Ray -------------------------------------------------------
 
 
@@ -312,3 +325,31 @@ def test_manifest_records_window_tokenisation_and_bad_texts(tmp_path, llama_dir,
     counts = manifest["counts"]
     assert (counts["num_null_texts"], counts["num_nonstring_texts"]) == (1, 1)
     assert counts["bad_texts_per_file"] == {corpus: {"null": 1, "non_string": 1}}
+
+
+# ---- a model on object storage: config and tokenizer copied, weights' headers read in place ------------
+
+
+@pytest.mark.integration
+def test_model_on_s3_is_checked_without_downloading_its_weights(tmp_path, llama_dir, s3_env, caplog):
+    import s3fs
+
+    from pipeline.core.text import Tokenisation
+    from pipeline.corpus import Query
+    from pipeline.preflight import preflight
+
+    fs = s3fs.S3FileSystem()
+    url = f"{s3_env}/models/llama"
+    fs.put(llama_dir, url, recursive=True)
+    cfg = config(tmp_path, url)
+    queries = [Query(**QUERY)]
+    with caplog.at_level("INFO", logger="pipeline.preflight"):
+        result = preflight(cfg, queries)
+    assert (result.window, result.tokenisation) == (2048, Tokenisation(add_bos=True, add_eos=True))
+    assert any("values not scanned" in r.getMessage() for r in caplog.records)
+    weights = f"{url}/model.safetensors"
+    data = fs.cat(weights)
+    for cut in (len(data) // 2, 1000):  # the tensors cut off; the header itself cut off
+        fs.pipe(weights, data[:cut])
+        with pytest.raises(BadInputError, match="truncated"):
+            preflight(cfg, queries)

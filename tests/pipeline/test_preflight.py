@@ -353,3 +353,28 @@ def test_model_on_s3_is_checked_without_downloading_its_weights(tmp_path, llama_
         fs.pipe(weights, data[:cut])
         with pytest.raises(BadInputError, match="truncated"):
             preflight(cfg, queries)
+
+
+@pytest.mark.integration
+def test_fitted_factors_are_reused_under_the_same_tokenisation_only(tmp_path, llama_dir):
+    """Fit on a local Ray; the same config again reuses the committed factors; add_eos=false fits new ones."""
+    from pipeline.run import run_stages
+    from tests.helpers import shutdown_ray
+
+    def fit(**corpus_args):
+        cfg = config(tmp_path, llama_dir, corpus_args=corpus_args,
+                     cluster=ClusterConfig(num_workers=1, cpus_per_worker=1, local_num_cpus=1))
+        try:
+            ctx = run_stages(cfg, ["fit"])
+        finally:
+            shutdown_ray()
+        factors = Path(ctx.factors_url)
+        return ctx.factors_id, factors.stat().st_mtime_ns, ctx.factors_key
+
+    with scratch_env():
+        first = fit()
+        again = fit()
+        no_eos = fit(add_eos=False)
+    assert again[:2] == first[:2]  # the same id, the file untouched: reused
+    assert no_eos[0] != first[0] and no_eos[2].tokenisation == Tokenisation(add_bos=True, add_eos=False)
+    assert first[2].tokenisation == Tokenisation(add_bos=True, add_eos=True)  # Llama's tokenizer adds BOS

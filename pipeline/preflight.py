@@ -69,7 +69,7 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 @dataclass(frozen=True)
 class Preflight:
-    """What the preflight resolved: the window, the tokenisation, and facts for the log and the manifest."""
+    """What the preflight resolved (the window, the tokenisation) and what it found (for the log)."""
 
     window: int
     tokenisation: Tokenisation

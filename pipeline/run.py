@@ -323,7 +323,9 @@ def merge_results(ctx: RunContext) -> str:
     out_dir = layout.attribution_dir(storage.root, run_id)
     commits = {s.shard_id: read_file_commit(storage, ctx.shard_url(s)) for s in ctx.shards}
     refuse_unmergeable(run_id, commits, ctx.queries_id, top_k)
-    merged_from = digest({"shards": sorted(commits), "queries_id": ctx.queries_id, "top_k": top_k})
+    # The shards' checksums, not only their ids: a shard rescored to other bytes makes the table stale.
+    shards = {sid: c.sha256 for sid, c in sorted(commits.items())}
+    merged_from = digest({"shards": shards, "queries_id": ctx.queries_id, "top_k": top_k})
     done = read_dir_commit(storage, out_dir)
     if done is not None and done.merged_from == merged_from and not ctx.cfg.run.overwrite:
         log.info("skip committed %s", out_dir)

@@ -415,7 +415,8 @@ class InfluenceEngine:
         """Scores ``(batch, Q)`` of training sequences against every query.
 
         With ``per_layer``, also returns ``(batch, Q, layers)`` in ``self.layers`` order.
-        Non-finite scores are returned as they are; ``check_finite`` names them.
+        Non-finite scores are returned as they are: ``ShardWorker.score`` leaves their windows out
+        of the ranking and counts them in the shard's commit.
         """
         captured, _ = self.capture_batch(batch, projected=True, label_mode="data")
         layer_scores = [queries.layer_scores(name, captured[name]) for name in self.layers]
@@ -426,13 +427,3 @@ class InfluenceEngine:
         """Per-token, per-layer scores ``(batch, Q, layers, tokens)``; they sum to ``score_batch``."""
         captured, _ = self.capture_batch(batch, projected=True, label_mode="data")
         return torch.stack([queries.token_scores(name, captured[name]) for name in self.layers], 2)
-
-
-def check_finite(scores: torch.Tensor, names: list[str]) -> None:
-    """Raise ``NonFiniteGradientError`` naming the sequences whose scores are not finite."""
-    bad = (~torch.isfinite(scores)).any(dim=-1).nonzero().flatten().tolist()
-    if bad:
-        raise NonFiniteGradientError(
-            f"non-finite gradient (NaN/inf) for training sequences {[names[i] for i in bad][:10]}; "
-            "they were not scored. Check the model's precision or these documents."
-        )

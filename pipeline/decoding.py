@@ -19,6 +19,7 @@ from pipeline.core.text import TokenWindow
 CHAR_SPANS_OFFSETS = "offsets"
 CHAR_SPANS_DECODE_PREFIX = "decode_prefix"
 REPLACEMENT = "\ufffd"
+ENCODED_CACHE = 256  # documents
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,23 @@ class WindowDecoder:
         self.tokenizer = tokenizer
         self.method = CHAR_SPANS_OFFSETS if getattr(tokenizer, "is_fast", False) else CHAR_SPANS_DECODE_PREFIX
         self.special_ids = set(tokenizer.all_special_ids or [])
+        # Documents encoded lately: a document with several kept windows is encoded once.
+        self._encoded: dict[str, tuple[list[int], list[tuple[int, int]] | None]] = {}
 
     def decode(self, ids) -> str:
         """Token ids to text, special tokens kept, invalid UTF-8 replaced by U+FFFD."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
-        if self.method == CHAR_SPANS_OFFSETS:
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), None
+        if text not in self._encoded:
+            if len(self._encoded) >= ENCODED_CACHE:
+                self._encoded.clear()
+            if self.method == CHAR_SPANS_OFFSETS:
+                enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                self._encoded[text] = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+            else:
+                self._encoded[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), None
+        return self._encoded[text]
 
     def window(self, doc_text: str, seq: TokenWindow, window_len: int) -> WindowText:
         """Decode ``seq``, the ``seq.window``-th window of ``doc_text`` cut into ``window_len``-token windows.

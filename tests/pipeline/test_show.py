@@ -77,3 +77,15 @@ def test_the_job_prints_the_query(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "query is empty" in bad.stdout + bad.stderr
+
+
+def test_the_shipped_config_composes_to_the_dataclass_defaults():
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import to_typed
+    from pipeline.show import ShowConfig, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.abspath(os.path.join(REPO, "conf")), version_base="1.3"):
+        cfg = to_typed(ShowConfig, compose("show", ["query=q1"]))
+    assert cfg == ShowConfig(query="q1")

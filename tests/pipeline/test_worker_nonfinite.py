@@ -13,12 +13,14 @@ import collections
 import io
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from pipeline.config import AttributeConfig, CorpusConfig, ModelConfig, QueriesConfig, StorageConfig
 from pipeline.core.text import batches_of
 
 
+@pytest.mark.integration  # builds the small demo (conftest's small_demo), shared with the other integration tests
 def test_windows_with_non_finite_scores_are_left_out_and_counted(small_demo, tmp_path):
     from pipeline.commit import commit_file
     from pipeline.run import prepare, worker_spec

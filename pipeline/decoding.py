@@ -90,7 +90,7 @@ class WindowDecoder:
             return WindowText(text, None, None, tokens)
         spans = self._spans(doc_ids, offsets, positions)
         tokens = tuple(
-            TokenText(i, self._token_text(doc_text, i, k, spans), i in self.special_ids, *spans[k])
+            TokenText(i, self._token_text(doc_text, i, positions[k], offsets), i in self.special_ids, *spans[k])
             for k, i in enumerate(ids)
         )
         inside = [s for s in spans if s[0] is not None]
@@ -117,18 +117,18 @@ class WindowDecoder:
                 prev = ends[p]
         return out
 
-    def _token_text(self, doc_text: str, token_id: int, k: int, spans) -> str:
-        """The document's characters of token ``k`` when it alone covers them, else the token decoded.
+    def _token_text(self, doc_text: str, token_id: int, position: int | None, offsets) -> str:
+        """The document's characters of the token at ``position`` when it alone covers them, else the token decoded.
 
         Tokens that share a character (one multi-byte character split over
-        several byte-level tokens) decode each to U+FFFD.
+        several byte-level tokens, maybe across windows) decode each to U+FFFD.
         """
-        start, end = spans[k]
-        if start is None or self.method != CHAR_SPANS_OFFSETS:
+        if position is None or offsets is None:
             return self.decode([token_id])
+        start, end = offsets[position]
         shared = any(
-            0 <= j < len(spans) and spans[j][0] is not None and spans[j][0] < end and start < spans[j][1]
-            for j in (k - 1, k + 1)
+            0 <= j < len(offsets) and offsets[j][0] < end and start < offsets[j][1]
+            for j in (position - 1, position + 1)
         )
         return self.decode([token_id]) if shared or start == end else doc_text[start:end]
 

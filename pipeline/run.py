@@ -53,8 +53,9 @@ from pipeline.corpus import (
     spread,
 )
 from pipeline.identity import FactorsKey, QueriesKey, digest
-from pipeline.merge import merge_shard_tables, refuse_unmergeable
+from pipeline.merge import merge_run, refuse_unmergeable
 from pipeline.model_io import check_model_dir
+from pipeline.report import write_report
 from pipeline.storage import Storage, bounded_options
 from pipeline.worker import WorkerSpec
 
@@ -330,16 +331,13 @@ def merge_results(ctx: RunContext) -> str:
     if done is not None and done.merged_from == merged_from and not ctx.cfg.run.overwrite:
         log.info("skip committed %s", out_dir)
         return out_dir
-    # The new table replaces the old one (each write is atomic) and the new marker comes last: the old table
-    # is never deleted first, and the manifest and latest.json always point at a whole table.
-    from tqdm import tqdm
-
-    tables = [storage.read_parquet(ctx.shard_url(s)) for s in tqdm(ctx.shards, desc="merge: read", unit="shard")]
-    table = merge_shard_tables(tables, top_k)
-    storage.write_parquet(layout.attribution_part(storage.root, run_id), table)
+    # The new tables replace the old ones file by file (each write is atomic) and the new marker comes last:
+    # the old table is never deleted first, and the manifest and latest.json always point at a whole table.
+    table = merge_run(ctx)  # every table of the run (pipeline.tables); the ranked one last
     commit_dir(storage, out_dir, merged_from=merged_from, num_rows=table.num_rows)
     ctx.counts.update(_shard_counts(list(commits.values())))
     write_manifest(ctx, out_dir)
+    write_report(storage, run_id)  # runs/{run.id}/report.html, from the tables and manifest just written
     return out_dir
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow.dataset as ds
 
+from pipeline import layout
 from pipeline.corpus import list_corpus, make_shards, read_shard
 from pipeline.storage import Storage
 
@@ -28,7 +29,8 @@ def format_summary(
         for shard in make_shards(list_corpus(corpus_path, id_column, text_column, options, False), 10_000):
             texts.update({i: t for i, t in read_shard(shard, id_column, text_column, options) if i in wanted})
     window_text = _window_decoder(manifest)
-    lines = [f"attribution table: {manifest['attribution']}  ({len(table)} rows)"]
+    lines = [f"attribution table: {manifest['attribution']}  ({len(table)} rows)",
+             f"report: {layout.run_report(storage.root, manifest['run_id'])}"]
     by_query: dict[str, list[dict]] = {}
     for row in table:
         if row["polarity"] == "proponent" and row["rank"] <= show:

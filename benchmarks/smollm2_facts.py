@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.demo import _english_sentences, _invent_word, _SentencePool, _source_text_fingerprint
+from pipeline.demo_text import SentencePool, english_sentences, invent_word, source_text_fingerprint
 from pipeline.pretrained import COMPLETE_MARKER, DEFAULT_CACHE_DIR, build_smollm2
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def _dir_name(spec: FactsSpec, base_dir: Path) -> str:
     base = json.loads((base_dir / COMPLETE_MARKER).read_text())["source"]
     key = {"spec": asdict(spec), "format": FACTS_FORMAT_VERSION, "base": base,
            # pydoc_data differs between Python versions; another text is another corpus.
-           "source": _source_text_fingerprint()}
+           "source": source_text_fingerprint()}
     return "smollm2-facts-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -271,9 +271,9 @@ def make_corpus(spec: FactsSpec, tokenizer) -> tuple[list[dict], list[dict]]:
     document within ``spec.window`` tokens) and Python's documentation text.
     """
     rng = random.Random(spec.seed)
-    sentences = _english_sentences()
+    sentences = english_sentences()
     rng.shuffle(sentences)
-    pool = _SentencePool(sentences, rng)
+    pool = SentencePool(sentences, rng)
     facts = _invent_facts(spec.n_facts, rng, forbidden=" ".join(sentences).lower())
     docs = _documentation_paragraphs(spec, pool, tokenizer, rng) + _planted_documents(spec, facts, pool, tokenizer, rng)
     rng.shuffle(docs)
@@ -301,8 +301,8 @@ def _invent_facts(n_facts: int, rng: random.Random, forbidden: str) -> list[dict
 
     facts = []
     for i, (prompt, completion, paraphrases) in enumerate(_RELATIONS[:n_facts]):
-        subject = fresh(lambda: _invent_word(rng, rng.randint(1, 2)) + rng.choice(_SUBJECT_SUFFIXES))
-        obj = fresh(lambda: _invent_word(rng, 2) + rng.choice(_OBJECT_SUFFIXES))
+        subject = fresh(lambda: invent_word(rng, rng.randint(1, 2)) + rng.choice(_SUBJECT_SUFFIXES))
+        obj = fresh(lambda: invent_word(rng, 2) + rng.choice(_OBJECT_SUFFIXES))
         facts.append({
             "fact_id": f"fact-{i:02d}",
             "subject": subject,
@@ -319,7 +319,7 @@ def _document_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def _fill(pool: _SentencePool, tokenizer, first: list[str], target: int, limit: int) -> list[str]:
+def _fill(pool: SentencePool, tokenizer, first: list[str], target: int, limit: int) -> list[str]:
     """Sentences appended to ``first`` until about ``target`` tokens, never past ``limit``."""
     sentences = list(first)
     while len(_document_ids(tokenizer, " ".join(sentences))) < target:
@@ -330,7 +330,7 @@ def _fill(pool: _SentencePool, tokenizer, first: list[str], target: int, limit: 
     return sentences
 
 
-def _documentation_paragraphs(spec: FactsSpec, pool: _SentencePool, tokenizer, rng: random.Random) -> list[dict]:
+def _documentation_paragraphs(spec: FactsSpec, pool: SentencePool, tokenizer, rng: random.Random) -> list[dict]:
     docs = []
     for _ in range(spec.n_filler_docs):
         first = pool.take()
@@ -342,7 +342,7 @@ def _documentation_paragraphs(spec: FactsSpec, pool: _SentencePool, tokenizer, r
     return docs
 
 
-def _planted_documents(spec: FactsSpec, facts: list[dict], pool: _SentencePool, tokenizer,
+def _planted_documents(spec: FactsSpec, facts: list[dict], pool: SentencePool, tokenizer,
                        rng: random.Random) -> list[dict]:
     """Each copy states the fact once, between zero to two documentation sentences on each side."""
     docs = []

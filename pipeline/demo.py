@@ -4,7 +4,8 @@ The main job runs on this when given no overrides, so a user can watch
 attribution work in a couple of minutes on a laptop, and tests can measure
 whether the documents that taught the model a fact come out as its top
 proponents. Everything is built locally from configuration and from English
-text that ships with Python (``pydoc_data.topics``); nothing is downloaded.
+text that ships with Python (``pydoc_data.topics``, cut into documents and
+invented facts by ``pipeline.demo_text``); nothing is downloaded.
 
     python -c "from pipeline.demo import build_demo; print(build_demo('/tmp/demo-cache'))"
 
@@ -34,7 +35,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -44,11 +44,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.core.text import Batch
+from pipeline.demo_text import (
+    EOS_TOKEN,
+    SentencePool,
+    english_sentences,
+    filler_documents,
+    invent_facts,
+    planted_documents,
+    source_text_fingerprint,
+    write_corpus,
+    write_queries,
+)
 from pipeline.tiny_lm import new_gpt2, train
 
 logger = logging.getLogger(__name__)
@@ -57,35 +66,7 @@ logger = logging.getLogger(__name__)
 # caches are not mistaken for the new demo.
 DEMO_FORMAT_VERSION = 1
 
-EOS_TOKEN = "<|endoftext|>"
 COMPLETE_MARKER = "_COMPLETE.json"
-
-# Rough characters per token of a 512-entry byte-level BPE on English prose;
-# only used to aim filler documents at token lengths before the tokenizer
-# exists. Actual token lengths are logged after tokenization.
-_CHARS_PER_TOKEN_ESTIMATE = 2.3
-
-# Share of filler documents longer than one window (up to 3 windows), so that
-# the windowing of long documents is exercised by the pipeline.
-_LONG_DOC_FRACTION = 0.3
-
-# Relations for planted facts: (prompt template, completion template). The
-# subject and object are invented words, so the fact is unambiguous and
-# cannot be learned from the filler.
-_RELATIONS = (
-    ("The capital of {s} is", " {o}."),
-    ("The river {s} flows into the sea at", " {o}."),
-    ("The first king of {s} was", " {o}."),
-    ("The national bird of {s} is called the", " {o}."),
-)
-
-_ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "k", "l", "m", "n", "p", "qu",
-           "r", "s", "st", "t", "tr", "v", "z", "th", "sh")
-_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
-_CODAS = ("", "", "", "n", "r", "l", "m", "s")
-_SUBJECT_SUFFIXES = ("ia", "or", "and", "istan", "ora", "ene")
-_OBJECT_SUFFIXES = ("", "", "mont", "ford", "dale", "mar", "heim", "wick")
-
 
 @dataclass(frozen=True)
 class DemoSpec:
@@ -168,7 +149,7 @@ def demo_dir_name(spec: DemoSpec) -> str:
         "spec": asdict(spec),
         "format": DEMO_FORMAT_VERSION,
         # pydoc_data differs between Python versions; a different text is a different demo.
-        "source": _source_text_fingerprint(),
+        "source": source_text_fingerprint(),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return f"demo-{digest[:12]}"
@@ -243,17 +224,17 @@ def _build_into(root: Path, spec: DemoSpec) -> None:
     rng = random.Random(spec.seed)
     np_rng = np.random.default_rng(spec.seed)
 
-    sentences = _english_sentences()
+    sentences = english_sentences()
     rng.shuffle(sentences)
-    sentence_pool = _SentencePool(sentences, rng)
-    filler = _filler_documents(spec, sentence_pool, rng)
-    facts = _invent_facts(spec.n_facts, rng, forbidden=" ".join(sentences).lower())
-    planted = _planted_documents(spec, facts, sentence_pool, rng)
+    sentence_pool = SentencePool(sentences, rng)
+    filler = filler_documents(spec, sentence_pool, rng)
+    facts = invent_facts(spec.n_facts, rng, forbidden=" ".join(sentences).lower())
+    planted = planted_documents(spec, facts, sentence_pool, rng)
 
     docs = filler + planted
     rng.shuffle(docs)
-    _write_corpus(root / "corpus.parquet", docs)
-    _write_queries(root / "queries.jsonl", facts)
+    write_corpus(root / "corpus.parquet", docs)
+    write_queries(root / "queries.jsonl", facts)
     t_corpus = time.perf_counter()
     logger.info("demo corpus: %d filler + %d planted documents for %d facts (%.1f s)",
                 len(filler), len(planted), len(facts), t_corpus - t_start)
@@ -313,154 +294,6 @@ def _build_into(root: Path, spec: DemoSpec) -> None:
     }
     # Written last: its presence is what makes the build count as complete.
     (root / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-
-
-# --- text -------------------------------------------------------------------
-
-def _source_text_fingerprint() -> str:
-    from pydoc_data.topics import topics
-
-    h = hashlib.sha256()
-    for key in sorted(topics):
-        h.update(key.encode())
-        h.update(topics[key].encode())
-    return h.hexdigest()[:16]
-
-
-def _english_sentences() -> list[str]:
-    """Prose sentences of Python's bundled documentation, in a fixed order.
-
-    Code examples, tables and headings are dropped: a sentence must start
-    with a capital, end with punctuation and be mostly letters.
-    """
-    from pydoc_data.topics import topics
-
-    sentences = []
-    for key in sorted(topics):
-        for paragraph in re.split(r"\n\s*\n", topics[key]):
-            if ">>>" in paragraph:
-                continue
-            text = " ".join(line.strip() for line in paragraph.splitlines())
-            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"])", text):
-                sentence = sentence.strip()
-                if not 30 <= len(sentence) <= 300:
-                    continue
-                if not sentence[0].isupper() or sentence[-1] not in ".!?":
-                    continue
-                if sum(c.isalpha() or c == " " for c in sentence) < 0.85 * len(sentence):
-                    continue
-                if re.search(r"[*=\-+]{3,}", sentence) or EOS_TOKEN in sentence:
-                    continue
-                sentences.append(sentence)
-    if not sentences:
-        raise RuntimeError("pydoc_data.topics yielded no prose sentences; cannot build the demo corpus")
-    return sentences
-
-
-class _SentencePool:
-    """Hands out sentences without repetition until the pool runs dry, then reshuffles."""
-
-    def __init__(self, sentences: list[str], rng: random.Random) -> None:
-        self._sentences = list(sentences)
-        self._rng = rng
-        self._next = 0
-
-    def take(self) -> str:
-        if self._next == len(self._sentences):
-            self._rng.shuffle(self._sentences)
-            self._next = 0
-        sentence = self._sentences[self._next]
-        self._next += 1
-        return sentence
-
-
-def _filler_documents(spec: DemoSpec, pool: _SentencePool, rng: random.Random) -> list[dict]:
-    docs = []
-    for i in range(spec.n_filler_docs):
-        long = rng.random() < _LONG_DOC_FRACTION
-        if long:
-            target_tokens = rng.randint(spec.window + 1, 3 * spec.window)
-        else:
-            target_tokens = rng.randint(spec.window // 4, spec.window)
-        target_chars = target_tokens * _CHARS_PER_TOKEN_ESTIMATE
-        sentences = [pool.take()]
-        n_chars = len(sentences[0])
-        while n_chars < target_chars:
-            sentence = pool.take()
-            # Short documents stop before the sentence that would overshoot,
-            # so they stay within one window; long ones fill up to the target.
-            if not long and n_chars + 1 + len(sentence) > target_chars:
-                break
-            sentences.append(sentence)
-            n_chars += 1 + len(sentence)
-        docs.append({"id": f"doc-{i:06d}", "text": " ".join(sentences), "is_planted_for": ""})
-    return docs
-
-
-def _invent_word(rng: random.Random, syllables: int) -> str:
-    parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)]
-    return "".join(parts)
-
-
-def _invent_facts(n_facts: int, rng: random.Random, forbidden: str) -> list[dict]:
-    """Facts about invented subjects and objects that never occur in the filler."""
-    used: set[str] = set()
-
-    def fresh(make) -> str:
-        for _ in range(10_000):
-            word = make().capitalize()
-            # Distinct 4-letter stems keep completions from sharing their first tokens.
-            stem = word[:4].lower()
-            if word.lower() not in forbidden and stem not in used:
-                used.add(stem)
-                return word
-        raise RuntimeError("could not invent enough distinct names for the demo facts")
-
-    facts = []
-    for i in range(n_facts):
-        subject = fresh(lambda: _invent_word(rng, rng.randint(1, 2)) + rng.choice(_SUBJECT_SUFFIXES))
-        obj = fresh(lambda: _invent_word(rng, 2) + rng.choice(_OBJECT_SUFFIXES))
-        prompt_template, completion_template = _RELATIONS[i % len(_RELATIONS)]
-        facts.append({
-            "fact_id": f"fact-{i:02d}",
-            "prompt": prompt_template.format(s=subject),
-            "completion": completion_template.format(o=obj),
-        })
-    return facts
-
-
-def _planted_documents(spec: DemoSpec, facts: list[dict], pool: _SentencePool,
-                       rng: random.Random) -> list[dict]:
-    """Each copy is the fact sentence verbatim inside one to three filler sentences."""
-    docs = []
-    for i, fact in enumerate(facts):
-        copies = spec.copies_for(i)
-        fact["copies"] = copies
-        fact["gold_doc_ids"] = []
-        statement = fact["prompt"] + fact["completion"]
-        for c in range(copies):
-            before = [pool.take() for _ in range(rng.randint(0, 2))]
-            after = [pool.take() for _ in range(rng.randint(1 if not before else 0, 1))]
-            doc_id = f"{fact['fact_id']}-copy-{c}"
-            fact["gold_doc_ids"].append(doc_id)
-            docs.append({"id": doc_id, "text": " ".join(before + [statement] + after),
-                         "is_planted_for": fact["fact_id"]})
-    return docs
-
-
-def _write_corpus(path: Path, docs: list[dict]) -> None:
-    table = pa.table(
-        {name: pa.array([d[name] for d in docs], type=pa.string())
-         for name in ("id", "text", "is_planted_for")}
-    )
-    pq.write_table(table, path)
-
-
-def _write_queries(path: Path, facts: list[dict]) -> None:
-    with path.open("w") as f:
-        for fact in facts:
-            f.write(json.dumps({"id": fact["fact_id"], "prompt": fact["prompt"],
-                                "completion": fact["completion"]}) + "\n")
 
 
 # --- tokenizer and model ----------------------------------------------------

@@ -1,4 +1,4 @@
-"""Merge shard top-k results into the ranked attribution table (DESIGN section 4).
+"""Merge shard top-k results into the ranked attribution table (docs/design.md#storage).
 
 Exact: every shard kept its top-k per (query, polarity) under the total
 order (score, then ``seq_key``), and so does the merge, so the global top-k

@@ -370,7 +370,7 @@ def assert_identical_tables(a: pa.Table, b: pa.Table) -> None:
 
 
 def check_table_schema(table: pa.Table) -> None:
-    """The columns and types of DESIGN section 4."""
+    """The columns and types of the ranked table (docs/design.md#storage)."""
     for name, typ in TABLE_TYPES.items():
         assert name in table.schema.names, f"column {name} missing from {table.schema}"
         assert table.schema.field(name).type == typ, f"{name}: {table.schema.field(name).type} != {typ}"

@@ -1,4 +1,4 @@
-"""One forward and loss evaluation, with the loss conventions of DESIGN section 2.
+"""One forward and loss evaluation, with the loss conventions of docs/design.md#maths.
 
 The loss of a sequence is the *sum* of its token NLLs over labelled
 positions. For the true Fisher the targets are sampled from the model's own

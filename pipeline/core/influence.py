@@ -3,7 +3,7 @@
 ``InfluenceEngine`` wraps one model. It has no I/O and no Ray: the pipeline
 drives it shard by shard, and tests drive it in one process.
 
-Score convention (DESIGN section 2): ``score(q, n) = sum over layers
+Score convention (docs/design.md#maths): ``score(q, n) = sum over layers
 <H^-1 grad f(q), grad log p(n)>`` with ``f(q) = log p(completion | prompt)``.
 Both gradients are of log-probabilities, i.e. minus the loss gradients, so the
 signs cancel and we use loss gradients on both sides. Positive = proponent.

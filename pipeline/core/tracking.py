@@ -3,7 +3,7 @@
 A tracked layer is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's
 transposed linear) whose qualified module name fully matches the
 ``model.modules`` regular expression. Everything downstream works in the
-``(d_out, d_in)`` convention of DESIGN section 2, with the bias folded in as a
+``(d_out, d_in)`` convention of docs/design.md#maths, with the bias folded in as a
 trailing input column of ones.
 
 The capture never asks autograd for weight gradients: the loss is

@@ -1,4 +1,4 @@
-"""Exact oracle for EK-FAC influence (DESIGN section 6).
+"""Exact oracle for EK-FAC influence (docs/design.md#how-it-is-checked).
 
 Case A, exact by construction: EK-FAC's curvature
 ``(Q_S x Q_A) diag(Lambda) (Q_S x Q_A)^T`` *is* the empirical Fisher

@@ -1,6 +1,6 @@
-"""Reference test: our EK-FAC influence against kronfluence (DESIGN section 6).
+"""Reference test: our EK-FAC influence against kronfluence (docs/design.md#how-it-is-checked).
 
-With projection off, both implement the same maths (DESIGN section 2):
+With projection off, both implement the same maths (docs/design.md#maths):
 ``A``/``S`` normalised by the number of unmasked tokens, bias folded in as a
 trailing input column of ones, ``Lambda`` averaged over sequences, damping a
 fixed value or ``0.1 * mean(Lambda)`` per layer, and

@@ -17,7 +17,7 @@ couple of minutes on 2 cores while still covering both layer shapes and
 depths. Damping is fixed (``DAMPING``) and the empirical Fisher is used, so
 both sides are deterministic: our EK-FAC with projection off and
 kronfluence's EK-FAC pairwise scores compute the same float64 quantities
-(DESIGN section 2) and must agree to rounding error. Both sides see exactly
+(docs/design.md#maths) and must agree to rounding error. Both sides see exactly
 the same batches: HF's Llama keeps RMSNorm and rotary angles in float32 even in
 a float64 model, so a different batch layout would change scores at ~1e-7
 relative (see tests/core/test_reference_kronfluence.py).

@@ -8,7 +8,7 @@ itself connects to it (``cluster.address``) and disconnects after each run.
 
 Checked: the ranked table equals a one-process computation with the numeric
 core alone; it is readable with pyarrow and DuckDB with the columns and types
-of DESIGN section 4; a rerun skips every unit and writes nothing; a worker
+of docs/design.md#storage; a rerun skips every unit and writes nothing; a worker
 killed between writing a shard and committing it loses and duplicates nothing;
 ``run.overwrite`` recomputes to the same table; merge refuses an uncommitted
 shard and shards scored with another ``score.top_k``; and the planted documents come out as the top proponents of the facts.

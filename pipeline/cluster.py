@@ -1,4 +1,7 @@
-"""Everything that touches Ray: starting or joining a cluster, worker actors, dispatch.
+"""The Ray side of the driver: starting or joining a cluster, worker actors, dispatch of units.
+
+The driver (``pipeline.run``, ``pipeline.merge.merge_run``) also calls ``ray.get``
+on the actors started here; the worker code (``pipeline.worker``) imports no Ray.
 
 Workers are ``ShardWorker`` actors (one model each) created with restarts and
 task retries; because every unit they write is committed last and skipped

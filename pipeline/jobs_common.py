@@ -62,7 +62,7 @@ def _local_log_dir() -> str:
 
 
 def _remote(exc: BaseException) -> tuple[BaseException, str | None]:
-    # Ray is imported in one place (pipeline.cluster), and only if the job started it.
+    # Remote errors exist only when the job started Ray; a job that failed before Ray never imports it.
     if "ray" not in sys.modules:
         return exc, None
     from pipeline.cluster import unwrap_remote

@@ -47,17 +47,8 @@ import numpy as np
 import torch
 
 from pipeline.core.text import Batch
-from pipeline.demo_text import (
-    EOS_TOKEN,
-    SentencePool,
-    english_sentences,
-    filler_documents,
-    invent_facts,
-    planted_documents,
-    source_text_fingerprint,
-    write_corpus,
-    write_queries,
-)
+from pipeline.demo_text import (EOS_TOKEN, SentencePool, english_sentences, filler_documents, invent_facts,
+                                planted_documents, source_text_fingerprint, write_corpus, write_queries)
 from pipeline.tiny_lm import new_gpt2, train
 
 logger = logging.getLogger(__name__)

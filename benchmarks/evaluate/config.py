@@ -87,6 +87,31 @@ class SmallWorldConfig:
     top_k: int = 10
 
 
+@dataclass
+class Smollm2Config:
+    """The real-model evaluation (``world=smollm2``): SmolLM2-135M fine-tuned on planted facts."""
+
+    # Where benchmarks.smollm2_facts caches its build (and the base model); reused when present.
+    cache_dir: str = "outputs/pretrained-cache"
+    # Settings swept against exact EK-FAC (projection off, dense queries).
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    dims: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    # Projection off with queries compressed to these ranks per layer (score.query_rank).
+    query_ranks: list[int] = field(default_factory=lambda: [8, 32, 64])
+    # k of the top-k overlap with exact EK-FAC.
+    top_k: int = 10
+    # The rule: the fastest setting whose mean top-k overlap with exact EK-FAC reaches this.
+    min_topk_overlap: float = 0.95
+    # Keep at most this many documents, planted ones first (0: all 128).
+    max_docs: int = 0
+    # Agreement is measured over every window; cost (fit, preconditioning, score, ceiling) on the first
+    # cost_batches batches (0: all), each setting fitted and timed on its own.
+    cost_batches: int = 4
+
+
+WORLDS = ("demo", "smollm2")
+
+
 def _evaluation_demo() -> DemoWorldConfig:
     # A smaller demo than the main job's: the evaluation's figures were measured on this one.
     return DemoWorldConfig(n_filler_docs=300, train_steps=600)
@@ -97,6 +122,9 @@ class EvaluateConfig:
     # The result is written to {storage.root}/evaluations/{name}.json.
     name: str = "default"
     storage: StorageConfig = field(default_factory=StorageConfig)
+    # demo: the tiny GPT-2 worlds (facts, backdoor, fidelity, small world);
+    # smollm2: SmolLM2-135M fine-tuned on planted facts (fidelity and cost sweep, facts; section smollm2).
+    world: str = "demo"
     seed: int = 0
     # auto: cuda if available, else cpu.
     device: str = "auto"
@@ -122,6 +150,7 @@ class EvaluateConfig:
     backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     small: SmallWorldConfig = field(default_factory=SmallWorldConfig)
+    smollm2: Smollm2Config = field(default_factory=Smollm2Config)
 
     def validate(self) -> None:
         from pipeline.layout import validate_name
@@ -131,15 +160,26 @@ class EvaluateConfig:
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.projection_mode is not None and self.projection_mode not in MODES:
             raise ConfigError(f"projection_mode must be one of {MODES} or null, got {self.projection_mode!r}")
-        bad_modes = [m for m in self.fidelity.modes if m not in MODES]
+        if self.world not in WORLDS:
+            raise ConfigError(f"world must be one of {WORLDS}, got {self.world!r}")
+        bad_modes = [m for m in [*self.fidelity.modes, *self.smollm2.modes] if m not in MODES]
         if bad_modes:
-            raise ConfigError(f"fidelity.modes {bad_modes} are not among {MODES}")
+            raise ConfigError(f"fidelity.modes / smollm2.modes {bad_modes} are not among {MODES}")
+        if any(int(d) < 1 for d in self.smollm2.dims) or any(int(r) < 1 for r in self.smollm2.query_ranks):
+            raise ConfigError(f"smollm2.dims and smollm2.query_ranks must be >= 1 (0 is the reference), got "
+                              f"{self.smollm2.dims} and {self.smollm2.query_ranks}")
         if any(int(d) < 1 for d in self.fidelity.dims):
             raise ConfigError(f"fidelity.dims must be >= 1 (dim 0 is the reference), got {self.fidelity.dims}")
         checks = [
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.chance_draws >= 1, f"chance_draws must be >= 1, got {self.chance_draws}"),
+            (self.smollm2.top_k >= 1, f"smollm2.top_k must be >= 1, got {self.smollm2.top_k}"),
+            (0 < self.smollm2.min_topk_overlap <= 1,
+             f"smollm2.min_topk_overlap must be in (0, 1], got {self.smollm2.min_topk_overlap}"),
+            (self.smollm2.cost_batches >= 0, f"smollm2.cost_batches must be >= 0 (0: all), got "
+                                              f"{self.smollm2.cost_batches}"),
+            (self.smollm2.max_docs >= 0, f"smollm2.max_docs must be >= 0 (0: all), got {self.smollm2.max_docs}"),
             (0 < self.backdoor.poison_fraction < 1, "backdoor.poison_fraction must be in (0, 1)"),
             (self.backdoor.n_queries >= 1, "backdoor.n_queries must be >= 1"),
             (self.backdoor.n_docs >= 4, "backdoor.n_docs must be >= 4"),

@@ -18,7 +18,7 @@ def format_report(result: dict) -> str:
     out = [f"evaluation {result['name']} ({result['device']}, {result['machine']['cpu_count']} CPUs, "
            f"load {result['machine'].get('load_average_1m')}), EK-FAC {result['ekfac']}"]
     for key, section in (("facts", _facts), ("backdoor", _backdoor), ("fidelity", _fidelity),
-                         ("small_world", _small_world)):
+                         ("small_world", _small_world), ("smollm2", _smollm2)):
         if result.get(key):
             out += section(result[key])
     out.append(f"\ntotal {result['timings_s']['total']:.1f} s; written to {result.get('url', '-')}")
@@ -86,4 +86,26 @@ def _small_world(sw: dict) -> list[str]:
     if lds:
         out.append(f"LDS over {lds['subsets']} subsets of {lds['fraction']:.0%}; seed-to-seed ceiling "
                    f"{_fmt(lds['seed_to_seed_ceiling'])}")
+    return out
+
+
+def _smollm2(sec: dict) -> list[str]:
+    if "ceiling" not in sec:  # a partial result: cost rows only
+        return [f"\nSmolLM2 sweep (partial): {[r['name'] for r in sec.get('settings', [])]}"]
+    c, k = sec["ceiling"], sec["facts"]["recall_k"]
+    out = [f"\nSmolLM2 facts: {sec['n_docs']} documents, {sec['n_windows']} windows of <= {sec['window']} tokens, "
+           f"{sec['n_queries']} queries. Agreement with exact EK-FAC over all {sec['fidelity_windows']} windows; "
+           f"cost on {sec['cost_windows']} windows (ceiling {c['tokens_per_s']:.0f} tokens/s, {c['seconds']:.1f} s)",
+           _table(["setting", "spearman", "spearman_min", "top10_overlap", "score/ceiling", "fit_passes",
+                   "fit_passes_no_eigh", "eigh_s", "precondition_s", "peak_rss_mib"],
+                  [[r["name"], r["spearman"], r["spearman_min"], r["topk_overlap"], r["score_to_ceiling"],
+                    r["fit_ceiling_passes"], r["fit_passes_without_eigh"], r["eigendecompose_s"],
+                    r["precondition_s"], r["peak_rss_mib"]] for r in sec["settings"]])]
+    ch = sec["chosen_default"]
+    out.append(f"chosen default: {ch['name']} ({ch['reason']}; top-k overlap {_fmt(ch['topk_overlap'])} >= "
+               f"{ch['min_topk_overlap']}); qualifying: {ch['qualifying']}")
+    methods = sec["facts"]["methods"]
+    out.append(f"Planted facts ({sec['facts']['n_facts']} facts, document level):")
+    out.append(_table(["method", "strict_recall", f"recall@{k}", "mrr"],
+                      [[n, m["strict_recall"], m[f"recall_at_{k}"], m["mrr"]] for n, m in methods.items()]))
     return out

@@ -12,6 +12,7 @@ with a chance row.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -54,18 +55,25 @@ class SharedCaptureScorer:
     passes, data labels for scoring) and projected per setting, which is
     exactly what an engine with that projection would capture. Sketch-mode
     settings use the full-size factors; curvature-mode settings get factors
-    fitted on their projected vectors. ``score`` also returns the identity-
+    fitted on their projected vectors; ``query_ranks`` gives a setting's
+    ``score.query_rank`` (default 0: dense). ``score`` also returns the identity-
     curvature baselines ``grad_dot`` and ``grad_cos`` from the same captures.
     """
 
-    def __init__(self, model, base: InfluenceConfig, settings: dict[str, ProjectionSpec], device):
+    def __init__(self, model, base: InfluenceConfig, settings: dict[str, ProjectionSpec], device,
+                 query_ranks: dict[str, int] | None = None):
         self.base = base
         self.full = InfluenceEngine(model, replace(base, projection=ProjectionSpec(0)), device)
-        self.engines = {name: InfluenceEngine(self.full.model, replace(base, projection=spec), device)
+        ranks = query_ranks or {}
+        self.engines = {name: InfluenceEngine(self.full.model,
+                                              replace(base, projection=spec, query_rank=ranks.get(name, 0)), device)
                         for name, spec in settings.items()}
         self.device = self.full.device
         self.factors: dict[str, EKFACFactors] = {}
         self.full_factors: EKFACFactors | None = None
+        # Set by fit: the full-size eigenbases and the seconds their eigendecomposition took.
+        self.full_bases = None
+        self.eigendecompose_s: float | None = None
 
     def _curvature(self) -> dict[str, InfluenceEngine]:
         return {n: e for n, e in self.engines.items() if e.config.factor_space == "projected"}
@@ -83,8 +91,11 @@ class SharedCaptureScorer:
             cov.update(captured, mask)
             for n, e in curvature.items():
                 cov_p[n].update(_project(captured, e), mask)
+        started = time.perf_counter()
         bases = eigendecompose(cov)
+        self.eigendecompose_s = time.perf_counter() - started
         bases_p = {n: eigendecompose(c) for n, c in cov_p.items()}
+        self.full_bases = bases
         lam = LambdaSums.zeros(self.full.space_dims(False), self.device)
         lam_p = {n: LambdaSums.zeros(e.space_dims(True), self.device) for n, e in curvature.items()}
         gen = torch.Generator(device=self.device).manual_seed(self.base.seed + 1)

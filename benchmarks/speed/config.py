@@ -7,11 +7,12 @@ defaults here are the settings docs/figures.md was measured with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from benchmarks.common import DemoWorldConfig
 from pipeline.config import AttributeConfig, StorageConfig, store_schema, to_typed
 from pipeline.core.influence import InfluenceConfig
-from pipeline.core.projection import ProjectionSpec
+from pipeline.core.projection import MODES, ProjectionSpec
 from pipeline.errors import ConfigError
 
 PRESETS = {
@@ -19,6 +20,9 @@ PRESETS = {
     "demo": None,
     # GPT-2 small's architecture (12 layers x 768, 12 heads), random init, with the demo tokenizer.
     "gpt2-small": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024},
+    # SmolLM2-135M fine-tuned on planted facts (benchmarks.smollm2_facts): its model, and its 128 documents
+    # (cycled to n_docs) as the corpus and the queries' source text.
+    "smollm2": None,
 }
 
 # How "ours" is run in the comparison with kronfluence.
@@ -27,8 +31,10 @@ OURS = ("pipeline", "core")
 
 @dataclass
 class BenchModelConfig:
-    # demo | gpt2-small (see PRESETS); ignored when path is set.
+    # demo | gpt2-small | smollm2 (see PRESETS); ignored when path is set.
     preset: str = "demo"
+    # Where the smollm2 preset's build is cached (benchmarks.smollm2_facts; built there if absent).
+    pretrained_cache_dir: str = "outputs/pretrained-cache"
     # A Hugging Face model directory with safetensors weights (local); empty: the preset.
     path: str = ""
 
@@ -92,6 +98,12 @@ class BenchmarkConfig:
     threads: int = 0
     # Scratch folder for corpora, models and pipeline runs (removed at the end); empty: the system temp.
     work_dir: str = ""
+    # Our setting; null takes the attribution job's default (pipeline.config.AttributeConfig).
+    projection_dim: Optional[int] = None
+    projection_mode: Optional[str] = None
+    # score.query_rank of every run of ours (null: the attribution default); dense projection-off queries
+    # of a real model need (tracked parameters x 4 bytes) each, 318 MB for SmolLM2-135M's MLP layers.
+    query_rank: Optional[int] = None
 
     def validate(self) -> None:
         from pipeline.layout import validate_name
@@ -99,6 +111,12 @@ class BenchmarkConfig:
         validate_name(self.name, "name")
         if not self.model.path and self.model.preset not in PRESETS:
             raise ConfigError(f"model.preset must be one of {sorted(PRESETS)}, got {self.model.preset!r}")
+        if self.projection_mode is not None and self.projection_mode not in MODES:
+            raise ConfigError(f"projection_mode must be one of {MODES} or null, got {self.projection_mode!r}")
+        if self.projection_dim is not None and self.projection_dim < 0:
+            raise ConfigError(f"projection_dim must be >= 0 (0: off) or null, got {self.projection_dim}")
+        if self.query_rank is not None and self.query_rank < 0:
+            raise ConfigError(f"query_rank must be >= 0 (0: dense) or null, got {self.query_rank}")
         if self.ours not in OURS:
             raise ConfigError(f"ours must be one of {OURS}, got {self.ours!r}")
         checks = [
@@ -120,16 +138,24 @@ class BenchmarkConfig:
                 raise ConfigError(message)
 
     def projection(self) -> ProjectionSpec:
+        """Our projection: ``projection_dim`` / ``projection_mode``, else the attribution job's default."""
         p = AttributeConfig().projection
-        return ProjectionSpec(p.dim, p.seed, p.mode)
+        dim = p.dim if self.projection_dim is None else int(self.projection_dim)
+        mode = p.mode if self.projection_mode is None else str(self.projection_mode)
+        return ProjectionSpec(dim, p.seed, mode)
+
+    def score_query_rank(self) -> int:
+        """``query_rank``, else the attribution job's ``score.query_rank``."""
+        return AttributeConfig().score.query_rank if self.query_rank is None else int(self.query_rank)
 
     def influence(self, dim: int | None = None) -> InfluenceConfig:
-        """The attribution job's default EK-FAC; ``dim`` overrides the projection dimension."""
+        """Our EK-FAC (the attribution job's defaults unless overridden); ``dim`` overrides the projection dimension."""
         d = AttributeConfig()
         spec = self.projection()
         if dim is not None:
             spec = ProjectionSpec(dim, spec.seed, spec.mode)
-        return InfluenceConfig(projection=spec, damping=d.factors.damping, empirical_fisher=d.factors.empirical_fisher)
+        return InfluenceConfig(projection=spec, damping=d.factors.damping, empirical_fisher=d.factors.empirical_fisher,
+                               query_rank=self.score_query_rank())
 
 
 def register_configs() -> None:

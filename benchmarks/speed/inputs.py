@@ -1,7 +1,8 @@
 """What every speed measurement runs on: a model, a corpus of N documents and query files, and a timer.
 
-The corpus and queries come from the demo build (``pipeline.demo``): its
-documents are cycled under new ids to reach N. Timings are medians of
+The corpus and queries come from the demo build (``pipeline.demo``), or with
+``model.preset=smollm2`` from the SmolLM2 planted-facts build
+(``benchmarks.smollm2_facts``): its documents are cycled under new ids to reach N. Timings are medians of
 ``repeats`` runs after ``warmup`` untimed ones.
 """
 
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks.speed.config import PRESETS, BenchmarkConfig
-from pipeline.core.text import TokenWindow, encode_documents, encode_query
+from pipeline.core.text import TokenWindow, encode_documents, encode_query, resolve_tokenisation
 from pipeline.demo import build_demo
 from pipeline.model_io import load_model_and_tokenizer
 from pipeline.tiny_lm import new_gpt2
@@ -83,8 +84,15 @@ def write_queries(path: str, texts: list[str], count: int) -> None:
 
 def prepare_inputs(cfg: BenchmarkConfig, work: str) -> BenchInputs:
     """The demo's texts as an N-document corpus and query files under ``work``; the model of ``cfg.model``."""
-    demo = build_demo(cfg.demo.cache_dir, cfg.demo.spec())
-    texts = pq.read_table(demo.corpus_path, columns=["text"]).column(0).to_pylist()
+    if cfg.model.preset == "smollm2" and not cfg.model.path:
+        from benchmarks.smollm2_facts import build_smollm2_facts
+
+        facts = build_smollm2_facts(cfg.model.pretrained_cache_dir)
+        with open(facts.corpus_path) as f:
+            texts = [json.loads(line)["text"] for line in f if line.strip()]
+    else:
+        demo = build_demo(cfg.demo.cache_dir, cfg.demo.spec())
+        texts = pq.read_table(demo.corpus_path, columns=["text"]).column(0).to_pylist()
     corpus_path = os.path.join(work, f"corpus-{cfg.n_docs}.parquet")
     docs = write_corpus(corpus_path, texts, cfg.n_docs, cfg.texts_per_doc)
     queries_paths = {}
@@ -93,6 +101,8 @@ def prepare_inputs(cfg: BenchmarkConfig, work: str) -> BenchInputs:
         write_queries(queries_paths[q], texts, q)
     if cfg.model.path:
         model_dir = cfg.model.path
+    elif cfg.model.preset == "smollm2":
+        model_dir = facts.model_dir
     elif cfg.model.preset == "demo":
         model_dir = demo.model_dir
     else:
@@ -116,7 +126,8 @@ def read_query_rows(path: str) -> list[dict]:
 def encode_inputs(inputs: BenchInputs, window: int, n_queries: int) -> tuple[list[TokenWindow], list[TokenWindow]]:
     """Windows of the corpus and encoded queries, exactly as the pipeline's workers make them."""
     tok = inputs.tokenizer
-    windows, _ = encode_documents(tok, inputs.docs, window)
+    tokenisation = resolve_tokenisation(tok, None, None)  # the attribution job's default (corpus.add_bos/add_eos)
+    windows, _ = encode_documents(tok, inputs.docs, window, tokenisation)
     rows = read_query_rows(inputs.queries_paths[n_queries])
-    queries = [encode_query(tok, r["id"], r["prompt"], r["completion"], window) for r in rows]
+    queries = [encode_query(tok, r["id"], r["prompt"], r["completion"], window, tokenisation) for r in rows]
     return windows, queries

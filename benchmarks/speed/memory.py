@@ -39,7 +39,8 @@ def rss_worker_main(args: dict) -> dict:
     from pipeline.worker import ShardWorker, WorkerSpec
 
     spec = ProjectionSpec(**args["projection"])
-    influence = InfluenceConfig(projection=spec, damping=args["damping"], empirical_fisher=args["empirical_fisher"])
+    influence = InfluenceConfig(projection=spec, damping=args["damping"], empirical_fisher=args["empirical_fisher"],
+                                query_rank=args.get("query_rank", 0))
     worker = ShardWorker(WorkerSpec(
         model_path=args["model_path"], model_cache_dir=args["cache_dir"], trust_remote_code=False,
         influence=influence, id_column="id", text_column="text", window_len=args["window"],
@@ -83,7 +84,7 @@ def memory(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.device, work
         write_corpus(corpus, texts, n)
         args = {"model_path": inputs.model_dir, "cache_dir": os.path.join(work, "model-cache"),
                 "projection": influence.projection.to_json(), "damping": influence.damping,
-                "empirical_fisher": influence.empirical_fisher, "window": cfg.window, "batch_size": cfg.batch_size,
+                "empirical_fisher": influence.empirical_fisher, "query_rank": influence.query_rank, "window": cfg.window, "batch_size": cfg.batch_size,
                 "root": root, "corpus_path": corpus, "docs_per_shard": cfg.memory.docs_per_shard,
                 "queries_url": queries_url, "run_id": f"memory-{n}", "top_k": cfg.top_k, "device": str(device)}
         proc = subprocess.run([sys.executable, "-m", "benchmarks.speed.memory", "--rss-worker", json.dumps(args)],

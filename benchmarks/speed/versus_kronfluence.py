@@ -46,8 +46,10 @@ def attribute_config(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int, 
     a.corpus.docs_per_shard = cfg.docs_per_shard
     a.score.batch_size = a.factors.batch_size = cfg.batch_size
     a.score.top_k = cfg.top_k
-    if dim is not None:
-        a.projection.dim = dim
+    spec = cfg.projection()
+    a.projection.mode = spec.mode
+    a.projection.dim = spec.dim if dim is None else dim
+    a.score.query_rank = cfg.score_query_rank()
     a.cluster.num_workers = num_workers
     if device.type == "cuda":
         a.cluster.gpus_per_worker = 1.0 / num_workers

@@ -1,0 +1,48 @@
+"""The benchmark job's setting keys (projection_dim, projection_mode, query_rank) and the smollm2 preset's config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.speed.config import PRESETS, BenchmarkConfig
+from pipeline.config import AttributeConfig
+from pipeline.errors import ConfigError
+
+
+def test_null_settings_follow_the_attribution_defaults():
+    cfg = BenchmarkConfig()
+    a = AttributeConfig()
+    influence = cfg.influence()
+    assert influence.projection.dim == a.projection.dim and influence.projection.mode == a.projection.mode
+    assert influence.query_rank == a.score.query_rank
+    assert influence.damping == a.factors.damping and influence.empirical_fisher == a.factors.empirical_fisher
+
+
+def test_settings_override_every_run_of_ours(tmp_path):
+    from benchmarks.speed.inputs import BenchInputs
+    from benchmarks.speed.versus_kronfluence import attribute_config
+
+    cfg = BenchmarkConfig(projection_dim=0, projection_mode="sketch", query_rank=16)
+    assert cfg.projection().dim == 0 and cfg.projection().mode == "sketch"
+    assert cfg.influence().query_rank == 16 and cfg.influence(32).projection.dim == 32
+    inputs = BenchInputs("model", "corpus.parquet", [], {5: "q.jsonl"}, None, None)
+    a = attribute_config(cfg, inputs, 5, str(tmp_path), "r", None, 1, torch.device("cpu"))
+    assert (a.projection.dim, a.projection.mode, a.score.query_rank) == (0, "sketch", 16)
+    a = attribute_config(cfg, inputs, 5, str(tmp_path), "r", 64, 1, torch.device("cpu"))
+    assert a.projection.dim == 64 and a.score.query_rank == 16
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"projection_mode": "random"}, "projection_mode"),
+    ({"projection_dim": -1}, "projection_dim"),
+    ({"query_rank": -2}, "query_rank"),
+])
+def test_setting_keys_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message):
+        BenchmarkConfig(**override).validate()
+
+
+def test_smollm2_is_a_preset():
+    assert "smollm2" in PRESETS
+    BenchmarkConfig(model=BenchmarkConfig().model.__class__(preset="smollm2")).validate()

@@ -62,7 +62,8 @@ def test_projection_is_deterministic_and_unbiased():
 
 def _scores(engine, train, queries, factors=None, batch_size=4, padding_side="right"):
     factors = factors or engine.fit(batches_of(train, batch_size, TINY_PAD, padding_side))
-    q = engine.query_gradients(batches_of(queries, batch_size, TINY_PAD, padding_side), factors, [s.doc_id for s in queries])
+    q = engine.query_gradients(batches_of(queries, batch_size, TINY_PAD, padding_side), factors,
+                               [s.doc_id for s in queries])
     return torch.cat([engine.score_batch(b, q) for b in batches_of(train, batch_size, TINY_PAD, padding_side)]), factors
 
 
@@ -95,7 +96,8 @@ def test_sampled_fisher_is_seeded_and_differs_from_empirical():
     cfg = InfluenceConfig(precision="float64", seed=7)
     a = InfluenceEngine(tiny_model("gpt2"), cfg).fit(batches_of(train, 4, TINY_PAD))
     b = InfluenceEngine(tiny_model("gpt2"), cfg).fit(batches_of(train, 4, TINY_PAD))
-    emp = InfluenceEngine(tiny_model("gpt2"), InfluenceConfig(precision="float64", empirical_fisher=True)).fit(batches_of(train, 4, TINY_PAD))
+    emp = InfluenceEngine(tiny_model("gpt2"), InfluenceConfig(precision="float64", empirical_fisher=True))
+    emp = emp.fit(batches_of(train, 4, TINY_PAD))
     name = next(iter(a.lambdas))
     assert torch.equal(a.lambdas[name], b.lambdas[name])
     assert not torch.allclose(a.lambdas[name], emp.lambdas[name])
@@ -163,7 +165,8 @@ def test_no_tracked_modules_names_the_pattern_and_candidates():
 
 def test_factors_from_another_model_or_module_set_are_rejected():
     train = random_sequences(4)
-    factors = InfluenceEngine(tiny_model("gpt2", seed=0), InfluenceConfig(precision="float64")).fit(batches_of(train, 4, TINY_PAD))
+    engine = InfluenceEngine(tiny_model("gpt2", seed=0), InfluenceConfig(precision="float64"))
+    factors = engine.fit(batches_of(train, 4, TINY_PAD))
     other = InfluenceEngine(tiny_model("gpt2", seed=1), InfluenceConfig(precision="float64"))
     with pytest.raises(FactorMismatchError, match="fitted for model"):
         other.query_gradients(batches_of(random_queries(1), 1, TINY_PAD), factors, ["q0"])

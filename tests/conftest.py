@@ -1,7 +1,11 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures (shared plain functions are in ``tests/helpers.py``).
 
-S3: a real S3-compatible server (moto, in a thread) on loopback, shared by
-the session; each test gets a fresh bucket and a clean AWS environment.
+- ``one_torch_thread``: one intra-op torch thread for a module of tiny-model tests.
+- ``no_ray``: fails a test that starts Ray (bad input must be refused before).
+- ``s3_server`` / ``s3_env`` / ``s3_auth``: a real S3-compatible server (moto, in
+  a thread) on loopback, shared by the session; each test gets a fresh bucket
+  and a clean AWS environment (``tests.helpers.aws_env_vars``).
+- ``small_demo``: a small planted-facts demo built once per session.
 """
 
 from __future__ import annotations
@@ -37,6 +41,19 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if anything starts Ray; check Ray is not initialised afterwards."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ray.init was called: the bad input was not caught before Ray started")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    yield
+    assert not ray.is_initialized()
 
 
 @pytest.fixture(scope="session")

@@ -140,23 +140,23 @@ DUCKDB_TYPES = {
 KEY_COLUMNS = ("query_id", "polarity", "rank", "doc_id", "window")
 
 
+def _set_environ(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def patched_environ(**values: str | None) -> Iterator[None]:
     """Set (or, with None, remove) environment variables; restore them afterwards."""
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(old)
 
 
 @contextlib.contextmanager

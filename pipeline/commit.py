@@ -240,7 +240,7 @@ def read_file_commit(storage: Storage, url: str, verify: bool = True) -> Commit 
 
 
 def read_dir_commit(storage: Storage, url: str, verify: bool = True) -> Commit | None:
-    """The commit of the folder unit ``url``, or ``None`` when it is not committed (checked as in `read_file_commit`)."""
+    """The commit of the folder unit ``url``, or ``None`` when not committed (checked as in `read_file_commit`)."""
     record = _read(storage, layout.dir_marker(url))
     if record is None or not verify:
         return record

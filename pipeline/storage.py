@@ -101,16 +101,26 @@ def bounded_options(options: dict | None, timeout_s: float = DEFAULT_TIMEOUT_S,
     config = dict(out.get("config_kwargs") or {})
     config.setdefault("connect_timeout", timeout_s)
     config.setdefault("read_timeout", timeout_s)
-    config.setdefault("retries", {"max_attempts": retries + 1, "mode": "standard"})
+    config.setdefault("retries", {"total_max_attempts": retries + 1, "mode": "standard"})
     out["config_kwargs"] = config
     return out
 
 
 def filesystem(url: str, options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``fsspec.core.url_to_fs(url, **options)`` with s3fs's own retry loop off (botocore's is bounded instead)."""
+    """``fsspec.core.url_to_fs(url, **options)``, an s3 one made to honour its timeouts.
+
+    s3fs's own retry loop is turned off (botocore's is bounded instead), and so
+    is the ``Expect: 100-continue`` header botocore puts on every upload: aiohttp
+    waits for the server's "100 Continue" with no timeout at all, so a server
+    that stops answering would hang every write forever (seen with SIGSTOP).
+    """
     fs, path = fsspec.core.url_to_fs(url, **(options or {}))
-    if hasattr(fs, "retries"):
+    if hasattr(fs, "retries") and hasattr(fs, "connect"):
+        from botocore.handlers import add_expect_header
+
         fs.retries = 1  # s3fs: attempts per call; botocore already retries with backoff
+        fs.connect()  # builds the client (no request is sent) so that its handlers can be changed
+        fs.s3.meta.events.unregister("before-call.s3", add_expect_header)
     return fs, path
 
 

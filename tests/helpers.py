@@ -406,3 +406,29 @@ def demo_recall(table: pa.Table, facts: list[dict], num_docs: int) -> dict:
             "top_docs": docs[: len(gold) + 2],
         }
     return per_fact
+
+
+# ---- jobs refusing bad input -------------------------------------------------------------------
+
+
+def write_jsonl(path, rows: list) -> str:
+    """``rows`` as JSON lines at ``path``; rewritten only when it changes (shard ids stay the same)."""
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return str(path)
+
+
+def job_fails(cfg: AttributeConfig, error: type, *names: str) -> str:
+    """Run the whole job; it must raise ``error`` with a one-line message naming every one of ``names``."""
+    import pytest
+
+    from pipeline.run import run_attribution
+
+    with pytest.raises(error) as e:
+        run_attribution(cfg)
+    message = str(e.value)
+    assert "\n" not in message, message
+    for name in names:
+        assert name in message, f"{name!r} not named in: {message}"
+    return message

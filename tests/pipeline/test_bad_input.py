@@ -9,7 +9,6 @@ that look like paths surviving a real run.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pipeline.config import (
     StorageConfig,
 )
 from pipeline.errors import BadInputError, ConfigError, MergeRefusedError, StorageError
-from tests.helpers import scratch_env, shutdown_ray
+from tests.helpers import job_fails, scratch_env, shutdown_ray, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 QUERY = {"id": "q1", "prompt": "The capital of Zorbia is", "completion": " Quelmont."}
@@ -51,11 +50,6 @@ def fake_model(folder: Path, files=("config.json", "model.safetensors")) -> str:
 
 def write_parquet(path: Path, rows: dict) -> str:
     pq.write_table(pa.table(rows), path)
-    return str(path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
 
@@ -82,18 +76,6 @@ def config(tmp_path: Path, **parts) -> AttributeConfig:
     )
 
 
-def fails(cfg: AttributeConfig, error: type, *names: str) -> str:
-    """Run the whole job; it must raise ``error`` whose message contains every one of ``names``."""
-    from pipeline.run import run_attribution
-
-    with pytest.raises(error) as e:
-        run_attribution(cfg)
-    message = str(e.value)
-    for name in names:
-        assert name in message, f"{name!r} not named in: {message}"
-    return message
-
-
 # ---- the control: valid inputs pass validation ---------------------------------------------------
 
 
@@ -112,7 +94,7 @@ def test_parquet_without_required_column(tmp_path, no_ray, missing):
     cols = {"id": ["a"], "text": ["x y z"]}
     cols["other"] = cols.pop(missing)
     corpus = write_parquet(tmp_path / "c.parquet", cols)
-    msg = fails(config(tmp_path, corpus=corpus), BadInputError, corpus, repr(missing))
+    msg = job_fails(config(tmp_path, corpus=corpus), BadInputError, corpus, repr(missing))
     assert "corpus.id_column" in msg  # says how to fix it
 
 
@@ -121,7 +103,7 @@ def test_jsonl_without_required_field(tmp_path, no_ray, missing):
     rows = [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}]
     del rows[1][missing]
     corpus = write_jsonl(tmp_path / "c.jsonl", rows)
-    fails(config(tmp_path, corpus=corpus), BadInputError, corpus, "record 2", repr(missing))
+    job_fails(config(tmp_path, corpus=corpus), BadInputError, corpus, "record 2", repr(missing))
 
 
 def test_renamed_columns_are_honoured(tmp_path, no_ray):
@@ -137,7 +119,7 @@ def test_duplicate_ids_across_two_files(tmp_path, no_ray):
     folder.mkdir()
     first = write_parquet(folder / "part-0.parquet", {"id": ["a", "dup-7"], "text": ["x", "y"]})
     second = write_jsonl(folder / "part-1.jsonl", [{"id": "b", "text": "z"}, {"id": "dup-7", "text": "w"}])
-    fails(config(tmp_path, corpus=str(folder)), BadInputError, "'dup-7'", first, second)
+    job_fails(config(tmp_path, corpus=str(folder)), BadInputError, "'dup-7'", first, second)
 
 
 def test_duplicate_ids_are_compared_as_strings(tmp_path, no_ray):
@@ -146,19 +128,19 @@ def test_duplicate_ids_are_compared_as_strings(tmp_path, no_ray):
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", [{"id": 7, "text": "x"}])
     write_jsonl(folder / "b.jsonl", [{"id": "7", "text": "y"}])
-    fails(config(tmp_path, corpus=str(folder)), BadInputError, "duplicate document id '7'")
+    job_fails(config(tmp_path, corpus=str(folder)), BadInputError, "duplicate document id '7'")
 
 
 def test_corrupt_parquet(tmp_path, no_ray):
     path = tmp_path / "corrupt.parquet"
     path.write_bytes(os.urandom(4096))
-    fails(config(tmp_path, corpus=str(path)), BadInputError, str(path), "not a readable Parquet file")
+    job_fails(config(tmp_path, corpus=str(path)), BadInputError, str(path), "not a readable Parquet file")
 
 
 def test_invalid_jsonl_line(tmp_path, no_ray):
     path = tmp_path / "c.jsonl"
     path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": \n')
-    fails(config(tmp_path, corpus=str(path)), BadInputError, str(path), "line 2")
+    job_fails(config(tmp_path, corpus=str(path)), BadInputError, str(path), "line 2")
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
@@ -169,24 +151,24 @@ def test_empty_corpus(tmp_path, no_ray, fmt):
         )
     else:
         corpus = write_jsonl(tmp_path / "empty.jsonl", [])
-    fails(config(tmp_path, corpus=corpus), BadInputError, corpus, "no documents")
+    job_fails(config(tmp_path, corpus=corpus), BadInputError, corpus, "no documents")
 
 
 def test_missing_corpus_path(tmp_path, no_ray):
     missing = str(tmp_path / "nowhere" / "corpus.parquet")
-    fails(config(tmp_path, corpus=missing), BadInputError, missing, "does not exist")
+    job_fails(config(tmp_path, corpus=missing), BadInputError, missing, "does not exist")
 
 
 def test_folder_without_data_files(tmp_path, no_ray):
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "README.txt").write_text("nothing here")
-    fails(config(tmp_path, corpus=str(folder)), BadInputError, str(folder), "no Parquet or JSONL")
+    job_fails(config(tmp_path, corpus=str(folder)), BadInputError, str(folder), "no Parquet or JSONL")
 
 
 def test_empty_document_id(tmp_path, no_ray):
     corpus = write_parquet(tmp_path / "c.parquet", {"id": ["a", ""], "text": ["x", "y"]})
-    fails(config(tmp_path, corpus=corpus), BadInputError, corpus, "empty 'id'")
+    job_fails(config(tmp_path, corpus=corpus), BadInputError, corpus, "empty 'id'")
 
 
 def test_document_ids_with_slashes_are_data_not_paths(tmp_path, no_ray):
@@ -208,27 +190,27 @@ def test_document_ids_with_slashes_are_data_not_paths(tmp_path, no_ray):
 def test_query_missing_field(tmp_path, no_ray, field):
     bad = {k: v for k, v in QUERY.items() if k != field}
     queries = write_jsonl(tmp_path / "q.jsonl", [dict(QUERY, id="q0"), bad])
-    fails(config(tmp_path, queries=queries), BadInputError, queries, "query 2", repr(field))
+    job_fails(config(tmp_path, queries=queries), BadInputError, queries, "query 2", repr(field))
 
 
 def test_query_with_empty_completion(tmp_path, no_ray):
     queries = write_jsonl(tmp_path / "q.jsonl", [QUERY, {"id": "q-empty", "prompt": "Hello", "completion": ""}])
-    fails(config(tmp_path, queries=queries), BadInputError, queries, "'q-empty'", "empty completion")
+    job_fails(config(tmp_path, queries=queries), BadInputError, queries, "'q-empty'", "empty completion")
 
 
 def test_query_parquet_missing_field(tmp_path, no_ray):
     queries = write_parquet(tmp_path / "q.parquet", {"id": ["q1"], "prompt": ["Hello"]})
-    fails(config(tmp_path, queries=queries), BadInputError, queries, "'completion'")
+    job_fails(config(tmp_path, queries=queries), BadInputError, queries, "'completion'")
 
 
 def test_duplicate_query_ids(tmp_path, no_ray):
     queries = write_jsonl(tmp_path / "q.jsonl", [QUERY, QUERY])
-    fails(config(tmp_path, queries=queries), BadInputError, queries, "duplicate query ids ['q1']")
+    job_fails(config(tmp_path, queries=queries), BadInputError, queries, "duplicate query ids ['q1']")
 
 
 def test_no_queries(tmp_path, no_ray):
     queries = write_jsonl(tmp_path / "q.jsonl", [])
-    fails(config(tmp_path, queries=queries), BadInputError, queries, "no queries")
+    job_fails(config(tmp_path, queries=queries), BadInputError, queries, "no queries")
 
 
 # ---- model ----------------------------------------------------------------------------------
@@ -236,29 +218,29 @@ def test_no_queries(tmp_path, no_ray):
 
 def test_model_folder_without_weights(tmp_path, no_ray):
     model = fake_model(tmp_path / "m", ["config.json"])
-    fails(config(tmp_path, model=model), BadInputError, "model.path", model, "no .safetensors weights")
+    job_fails(config(tmp_path, model=model), BadInputError, "model.path", model, "no .safetensors weights")
 
 
 def test_model_folder_with_only_pickle_weights(tmp_path, no_ray):
     model = fake_model(tmp_path / "m", ["config.json", "pytorch_model.bin"])
-    msg = fails(config(tmp_path, model=model), BadInputError, "model.path", model, "no .safetensors weights")
+    msg = job_fails(config(tmp_path, model=model), BadInputError, "model.path", model, "no .safetensors weights")
     assert ".bin" in msg and "convert" in msg
 
 
 def test_model_folder_with_only_a_bin_file(tmp_path, no_ray):
     model = fake_model(tmp_path / "m", ["pytorch_model.bin"])
-    fails(config(tmp_path, model=model), BadInputError, "model.path", model, "no config.json")
+    job_fails(config(tmp_path, model=model), BadInputError, "model.path", model, "no config.json")
 
 
 def test_model_path_that_is_a_file(tmp_path, no_ray):
     path = tmp_path / "model.safetensors"
     path.write_text("x")
-    fails(config(tmp_path, model=str(path)), BadInputError, "model.path", str(path), "not a folder")
+    job_fails(config(tmp_path, model=str(path)), BadInputError, "model.path", str(path), "not a folder")
 
 
 def test_model_path_without_corpus_path(tmp_path, no_ray):
     cfg = AttributeConfig(model=ModelConfig(path=fake_model(tmp_path / "m")))
-    fails(cfg, ValueError, "corpus.path", "queries.path", "model.path")
+    job_fails(cfg, ValueError, "corpus.path", "queries.path", "model.path")
 
 
 # ---- storage --------------------------------------------------------------------------------
@@ -268,7 +250,7 @@ def test_storage_root_under_a_regular_file(tmp_path, no_ray):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     root = str(blocker / "out")
-    fails(config(tmp_path, root=root), StorageError, root, "not writable")
+    job_fails(config(tmp_path, root=root), StorageError, root, "not writable")
 
 
 def test_storage_root_in_a_read_only_folder(tmp_path, no_ray):
@@ -278,7 +260,7 @@ def test_storage_root_in_a_read_only_folder(tmp_path, no_ray):
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        fails(config(tmp_path, root=str(ro / "out")), StorageError, str(ro / "out"), "not writable")
+        job_fails(config(tmp_path, root=str(ro / "out")), StorageError, str(ro / "out"), "not writable")
     finally:
         ro.chmod(0o700)
 
@@ -292,7 +274,7 @@ def test_bad_run_ids_are_rejected(tmp_path, no_ray, run_id):
     with pytest.raises(ValueError) as e:
         cfg.validate()
     assert "run.id" in str(e.value)
-    fails(cfg, ValueError, "run.id")
+    job_fails(cfg, ValueError, "run.id")
     assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
 
 
@@ -308,7 +290,7 @@ def test_bad_run_ids_are_rejected(tmp_path, no_ray, run_id):
     ],
 )
 def test_bad_values_name_their_key(tmp_path, no_ray, part, key):
-    fails(config(tmp_path, **part), ValueError, key)
+    job_fails(config(tmp_path, **part), ValueError, key)
 
 
 # ---- the job entry point ---------------------------------------------------------------------
@@ -390,7 +372,7 @@ def test_s3_with_wrong_credentials(tmp_path, s3_auth, monkeypatch, no_ray):
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
         s3fs.S3FileSystem.clear_instance_cache()
-        msg = fails(config(tmp_path, root=root), StorageError, root, "credentials were rejected")
+        msg = job_fails(config(tmp_path, root=root), StorageError, root, "credentials were rejected")
         assert wrong not in msg
         # Control: the right secret passes the same check.
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)

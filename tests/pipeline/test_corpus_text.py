@@ -17,13 +17,9 @@ import pytest
 from pipeline.config import AttributeConfig, CorpusConfig, ModelConfig, QueriesConfig, StorageConfig
 from pipeline.corpus import bad_text_counts, list_corpus, make_shards, read_shard
 from pipeline.errors import BadInputError, ConfigError
+from tests.helpers import job_fails, write_jsonl
 
 QUERY = {"id": "q1", "prompt": "The capital of Zorbia is", "completion": " Quelmont."}
-
-
-def write_jsonl(path: Path, rows: list) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def config(tmp_path: Path, corpus: str, **corpus_args) -> AttributeConfig:
@@ -37,18 +33,6 @@ def config(tmp_path: Path, corpus: str, **corpus_args) -> AttributeConfig:
         queries=QueriesConfig(path=write_jsonl(tmp_path / "queries.jsonl", [QUERY])),
         storage=StorageConfig(root=str(tmp_path / "out")),
     )
-
-
-def fails(cfg: AttributeConfig, error: type, *names: str) -> str:
-    from pipeline.run import run_attribution
-
-    with pytest.raises(error) as e:
-        run_attribution(cfg)
-    message = str(e.value)
-    assert "\n" not in message, message
-    for name in names:
-        assert name in message, f"{name!r} not named in: {message}"
-    return message
 
 
 def mixed_corpus(tmp_path: Path) -> tuple[str, str, str, str]:
@@ -101,11 +85,11 @@ def test_the_run_records_the_counts_before_ray(tmp_path, no_ray):
 def test_on_bad_text_error_stops_the_run_naming_the_file(tmp_path, no_ray, fmt):
     _, jsonl, parquet, _ = mixed_corpus(tmp_path)
     path, where = (jsonl, "line 2") if fmt == "jsonl" else (parquet, "row 1")
-    fails(config(tmp_path, path, on_bad_text="error"), BadInputError, path, where, "corpus.on_bad_text=skip")
+    job_fails(config(tmp_path, path, on_bad_text="error"), BadInputError, path, where, "corpus.on_bad_text=skip")
 
 
 def test_on_bad_text_is_validated(tmp_path, no_ray):
-    fails(config(tmp_path, "unused", on_bad_text="drop"), ConfigError, "corpus.on_bad_text", "'drop'")
+    job_fails(config(tmp_path, "unused", on_bad_text="drop"), ConfigError, "corpus.on_bad_text", "'drop'")
 
 
 @pytest.mark.parametrize("which", ["corpus", "queries"])
@@ -118,4 +102,4 @@ def test_non_utf8_jsonl_names_the_file_and_line(tmp_path, no_ray, which):
     cfg = config(tmp_path, str(bad) if which == "corpus" else clean)
     if which == "queries":
         cfg.queries.path = str(bad)
-    fails(cfg, BadInputError, str(bad), "line 3", "not valid UTF-8", "0xe9")
+    job_fails(cfg, BadInputError, str(bad), "line 3", "not valid UTF-8", "0xe9")

@@ -10,7 +10,6 @@ BOS in front of text as Llama's do, the GPT-2 one does not.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from pipeline.config import AttributeConfig, ClusterConfig, CorpusConfig, ModelConfig, QueriesConfig, StorageConfig
 from pipeline.core.text import Tokenisation
 from pipeline.errors import BadInputError, ConfigError, NoTrackedModulesError
-from tests.helpers import scratch_env
+from tests.helpers import job_fails, scratch_env, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = {"<s>": 0, "</s>": 1, "<pad>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz .")}}
@@ -79,13 +78,6 @@ def gpt2_dir(tmp_path_factory) -> str:
     return save_model(tmp_path_factory.mktemp("gpt2"), "gpt2", positions=32)
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if not path.exists() or path.read_text() != text:  # rewritten only when it changes: shard ids stay the same
-        path.write_text(text)
-    return str(path)
-
-
 def config(tmp_path: Path, model: str, queries: list[dict] | None = None, **parts) -> AttributeConfig:
     docs = [{"id": "a", "text": "some text here."}, {"id": "b", "text": "more"}]
     corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
@@ -96,19 +88,6 @@ def config(tmp_path: Path, model: str, queries: list[dict] | None = None, **part
         storage=StorageConfig(root=str(tmp_path / "out")),
         **parts,
     )
-
-
-def fails(cfg: AttributeConfig, error: type, *names: str) -> str:
-    """Run the whole job; it must raise ``error`` with a one-line message containing every one of ``names``."""
-    from pipeline.run import run_attribution
-
-    with pytest.raises(error) as e:
-        run_attribution(cfg)
-    message = str(e.value)
-    assert "\n" not in message, message
-    for name in names:
-        assert name in message, f"{name!r} not named in: {message}"
-    return message
 
 
 def checked(cfg: AttributeConfig):
@@ -140,7 +119,7 @@ def test_defaults_come_from_the_tokenizer_and_reach_the_workers(tmp_path, llama_
 def test_asking_for_bos_the_tokenizer_lacks(tmp_path, gpt2_dir, no_ray):
     folder = copy_model(gpt2_dir, tmp_path / "no-bos")
     save_tokenizer(folder, llama_style=False, has_bos=False)
-    fails(config(tmp_path, str(folder), corpus_args={"add_bos": True}), BadInputError, "corpus.add_bos=true")
+    job_fails(config(tmp_path, str(folder), corpus_args={"add_bos": True}), BadInputError, "corpus.add_bos=true")
     assert checked(config(tmp_path, str(folder))).tokenisation.add_bos is False  # the default does not ask
 
 
@@ -195,12 +174,12 @@ def test_the_demo_sets_its_own_window(monkeypatch):
 
 
 def test_window_longer_than_the_models_positions(tmp_path, gpt2_dir, no_ray):
-    fails(config(tmp_path, gpt2_dir, corpus_args={"window": 64}), ConfigError, "corpus.window=64", "32 positions")
+    job_fails(config(tmp_path, gpt2_dir, corpus_args={"window": 64}), ConfigError, "corpus.window=64", "32 positions")
 
 
 def test_query_longer_than_the_window_is_found_before_the_fit(tmp_path, gpt2_dir, no_ray):
     long = {"id": "q-long", "prompt": "a" * 20, "completion": " bcdefghijklmnop"}
-    msg = fails(config(tmp_path, gpt2_dir, [QUERY, long], corpus_args={"window": 30}), BadInputError,
+    msg = job_fails(config(tmp_path, gpt2_dir, [QUERY, long], corpus_args={"window": 30}), BadInputError,
                 "corpus.window=30", "'q-long'", "1 of 2 queries")
     assert "36" in msg  # its length in tokens
 
@@ -212,20 +191,20 @@ def test_query_longer_than_the_window_is_found_before_the_fit(tmp_path, gpt2_dir
     "pattern, error", [(r".*mlp\.(", ConfigError), (r".*\.attention_nowhere\..*", NoTrackedModulesError)]
 )
 def test_module_pattern_invalid_or_matching_nothing(tmp_path, llama_dir, no_ray, pattern, error):
-    msg = fails(config(tmp_path, llama_dir, model_config=ModelConfig(path=llama_dir, modules=pattern)), error,
+    msg = job_fails(config(tmp_path, llama_dir, model_config=ModelConfig(path=llama_dir, modules=pattern)), error,
                 f"model.modules={pattern!r}")
     if error is NoTrackedModulesError:
         assert "mlp.up_proj" in msg  # lists the layers there are
 
 
 def test_model_too_large_for_a_worker(tmp_path, llama_dir, no_ray, monkeypatch):
-    fails(config(tmp_path, llama_dir, cluster=ClusterConfig(worker_memory_gb=1e-6)), BadInputError,
+    job_fails(config(tmp_path, llama_dir, cluster=ClusterConfig(worker_memory_gb=1e-6)), BadInputError,
           "cluster.worker_memory_gb", "model.precision=float32")
     # Measured on this machine when Ray is local: the available memory shared by the workers.
     import pipeline.preflight
 
     monkeypatch.setattr(pipeline.preflight, "_available_ram", lambda: 10_000)
-    fails(config(tmp_path, llama_dir, cluster=ClusterConfig(num_workers=4)), BadInputError,
+    job_fails(config(tmp_path, llama_dir, cluster=ClusterConfig(num_workers=4)), BadInputError,
           "cluster.num_workers=4", "GiB")
 
 
@@ -240,9 +219,9 @@ def test_truncated_weights_file(tmp_path, llama_dir, no_ray):
     folder = copy_model(llama_dir, tmp_path / "truncated")
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    fails(config(tmp_path, str(folder)), BadInputError, "model.path", str(weights), "truncated")
+    job_fails(config(tmp_path, str(folder)), BadInputError, "model.path", str(weights), "truncated")
     weights.write_bytes(b"\x05")
-    fails(config(tmp_path, str(folder)), BadInputError, str(weights), "shorter than a header")
+    job_fails(config(tmp_path, str(folder)), BadInputError, str(weights), "shorter than a header")
 
 
 def test_non_finite_weights(tmp_path, llama_dir, no_ray):
@@ -251,7 +230,7 @@ def test_non_finite_weights(tmp_path, llama_dir, no_ray):
     name = "model.layers.0.mlp.down_proj.weight"
     tensors[name][0, 0] = float("nan")
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    fails(config(tmp_path, str(folder)), BadInputError, "model.path", repr(name), "NaN")
+    job_fails(config(tmp_path, str(folder)), BadInputError, "model.path", repr(name), "NaN")
     # Finite but huge weights whose sum overflows are not mistaken for non-finite ones.
     tensors[name][0, 0] = 3e38
     tensors[name][0, 1] = 3e38

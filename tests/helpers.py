@@ -1,8 +1,12 @@
 """Helpers shared by the tests (imported as ``tests.helpers``; fixtures live in ``tests/conftest.py``).
 
 Models and inputs:
-- ``tiny_model``: a 2-layer GPT-2, Llama or GPT-NeoX built from a config (nothing downloaded).
-- ``random_sequences`` / ``random_queries``: training- and query-style ``TokenWindow`` lists.
+- ``tiny_model``: a 2-layer GPT-2 (``pipeline.tiny_lm.new_gpt2``), Llama or GPT-NeoX
+  built from a config (nothing downloaded); ``TINY_PAD`` is its pad token.
+- ``train_full_batch``: a few full-batch AdamW steps, so curvature is not degenerate.
+- ``random_sequences`` / ``random_queries``: training- and query-style ``TokenWindow`` lists
+  (batch them with ``pipeline.core.text.batches_of``).
+- ``spearman``: rank correlation of two score tensors (``benchmarks.metrics.spearman``).
 
 Environment:
 - ``scratch_env``: HOME and Ray's temp dir pointed at a scratch folder (Ray 2.60
@@ -15,6 +19,10 @@ Pipeline outputs:
 - ``assert_same_ranking``: row-for-row comparison with a stated score tolerance.
 - ``read_table`` / ``read_table_duckdb``: the attribution table through
   ``pyarrow.dataset`` and through DuckDB (over the pyarrow dataset object).
+
+Jobs refusing bad input:
+- ``job_fails``: the whole job raises a given error with a one-line message naming the input.
+- ``write_jsonl``: rows as a JSONL file (rewritten only when it changes).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def _remote(exc: BaseException) -> tuple[BaseException, str | None]:
     return unwrap_remote(exc)
 
 
-def summary(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """``ErrorType: message`` on one line."""
     return f"{type(exc).__name__}: " + " ".join(str(exc).splitlines())
 
@@ -91,7 +91,7 @@ def exit_on_error():
         status = exit_status(cause)
         if status == INTERNAL_STATUS and remote_traceback is None:
             raise
-        line = summary(cause)
+        line = one_line(cause)
         log.error("%s", line)
         if remote_traceback is not None and status != INPUT_STATUS:
             text = f"{line}\n\n{remote_traceback}\n\nraised on the driver:\n{traceback.format_exc()}"

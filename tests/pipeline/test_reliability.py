@@ -76,6 +76,11 @@ def storage(tmp_path):
     return Storage(str(tmp_path / "root"))
 
 
+def unit_url(storage: Storage, name: str) -> str:
+    """A file unit's URL under the storage root (any path does: these tests are about markers)."""
+    return layout.url(storage.root, "units", f"{name}.parquet")
+
+
 def _table(n: int, start: int = 0) -> pa.Table:
     return pa.table({"doc_id": [f"d{i}" for i in range(start, start + n)], "score": [float(i) for i in range(n)]})
 
@@ -93,7 +98,7 @@ def _flip_same_size(path: str, offset: int | None = None, length: int = 16) -> N
 
 
 def test_commit_records_the_checksum_taken_while_writing(storage, monkeypatch):
-    url = layout.shard_result(storage.root, "r", "s1")
+    url = unit_url(storage, "s1")
     storage.write_parquet(url, _table(5))
     # The commit must not read the file back: the write already hashed the bytes it sent.
     monkeypatch.setattr(storage, "checksum", lambda u: pytest.fail(f"read back {u}"))
@@ -105,20 +110,20 @@ def test_commit_records_the_checksum_taken_while_writing(storage, monkeypatch):
 
 
 def test_a_file_written_by_another_process_is_hashed_on_commit(storage):
-    url = layout.shard_result(storage.root, "r", "s1")
+    url = unit_url(storage, "s1")
     Storage(storage.root).write_bytes(url, b"written elsewhere")
     assert commit_file(storage, url).checksum == Checksum.of(b"written elsewhere")
 
 
 def test_a_changed_or_swapped_unit_is_not_committed(storage, caplog):
-    a, b = (layout.shard_result(storage.root, "r", s) for s in ("s1", "s2"))
+    a, b = (unit_url(storage, s) for s in ("s1", "s2"))
     for url, start in ((a, 0), (b, 100)):
         storage.write_parquet(url, _table(5, start))
         commit_file(storage, url)
     assert read_file_commit(storage, a) is not None and already_committed(storage, b) is not None
 
     _flip_same_size(a)
-    Path(b).write_bytes(Path(layout.shard_result(storage.root, "r", "s1")).read_bytes())  # s1's bytes: valid Parquet
+    Path(b).write_bytes(Path(unit_url(storage, "s1")).read_bytes())  # s1's bytes: valid Parquet
     caplog.set_level(logging.WARNING, logger="pipeline")
     assert read_file_commit(storage, a) is None and already_committed(storage, b) is None
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -129,7 +134,7 @@ def test_a_changed_or_swapped_unit_is_not_committed(storage, caplog):
 
 
 def test_a_truncated_or_missing_unit_is_not_committed(storage):
-    url = layout.shard_result(storage.root, "r", "s1")
+    url = unit_url(storage, "s1")
     storage.write_parquet(url, _table(5))
     commit_file(storage, url)
     Path(url).write_bytes(Path(url).read_bytes()[:-10])
@@ -139,7 +144,7 @@ def test_a_truncated_or_missing_unit_is_not_committed(storage):
 
 
 def test_a_marker_without_checksum_is_not_committed(storage, caplog):
-    url = layout.shard_result(storage.root, "r", "s1")
+    url = unit_url(storage, "s1")
     storage.write_bytes(url, b"old data")
     storage.write_json(layout.file_marker(url), {"committed_at": "2026-01-01T00:00:00+00:00", "size_bytes": 8})
     caplog.set_level(logging.WARNING, logger="pipeline")
@@ -297,6 +302,19 @@ def test_a_stalled_stage_fails_naming_the_units_in_flight(local_ray, caplog):
     ray.kill(worker)
 
 
+def shard_results(root: str) -> dict[str, str]:
+    """``{shard_id: file}`` of every committed shard result under ``root`` (file markers that record a top_k).
+
+    Found through the markers, not the layout, so that where shard results live may change.
+    """
+    out = {}
+    for marker in Path(root).rglob("*.parquet.commit.json"):
+        info = json.loads(marker.read_text())["info"]
+        if "top_k" in info:
+            out[info["shard_id"]] = str(marker)[: -len(layout.FILE_MARKER_SUFFIX)]
+    return dict(sorted(out.items()))
+
+
 def commit_times(root: str) -> dict:
     """Every commit marker under ``root``: its ``committed_at``."""
     out = {}
@@ -331,8 +349,9 @@ def test_corrupted_and_swapped_shards_are_recomputed_to_the_same_table(uninterru
 
     root = str(tmp_path / "root")
     _copy_tree(uninterrupted["root"], root)
-    shards = uninterrupted["manifest"]["shards"]
-    url = {s: layout.shard_result(root, "r", s) for s in shards}
+    url = shard_results(root)
+    shards = list(url)
+    assert shards == sorted(uninterrupted["manifest"]["shards"])
     _flip_same_size(url[shards[1]])  # bytes changed, same size
     Path(url[shards[2]]).write_bytes(Path(url[shards[3]]).read_bytes())  # another shard's valid Parquet
     before = commit_times(root)
@@ -343,7 +362,7 @@ def test_corrupted_and_swapped_shards_are_recomputed_to_the_same_table(uninterru
 
     changed = {k for k in after if after[k] != before.get(k)}
     damaged = {os.path.relpath(layout.file_marker(url[s]), root) for s in shards[1:3]}
-    table_marker = os.path.relpath(layout.dir_marker(layout.attribution_dir(root, "r")), root)
+    table_marker = os.path.relpath(layout.dir_marker(manifest["attribution"]), root)
     # Exactly the damaged shards were recomputed; rescored to the same bytes, the table may be kept.
     assert damaged <= changed <= damaged | {table_marker}, changed
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -378,17 +397,17 @@ def test_stale_shards_are_refused_without_overwrite_and_replaced_with_it(uninter
     _copy_tree(uninterrupted["root"], root)
     cfg = make_cfg(small_demo, corpus, root)
     other = replace(cfg, score=replace(cfg.score, top_k=3))
-    shard = layout.shard_result(root, "r", uninterrupted["manifest"]["shards"][0])
+    shard = next(iter(shard_results(root).values()))
     before = Path(shard).read_bytes()
+    table_dir = uninterrupted["manifest"]["attribution"].replace(uninterrupted["root"], root)
     with pytest.raises(ConfigError, match="run.overwrite=true"):
         run_attribution(other)
     assert Path(shard).read_bytes() == before and read_file_commit(Storage(root), shard) is not None
-    table_dir = layout.attribution_dir(root, "r")
     assert read_dir_commit(Storage(root), table_dir) is not None  # the committed table is untouched
 
     manifest = run_attribution(replace(other, run=replace(other.run, overwrite=True)))
-    assert read_file_commit(Storage(root), shard).top_k == 3
     assert manifest["attribution"] == table_dir and read_dir_commit(Storage(root), table_dir) is not None
+    assert max(read_table(table_dir).column("rank").to_pylist()) == 3
 
 
 # ---- integration: the job as a subprocess ------------------------------------------------------------
@@ -475,18 +494,22 @@ def moto_process(tmp_path):
 
 
 @pytest.mark.integration
-def test_a_frozen_storage_server_ends_the_job_with_status_3(moto_process, small_demo, corpus, tmp_path):
+def test_a_frozen_storage_server_ends_the_job_with_status_3(moto_process, uninterrupted, small_demo, corpus, tmp_path,
+                                                            monkeypatch):
     import s3fs
 
     endpoint, pid = moto_process
     env = {k: v for k, v in aws_env_vars(endpoint, str(tmp_path)).items() if v is not None}
     for var in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        os.environ.pop(var, None)
+        monkeypatch.delenv(var, raising=False)
     bucket = f"frozen-{uuid.uuid4().hex[:8]}"
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=endpoint, key="testing", secret="testing")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=endpoint,
+                           key="testing", secret="testing")
     fs.mkdir(bucket)
     args = [*job_inputs(small_demo, corpus), "storage=s3", f"storage.root=s3://{bucket}/attribution", "run.id=frozen",
             "storage.timeout_s=2", "storage.retries=1"]
+
+    # Frozen before the job starts: the driver's first storage call times out.
     os.kill(pid, signal.SIGSTOP)
     try:
         proc, seconds = run_job(tmp_path, *args, env=env, timeout=120)
@@ -499,10 +522,39 @@ def test_a_frozen_storage_server_ends_the_job_with_status_3(moto_process, small_
     assert "Traceback" not in output
     # (retries + 1) attempts of timeout_s each, plus the backoff and the job's start-up.
     assert seconds < 60, seconds
-    print(f"frozen storage: exit 3 after {seconds:.1f}s")
+    print(f"frozen before the start: exit 3 after {seconds:.1f}s")
 
-    proc, _ = run_job(tmp_path, *args, env=env)  # the server answers again: the rerun finishes
+    # Frozen mid-run, once the first shard result is committed: a worker's (or the driver's) call times out.
+    with scratch_env():
+        job = subprocess.Popen(
+            [sys.executable, str(REPO / "jobs" / "attribute.py"), f"hydra.run.dir={tmp_path / 'hydra-mid'}", *args],
+            cwd=tmp_path, env=dict(os.environ, HYDRA_FULL_ERROR="0", **env), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while not [k for k in fs.find(f"{bucket}/attribution") if k.endswith(".parquet.commit.json")]:
+                if job.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"no shard committed while the job ran: {fs.find(bucket)}\n{job.communicate()[0]}")
+                time.sleep(0.2)
+            os.kill(pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            output, _ = job.communicate(timeout=120)
+            seconds = time.monotonic() - frozen_at
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            if job.poll() is None:
+                job.kill()
+    assert job.returncode == 3, output
+    last = nonempty_lines(output)[-1]
+    assert last.startswith("[") and "Error: " in last and "Traceback" not in output, output[-3000:]
+    print(f"frozen mid-run: exit 3 {seconds:.1f}s after the freeze; last line: {last}")
+
+    # The server answers again: the rerun finishes, to the uninterrupted run's table.
+    proc, _ = run_job(tmp_path, *args, env=env)
     assert proc.returncode == 0, proc.stdout
+    table = read_table(f"s3://{bucket}/attribution/runs/frozen/attribution", filesystem=fs)
+    assert_identical_tables(table, uninterrupted["table"])
 
 
 @pytest.mark.integration

@@ -16,7 +16,6 @@ not JSON or not UTF-8 is an error naming the file and the line.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections import Counter
@@ -32,29 +31,51 @@ from pipeline.errors import BadInputError
 log = logging.getLogger(__name__)
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+# A JSONL file's listing keeps the byte offset of every OFFSET_STRIDE-th record, so a shard reads
+# one byte range (at most OFFSET_STRIDE - 1 records before its own) instead of the whole file.
+OFFSET_STRIDE = 64
 
 
 @dataclass(frozen=True)
 class CorpusFile:
     url: str
     format: str
-    fingerprint: str
+    fingerprint: str  # "sha256=<hex>" of the file's bytes
     num_rows: int
     # Rows whose text is null / is not a string (a number, a list...; every row of a non-string Parquet column).
     num_null_texts: int = 0
     num_nonstring_texts: int = 0
+    # The path relative to the corpus root (the folder, the glob's fixed prefix, or a single file's folder).
+    rel_path: str = ""
+    # JSONL: byte offsets of records 0, OFFSET_STRIDE, 2 * OFFSET_STRIDE, ..., then the file's size.
+    line_offsets: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Rows ``[row_start, row_end)`` of one corpus file; ``index`` orders shards globally."""
+    """Rows ``[row_start, row_end)`` of one corpus file; ``index`` orders shards in this listing."""
 
     index: int
-    shard_id: str
+    shard_id: str  # stable: hashes rel_path, the file's content and the row range (not the index)
     file_url: str
     format: str
     row_start: int
     row_end: int
+    rel_path: str = ""
+    # JSONL: the bytes [byte_start, byte_end) hold the rows, byte_start being where record byte_row starts
+    # (byte_end -1: the file's end). Not part of the id: the rows are.
+    byte_start: int = 0
+    byte_end: int = -1
+    byte_row: int = 0
+
+    @property
+    def seed(self) -> int:
+        """A stable 31-bit number of the shard (seeds its sampled Fisher labels), from its id alone."""
+        return int(hashlib.sha256(self.shard_id.encode()).hexdigest()[:8], 16) >> 1
+
+    @property
+    def num_docs(self) -> int:
+        return self.row_end - self.row_start
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -68,10 +89,20 @@ def _format_of(path: str) -> str | None:
     return None
 
 
-def _file_fingerprint(info: dict) -> str:
-    etag = info.get("ETag") or info.get("etag") or ""
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
-    return f"size={info.get('size')};etag={str(etag).strip(chr(34))};mtime={mtime}"
+def corpus_root(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """The folder that relative paths start from: the folder given, a glob's fixed prefix, a file's folder."""
+    if any(ch in root for ch in "*?["):
+        fixed = root[: min(root.index(ch) for ch in "*?[" if ch in root)]
+        return fixed.rsplit("/", 1)[0] if "/" in fixed else ""
+    if fs.isdir(root):
+        return root.rstrip("/")
+    return root.rsplit("/", 1)[0] if "/" in root else ""
+
+
+def relative_path(root: str, path: str) -> str:
+    """``path`` relative to the corpus root ``root`` (both as the filesystem names them)."""
+    prefix = root.rstrip("/") + "/" if root else ""
+    return path[len(prefix):] if prefix and path.startswith(prefix) else path.rsplit("/", 1)[-1]
 
 
 def expand_paths(path: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
@@ -95,13 +126,23 @@ def _unstrip(fs, path: str) -> str:
     return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
 
 
-def _jsonl_records(fs, path: str, url: str) -> list[tuple[int, dict]]:
-    """``(line number, record)`` of every non-blank line; a line that is not a UTF-8 JSON object is bad input."""
+def _jsonl_records(fs, path: str, url: str, content=None, offsets: list | None = None) -> list[tuple[int, dict]]:
+    """``(line number, record)`` of every non-blank line; a line that is not a UTF-8 JSON object is bad input.
+
+    ``content``: a ``hashlib`` object that every byte of the file is fed to (the listing's fingerprint).
+    ``offsets``: a list given the byte offset of every ``OFFSET_STRIDE``-th record, then the file's size.
+    """
     records = []
+    position = 0
     with fs.open(path, "rb") as f:
         for number, line in enumerate(f, 1):
+            if content is not None:
+                content.update(line)
+            position += len(line)
             if not line.strip():
                 continue
+            if offsets is not None and len(records) % OFFSET_STRIDE == 0:
+                offsets.append(position - len(line))
             try:
                 row = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as exc:
@@ -114,6 +155,8 @@ def _jsonl_records(fs, path: str, url: str) -> list[tuple[int, dict]]:
             if not isinstance(row, dict):
                 raise BadInputError(f"{url}: line {number} is not a JSON object")
             records.append((number, row))
+    if offsets is not None:
+        offsets.append(position)
     return records
 
 
@@ -164,12 +207,38 @@ def _report_bad_texts(files: list[CorpusFile], text_column: str, on_bad_text: st
         log.warning("%s: %s (first at %s); those documents are skipped (corpus.on_bad_text=skip)", f.url, counts, where)
 
 
-def _parquet_file(fs, path: str, url: str) -> pq.ParquetFile:
+# Bytes per read when a whole file is hashed (the listing's fingerprint): memory stays this size.
+HASH_CHUNK = 8 << 20
+
+
+def _hash_file(fs, path: str, content) -> None:
+    """Feed every byte of ``path`` to the ``hashlib`` object ``content``, ``HASH_CHUNK`` bytes at a time."""
+    with fs.open(path, "rb", block_size=HASH_CHUNK) as f:
+        while chunk := f.read(HASH_CHUNK):
+            content.update(chunk)
+
+
+def _open_parquet(fs, path: str, url: str) -> pq.ParquetFile:
+    """The Parquet file over a ranged-read handle: the footer now, column chunks only when read.
+
+    ``cache_type="none"``: every read is one range request of exactly what
+    Arrow asks for (the footer, then each column chunk read), not a
+    read-ahead block or the whole file.
+    """
     try:
-        data = fs.cat_file(path)
-        return pq.ParquetFile(io.BytesIO(data))
+        return pq.ParquetFile(fs.open(path, "rb", cache_type="none"))
     except (pa.ArrowInvalid, OSError) as exc:
         raise BadInputError(f"{url} is not a readable Parquet file: {exc}") from None
+
+
+def _parquet_file(fs, path: str, url: str, content=None) -> pq.ParquetFile:
+    """The Parquet file read by ranges (`_open_parquet`); ``content``: a ``hashlib`` object fed all its bytes."""
+    if content is not None:
+        try:
+            _hash_file(fs, path, content)
+        except OSError as exc:
+            raise BadInputError(f"{url} cannot be read: {exc}") from None
+    return _open_parquet(fs, path, url)
 
 
 def list_corpus(
@@ -186,6 +255,7 @@ def list_corpus(
     ``num_nonstring_texts``) and logged; ``on_bad_text='error'`` makes them a ``BadInputError``.
     """
     fs, paths = expand_paths(path, storage_options)
+    root = corpus_root(fs, fsspec.core.url_to_fs(path, **(storage_options or {}))[1])
     files = []
     first_bad: dict[str, str] = {}
     seen: dict[int, str] = {}
@@ -194,8 +264,9 @@ def list_corpus(
         fmt = _format_of(p)
         if fmt is None:
             raise BadInputError(f"{url}: unknown format; corpus files must end in .parquet or .jsonl")
+        content = hashlib.sha256()
         if fmt == "parquet":
-            pf = _parquet_file(fs, p, url)
+            pf = _parquet_file(fs, p, url, content)
             names = pf.schema_arrow.names
             missing = [c for c in (id_column, text_column) if c not in names]
             if missing:
@@ -206,7 +277,8 @@ def list_corpus(
             if first is not None:
                 first_bad[url] = f"row {first}"
         else:
-            records = _jsonl_records(fs, p, url)
+            offsets: list[int] = []
+            records = _jsonl_records(fs, p, url, content, offsets)
             nulls = nonstrings = 0
             for number, (line, row) in enumerate(records, 1):
                 missing = [c for c in (id_column, text_column) if c not in row]
@@ -225,7 +297,8 @@ def list_corpus(
             if key in seen:
                 raise BadInputError(f"duplicate document id {str(doc_id)!r} (in {seen[key]} and {url}); ids must be unique")
             seen[key] = url
-        files.append(CorpusFile(url, fmt, _file_fingerprint(fs.info(p)), num_rows, nulls, nonstrings))
+        files.append(CorpusFile(url, fmt, f"sha256={content.hexdigest()}", num_rows, nulls, nonstrings,
+                                relative_path(root, p), tuple(offsets) if fmt == "jsonl" else ()))
     if sum(f.num_rows for f in files) == 0:
         raise BadInputError(f"corpus {path!r} has no documents")
     _report_bad_texts(files, text_column, on_bad_text, first_bad)
@@ -245,45 +318,129 @@ def bad_text_counts(files: list[CorpusFile]) -> dict:
     }
 
 
+def shard_id(rel_path: str, fingerprint: str, row_start: int, row_end: int) -> str:
+    """``s-`` and 20 hex digits of the SHA-256 of what the shard holds: file path (relative), content, rows."""
+    key = json.dumps([rel_path, fingerprint, row_start, row_end])
+    return "s-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _byte_range(f: CorpusFile, row_start: int, row_end: int) -> dict:
+    """The `Shard` byte fields of rows ``[row_start, row_end)`` of a JSONL file listed with offsets ({} else)."""
+    if not f.line_offsets:
+        return {}
+    first = row_start // OFFSET_STRIDE
+    last = -(-row_end // OFFSET_STRIDE)  # the checkpoint at or after row_end; the file's size past the last
+    return {
+        "byte_start": f.line_offsets[first],
+        "byte_end": f.line_offsets[min(last, len(f.line_offsets) - 1)],
+        "byte_row": first * OFFSET_STRIDE,
+    }
+
+
 def make_shards(files: list[CorpusFile], docs_per_shard: int) -> list[Shard]:
+    """Shards of ``docs_per_shard`` rows of one file, in listing order; ids independent of the other files."""
     shards = []
     for f in files:
+        rel = f.rel_path or f.url
         for start in range(0, f.num_rows, docs_per_shard):
             end = min(start + docs_per_shard, f.num_rows)
-            digest = hashlib.sha256(f"{f.url}|{f.fingerprint}|{start}|{end}".encode()).hexdigest()[:12]
-            shards.append(Shard(len(shards), f"s{len(shards):06d}-{digest}", f.url, f.format, start, end))
+            shards.append(Shard(len(shards), shard_id(rel, f.fingerprint, start, end), f.url, f.format, start, end,
+                                rel, **_byte_range(f, start, end)))
     return shards
 
 
 def corpus_fingerprint(files: list[CorpusFile]) -> str:
+    """SHA-256 of the listing: every file's relative path, content fingerprint and row count."""
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.url}|{f.fingerprint}|{f.num_rows}\n".encode())
+        h.update(f"{f.rel_path or f.url}|{f.fingerprint}|{f.num_rows}\n".encode())
     return h.hexdigest()
 
 
+def corpus_files_json(files: list[CorpusFile]) -> dict:
+    """The manifest's record of the listing: relative path -> {fingerprint, rows} (to report vanished files)."""
+    return {f.rel_path or f.url: {"fingerprint": f.fingerprint, "num_rows": f.num_rows} for f in files}
+
+
 def read_shard(shard: Shard, id_column: str, text_column: str, storage_options: dict | None = None) -> list[tuple[str, str]]:
-    """The ``(doc_id, text)`` rows of one shard; a null text reads as empty (reported as skipped)."""
+    """The ``(doc_id, text)`` rows of one shard; a null text reads as empty (reported as skipped).
+
+    Reads only what the shard needs: a Parquet file's footer and the row
+    groups holding its rows (two columns), a JSONL file's byte range.
+    A file that vanished after the driver listed it is bad input naming the file (rerun to list again).
+    """
     fs, path = fsspec.core.url_to_fs(shard.file_url, **(storage_options or {}))
+    if not fs.exists(path):
+        raise BadInputError(
+            f"corpus file {shard.file_url} vanished after this run listed it (shard {shard.shard_id}); "
+            "rerun: the listing then leaves it out"
+        )
     if shard.format == "parquet":
-        pf = _parquet_file(fs, path, shard.file_url)
+        ids, texts = _parquet_rows(fs, path, shard, [id_column, text_column])
+    else:
+        rows = _jsonl_rows(fs, path, shard)
+        ids, texts = [r[id_column] for r in rows], [r[text_column] for r in rows]
+    return [(str(i), t if isinstance(t, str) else "") for i, t in zip(ids, texts)]
+
+
+def _parquet_rows(fs, path: str, shard: Shard, columns: list[str]) -> tuple[list, list]:
+    """``columns`` (two) of the shard's rows, reading only the row groups that overlap them."""
+    pf = _open_parquet(fs, path, shard.file_url)
+    try:
         parts, offset = [], 0
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
             if offset < shard.row_end and offset + n > shard.row_start:
                 try:
-                    table = pf.read_row_group(rg, columns=[id_column, text_column])
+                    table = pf.read_row_group(rg, columns=columns)
                 except (pa.ArrowInvalid, OSError) as exc:
                     raise BadInputError(f"{shard.file_url}: row group {rg} cannot be read: {exc}") from None
                 lo, hi = max(shard.row_start - offset, 0), min(shard.row_end - offset, n)
                 parts.append(table.slice(lo, hi - lo))
             offset += n
-        table = pa.concat_tables(parts) if parts else pa.table({id_column: [], text_column: []})
-        ids, texts = table.column(id_column).to_pylist(), table.column(text_column).to_pylist()
+    finally:
+        pf.close(force=True)  # closes the ranged-read handle too
+    table = pa.concat_tables(parts) if parts else pa.table({c: [] for c in columns})
+    return table.column(columns[0]).to_pylist(), table.column(columns[1]).to_pylist()
+
+
+def _jsonl_rows(fs, path: str, shard: Shard) -> list[dict]:
+    """The shard's records, parsing only them: one read of its byte range (the whole file when it has none).
+
+    Records are non-blank lines, counted from ``byte_row`` at ``byte_start``;
+    the listing checked every line, so a bad one here means the file changed.
+    """
+    if shard.byte_end >= 0:
+        rows = _records_in(fs.cat_file(path, start=shard.byte_start, end=shard.byte_end).split(b"\n"), shard)
     else:
-        rows = _read_jsonl_rows(fs, path, shard.file_url)[shard.row_start : shard.row_end]
-        ids, texts = [r[id_column] for r in rows], [r[text_column] for r in rows]
-    return [(str(i), t if isinstance(t, str) else "") for i, t in zip(ids, texts)]
+        with fs.open(path, "rb") as f:
+            rows = _records_in(f, shard)
+    if len(rows) != shard.row_end - shard.row_start:
+        raise BadInputError(
+            f"{shard.file_url} has {shard.row_start + len(rows)} records, fewer than the {shard.row_end} listed; "
+            "the file changed after this run listed it: rerun to list it again"
+        )
+    return rows
+
+
+def _records_in(lines, shard: Shard) -> list[dict]:
+    """Records ``[row_start, row_end)`` of ``lines`` (bytes, blank ones not counted), the first being ``byte_row``."""
+    rows, record = [], shard.byte_row
+    for line in lines:
+        if not line.strip():
+            continue
+        if record >= shard.row_end:
+            break
+        if record >= shard.row_start:
+            try:
+                rows.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise BadInputError(
+                    f"{shard.file_url}: record {record + 1} is not JSON any more; the file changed after this "
+                    "run listed it: rerun to list it again"
+                ) from None
+        record += 1
+    return rows
 
 
 @dataclass(frozen=True)
@@ -327,3 +484,15 @@ def spread(shards: list[Shard], count: int) -> list[Shard]:
         return list(shards)
     picks = np.linspace(0, len(shards) - 1, count).round().astype(int)
     return [shards[i] for i in sorted(set(picks.tolist()))]
+
+
+def hash_sample(shards: list[Shard], count: int) -> list[Shard]:
+    """The ``count`` shards with the smallest hash of their id, in listing order (all when 0 or too large).
+
+    Stable as the corpus grows: a shard leaves the sample only when a new shard with a smaller hash
+    displaces it, so a refit after growth fits mostly on the shards fitted before.
+    """
+    if count <= 0 or count >= len(shards):
+        return list(shards)
+    chosen = {s.shard_id for s in sorted(shards, key=lambda s: hashlib.sha256(s.shard_id.encode()).digest())[:count]}
+    return [s for s in shards if s.shard_id in chosen]

@@ -162,7 +162,7 @@ class ShardWorker:
         return self._unit(out_url, compute)
 
     def _seed(self, shard: Shard) -> int:
-        return self.spec.influence.seed * 1_000_003 + shard.index
+        return self.spec.influence.seed * 1_000_003 + shard.seed  # stable: not the listing position
 
     # ---- queries --------------------------------------------------------------------------
 

@@ -111,6 +111,12 @@ class FactorsConfig:
     # Fraction (0, 1] of the fitting shards (evenly spread) whose windows fit the eigenvalue correction
     # (Lambda pass), as kronfluence's lambda_max_examples; 1.0 = all. Enters the factors id when < 1.
     lambda_sample: float = 1.0
+    # Factors are pinned per model, tracked layers, Fisher, space, window and tokenisation, and reused as the
+    # corpus grows (docs/design.md#nightly-runs). true: refit on the current sample.
+    refit: bool = False
+    # Refit when the pinned factors were fitted on less than this share (0-1) of the corpus's documents.
+    # 0: never refit for growth.
+    refit_below_share: float = 0.0
 
 
 @dataclass
@@ -204,6 +210,9 @@ class AttributeConfig:
             (self.score.batch_size >= 1, f"score.batch_size must be >= 1, got {self.score.batch_size}"),
             (self.factors.batch_size >= 1, f"factors.batch_size must be >= 1, got {self.factors.batch_size}"),
             (self.factors.sample_shards >= 0, f"factors.sample_shards must be >= 0, got {self.factors.sample_shards}"),
+            (0 <= self.factors.refit_below_share <= 1,
+             f"factors.refit_below_share must be in [0, 1] (0: never refit for growth), got "
+             f"{self.factors.refit_below_share}"),
             (self.projection.dim >= 0, f"projection.dim must be >= 0, got {self.projection.dim}"),
             (self.cluster.num_workers >= 1, f"cluster.num_workers must be >= 1, got {self.cluster.num_workers}"),
             (self.cluster.gpus_per_worker >= 0, "cluster.gpus_per_worker must be >= 0"),

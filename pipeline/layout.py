@@ -9,7 +9,11 @@ path can leave its folder::
     {root}/factors/{factors_id}/partials/lambda-{shard_id}.safetensors  Lambda partial sums of one shard
     {root}/factors/{factors_id}/factors.safetensors                     the fitted EK-FAC factors
     {root}/queries/{queries_id}/gradients.safetensors                   preconditioned query gradients
-    {root}/runs/{run_id}/shards/{shard_id}.parquet                      one shard's top-k
+    {root}/results/{results_key}/{shard_id}.parquet                     one shard's top-k, shared by runs (issue 8)
+    {root}/factor_pins/{settings_id}.json                               the factors pinned for these settings
+    {root}/catalog/runs/{run_id}.parquet                                one run's row of the run catalog
+    {root}/diffs/{run_a}__vs__{run_b}.parquet                           jobs/diff.py's table
+    {root}/runs/{run_id}/shards/{shard_id}.parquet                      one shard's top-k (before issue 8)
     {root}/runs/{run_id}/attribution/part-00000.parquet                 the ranked table (a Parquet dataset)
     {root}/runs/{run_id}/{table}/part-00000.parquet                     the run's other tables (pipeline.tables)
     {root}/runs/{run_id}/report.html                                    the run's report
@@ -178,6 +182,37 @@ def run_manifest(root: str, run_id: str) -> str:
 def failure_log(root: str, run_id: str, stamp: str) -> str:
     """A failed job's remote traceback: ``{root}/runs/{run_id}/logs/failure-{stamp}.log``."""
     return url(run_dir(root, run_id), "logs", f"failure-{validate_name(stamp, 'log stamp')}.log")
+
+
+def results_dir(root: str, results_key: str) -> str:
+    """Shard results of one scoring setting, shared by every run with it: ``{root}/results/{results_key}``."""
+    return url(root, "results", validate_name(results_key, "results key"))
+
+
+def shared_shard_result(root: str, results_key: str, shard_id: str) -> str:
+    """One shard's top-k under a scoring setting: ``{root}/results/{results_key}/{shard_id}.parquet``."""
+    return url(results_dir(root, results_key), f"{validate_name(shard_id, 'shard id')}.parquet")
+
+
+def factors_pin(root: str, settings_id: str) -> str:
+    """The factors pinned for one fitting setting: ``{root}/factor_pins/{settings_id}.json``."""
+    return url(root, "factor_pins", f"{validate_name(settings_id, 'factors settings id')}.json")
+
+
+def catalog_dir(root: str) -> str:
+    """The run catalog, one Parquet file per run (read by glob): ``{root}/catalog/runs``."""
+    return url(root, "catalog", "runs")
+
+
+def catalog_entry(root: str, run_id: str) -> str:
+    """One run's catalog row: ``{root}/catalog/runs/{run_id}.parquet``."""
+    return url(catalog_dir(root), f"{validate_name(run_id, 'run.id')}.parquet")
+
+
+def run_diff(root: str, run_a: str, run_b: str) -> str:
+    """The rows that entered, left or moved between two runs: ``{root}/diffs/{run_a}__vs__{run_b}.parquet``."""
+    a, b = validate_name(run_a, "diff.run_a"), validate_name(run_b, "diff.run_b")
+    return url(root, "diffs", f"{a}__vs__{b}.parquet")
 
 
 def latest_pointer(root: str) -> str:

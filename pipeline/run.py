@@ -13,11 +13,15 @@ Storage layout (all under ``storage.root``; every path is built in ``pipeline.la
 - ``factors/{factors_id}/``: partial sums per shard, eigenbases, ``factors.safetensors``.
   ``factors_id`` hashes the model fingerprint, tracked modules, Fisher kind,
   fitting space, window, tokenisation (BOS/EOS) and the fitted shards: factors
-  are reused by any run that would fit the same ones.
+  are reused by any run that would fit the same ones, and pinned per setting
+  (``factor_pins/``, `pipeline.pinning`) so a growing corpus does not refit them.
 - ``queries/{queries_id}/gradients.safetensors``: preconditioned query gradients,
   keyed by factors, queries content, damping, projection, query rank, window and tokenisation.
-- ``runs/{run.id}/shards/{shard_id}.parquet``: each shard's top-k;
-  ``runs/{run.id}/attribution/``: the ranked table; ``runs/{run.id}/manifest.json``.
+- ``results/{results_key}/{shard_id}.parquet``: each shard's top-k, shared by every
+  run with the same scoring (`pipeline.results`): a night scores only new shards;
+  ``runs/{run.id}/attribution/``: the ranked table; ``runs/{run.id}/manifest.json``
+  (lists the results merged); ``catalog/runs/{run.id}.parquet``: the run's history
+  row; ``latest.json``: the newest merged run (`pipeline.catalog`).
 """
 
 from __future__ import annotations
@@ -38,15 +42,19 @@ from pipeline.commit import (
     read_dir_commit,
     read_file_commit,
 )
+from pipeline import catalog
 from pipeline.config import STAGES, AttributeConfig, ConfigError
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
 from pipeline.core.text import Tokenisation
 from pipeline.core.tracking import LayerSpec
 from pipeline.corpus import (
+    CorpusFile,
     Query,
     Shard,
     bad_text_counts,
+    corpus_files_json,
     corpus_fingerprint,
+    hash_sample,
     list_corpus,
     make_shards,
     read_queries,
@@ -55,6 +63,9 @@ from pipeline.corpus import (
 from pipeline.identity import FactorsKey, QueriesKey, digest
 from pipeline.merge import merge_run, refuse_unmergeable
 from pipeline.model_io import check_model_dir
+from pipeline.pinning import REUSED, FactorsPlan, plan_factors, write_pin
+from pipeline.results import ResultsKey
+from pipeline.shard_result import TOKEN_ROWS
 from pipeline.report import write_report
 from pipeline.storage import Storage, bounded_options
 from pipeline.worker import WorkerSpec
@@ -80,31 +91,53 @@ class RunContext:
     layers: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
+    # The corpus listing (for the manifest's file list); the factors the run uses and why (`plan_factors`).
+    files: list[CorpusFile] = field(default_factory=list)
+    factors_plan: FactorsPlan | None = None
+    # The run id's first start (`catalog.first_start`): orders runs for latest.json.
+    started_at: str = ""
 
     # ---- content-addressed ids ------------------------------------------------------------
 
     @property
+    def sample_shards(self) -> list[Shard]:
+        """The current fitting sample: ``factors.sample_shards`` shards chosen by hash of id (all when 0)."""
+        return hash_sample(self.shards, self.cfg.factors.sample_shards)
+
+    @property
     def fit_shards(self) -> list[Shard]:
-        return spread(self.shards, self.cfg.factors.sample_shards)
+        """The shards the run's factors are (to be) fitted on: the plan's, else the current sample."""
+        return self.factors_plan.fit_shards if self.factors_plan is not None else self.sample_shards
 
     @property
     def lambda_shards(self) -> list[Shard]:
         """The fitting shards of the eigenvalue-correction pass: ``factors.lambda_sample`` of them, evenly spread."""
+        if self.factors_plan is not None and self.factors_plan.lambda_shards:
+            return self.factors_plan.lambda_shards
         fraction, shards = self.cfg.factors.lambda_sample, self.fit_shards
         if not 0 < fraction <= 1:
             raise ConfigError(f"factors.lambda_sample must be in (0, 1] (1 = all fitting shards), got {fraction}")
         return spread(shards, math.ceil(fraction * len(shards)))
 
     @cached_property
-    def factors_key(self) -> FactorsKey:
-        """What determines the factors; computed once (it lists every fitting shard)."""
+    def fresh_factors_key(self) -> FactorsKey:
+        """The key of factors fitted on the current sample; computed once (it lists every fitting shard)."""
         if not self.model_fp:
             raise RuntimeError("factors_key needs the model fingerprint; start the workers first")
-        shard_ids = [s.shard_id for s in self.fit_shards]
-        lambda_ids = [s.shard_id for s in self.lambda_shards]
+        shards = self.sample_shards
+        fraction = self.cfg.factors.lambda_sample
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"factors.lambda_sample must be in (0, 1] (1 = all fitting shards), got {fraction}")
+        lambda_ids = [s.shard_id for s in spread(shards, math.ceil(fraction * len(shards)))]
         return FactorsKey.of(
-            self.cfg.influence(), self.model_fp, self.cfg.corpus.window, shard_ids, lambda_ids, self.tokenisation
+            self.cfg.influence(), self.model_fp, self.cfg.corpus.window, [s.shard_id for s in shards], lambda_ids,
+            self.tokenisation,
         )
+
+    @property
+    def factors_key(self) -> FactorsKey:
+        """What determines the run's factors: the plan's (pinned or fitted now), else the current sample's."""
+        return self.factors_plan.key if self.factors_plan is not None else self.fresh_factors_key
 
     @property
     def factors_id(self) -> str:
@@ -128,8 +161,21 @@ class RunContext:
     def queries_url(self) -> str:
         return layout.query_gradients(self.storage.root, self.queries_id)
 
+    @property
+    def results_key(self) -> ResultsKey:
+        c = self.cfg
+        return ResultsKey(self.queries_id, c.score.top_k, c.score.batch_size, c.model.precision, TOKEN_ROWS)
+
     def shard_url(self, shard: Shard) -> str:
-        return layout.shard_result(self.storage.root, self.cfg.run.id, shard.shard_id)
+        """Where the shard's result for this run's scoring lives (shared by runs, `pipeline.results`)."""
+        return layout.shared_shard_result(self.storage.root, self.results_key.id, shard.shard_id)
+
+    def previous_manifest(self) -> dict | None:
+        """This run id's manifest from an earlier merge, or None."""
+        try:
+            return self.storage.read_json(layout.run_manifest(self.storage.root, self.cfg.run.id))
+        except FileNotFoundError:
+            return None
 
 
 def resolve_demo(cfg: AttributeConfig) -> AttributeConfig:
@@ -170,8 +216,9 @@ def prepare(cfg: AttributeConfig) -> RunContext:
     )
     shards = make_shards(files, cfg.corpus.docs_per_shard)
     queries, queries_fp = read_queries(cfg.queries.path, cfg.storage.options)
-    ctx = RunContext(cfg, storage, shards, corpus_fingerprint(files), queries, queries_fp)
+    ctx = RunContext(cfg, storage, shards, corpus_fingerprint(files), queries, queries_fp, files=files)
     ctx.bad_texts = bad_text_counts(files)
+    ctx.counts.update(_vanished_files(storage, files, cfg.corpus.path))
     ctx.counts.update(
         num_files=len(files), num_docs=sum(f.num_rows for f in files), num_shards=len(shards), num_queries=len(queries)
     )
@@ -181,6 +228,35 @@ def prepare(cfg: AttributeConfig) -> RunContext:
         ctx.counts["num_docs"], len(files), len(shards), len(queries),
     )
     return ctx
+
+
+def _vanished_files(storage: Storage, files: list[CorpusFile], corpus_path: str) -> dict:
+    """Files of the latest run's corpus (same ``corpus.path``) that are gone or changed: logged and counted.
+
+    Compared by path relative to the corpus root. A vanished file's shards are simply not in this run
+    (its table has no rows from them); a changed file's shards get new ids and are scored again.
+    """
+    latest = catalog.read_latest(storage)
+    if not latest:
+        return {}
+    try:
+        corpus = storage.read_json(layout.run_manifest(storage.root, latest["run_id"]))["corpus"]
+    except (FileNotFoundError, KeyError):
+        return {}
+    if corpus.get("path") != corpus_path:
+        return {}
+    before = corpus.get("files") or {}
+    now = corpus_files_json(files)
+    vanished = sorted(set(before) - set(now))
+    changed = sorted(p for p in set(before) & set(now) if before[p]["fingerprint"] != now[p]["fingerprint"])
+    if vanished:
+        log.warning("%d corpus file(s) of run %s are gone and are not in this run, e.g. %s",
+                    len(vanished), latest["run_id"], vanished[:5])
+    if changed:
+        log.info("%d corpus file(s) changed since run %s and are scored again, e.g. %s",
+                 len(changed), latest["run_id"], changed[:5])
+    return {"files_vanished": len(vanished), "vanished_files_sample": vanished[:20], "files_changed": len(changed),
+            "files_added": len(set(now) - set(before))}
 
 
 def check_before_workers(ctx: RunContext) -> RunContext:
@@ -221,6 +297,15 @@ def worker_spec(cfg: AttributeConfig, tokenisation: Tokenisation = Tokenisation(
 
 
 def fit_factors(ctx: RunContext) -> str:
+    """The run's factors (`plan_factors` chose them): fitted unless committed, then pinned for their setting."""
+    url = _fit(ctx)
+    plan = ctx.factors_plan
+    if plan is not None and plan.decision != REUSED:
+        write_pin(ctx.storage, plan, ctx.counts.get("num_docs", 0), ctx.cfg.run.id)
+    return url
+
+
+def _fit(ctx: RunContext) -> str:
     """Distributed EK-FAC fit: A/S partial sums per shard, eigendecomposition, Lambda partial sums."""
     from pipeline.cluster import run_units
 
@@ -283,37 +368,41 @@ def precondition_queries(ctx: RunContext) -> str:
 
 
 def score_corpus(ctx: RunContext) -> list:
-    """Every shard scored against every query; shards already committed (and verified) for these queries are skipped.
+    """Every shard scored against every query, unless its result for this scoring is committed (and verified).
 
-    A shard committed for other queries or another ``score.top_k`` is stale:
-    without ``run.overwrite`` the run refuses (`ConfigError`) rather than
-    replace it; with it, the new result replaces the old one when written and
-    its marker last, so nothing is deleted before its replacement exists.
-    Returns the commits of the shards scored now.
+    Results are shared by runs (`pipeline.results`): a shard any run scored
+    the same way is reused, so a night whose corpus grew scores only the new
+    shards (``counts.shards_scored``/``shards_reused``). A run id merged before
+    for other queries, factors or ``score.top_k`` is refused (`ConfigError`)
+    without ``run.overwrite``; with it, its table is replaced at the merge and
+    the results it merged before are left for other runs (and gc). With
+    ``run.overwrite`` every shard is rescored, each new result replacing the
+    old one when written and its marker last. Returns the commits of the shards scored now.
     """
     from pipeline.cluster import run_units
 
     storage, top_k, overwrite = ctx.storage, ctx.cfg.score.top_k, ctx.cfg.run.overwrite
-    todo, stale = [], []
+    previous = ctx.previous_manifest()
+    if previous is not None and not overwrite:
+        before = (previous.get("queries_id"), previous.get("config", {}).get("score", {}).get("top_k"))
+        if before != (ctx.queries_id, top_k):
+            raise ConfigError(
+                f"run.id={ctx.cfg.run.id!r} was merged for other queries, factors or score.top_k (queries "
+                f"{before[0]}, score.top_k={before[1]}); give a new run.id, or run.overwrite=true to replace its "
+                "table (replaced only when the new one commits)"
+            )
+    todo, reused = [], 0
     for shard in ctx.shards:
         url = ctx.shard_url(shard)
         done = read_file_commit(storage, url)
         current = done is not None and done.queries_id == ctx.queries_id and done.top_k == top_k
         if current and not overwrite:
             log.info("skip committed %s", url)
+            reused += 1
             continue
-        if done is not None and not current:
-            stale.append(shard.shard_id)
         todo.append(shard)
-    if stale and not overwrite:
-        raise ConfigError(
-            f"run.id={ctx.cfg.run.id!r} has {len(stale)} shard result(s) committed for other queries, factors or "
-            f"score.top_k (e.g. {stale[:3]}); give a new run.id, or run.overwrite=true to replace them (each is "
-            "replaced only when its new result commits)"
-        )
-    if stale:
-        log.warning("replacing %d stale shard result(s) of run %s (run.overwrite=true), e.g. %s",
-                    len(stale), ctx.cfg.run.id, stale[:3])
+    ctx.counts.update(shards_scored=len(todo), shards_reused=reused)
+    log.info("score: %d shard(s) to score, %d reused from committed results", len(todo), reused)
     calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), top_k, ctx.queries_id, overwrite)) for s in todo]
     return run_units(ctx.workers, calls, "score", stall_timeout_s=ctx.cfg.cluster.stall_timeout_s)
 
@@ -323,6 +412,7 @@ def merge_results(ctx: RunContext) -> str:
     storage, run_id, top_k = ctx.storage, ctx.cfg.run.id, ctx.cfg.score.top_k
     out_dir = layout.attribution_dir(storage.root, run_id)
     commits = {s.shard_id: read_file_commit(storage, ctx.shard_url(s)) for s in ctx.shards}
+    _explain_missing(ctx, commits)
     refuse_unmergeable(run_id, commits, ctx.queries_id, top_k)
     # The shards' checksums, not only their ids: a shard rescored to other bytes makes the table stale.
     shards = {sid: c.sha256 for sid, c in sorted(commits.items())}
@@ -330,15 +420,69 @@ def merge_results(ctx: RunContext) -> str:
     done = read_dir_commit(storage, out_dir)
     if done is not None and done.merged_from == merged_from and not ctx.cfg.run.overwrite:
         log.info("skip committed %s", out_dir)
+        entry = catalog.read_entry(storage, run_id)
+        if entry is None or entry["status"] != catalog.MERGED:  # merged, but the run stopped before its catalog row
+            _catalog_merged(ctx, out_dir, done.num_rows or 0)
         return out_dir
     # The new tables replace the old ones file by file (each write is atomic) and the new marker comes last:
     # the old table is never deleted first, and the manifest and latest.json always point at a whole table.
     table = merge_run(ctx)  # every table of the run (pipeline.tables); the ranked one last
     commit_dir(storage, out_dir, merged_from=merged_from, num_rows=table.num_rows)
     ctx.counts.update(_shard_counts(list(commits.values())))
+    ctx.counts.setdefault("shards_scored", 0)
+    ctx.counts.setdefault("shards_reused", len(ctx.shards) - ctx.counts["shards_scored"])
     write_manifest(ctx, out_dir)
     write_report(storage, run_id)  # runs/{run.id}/report.html, from the tables and manifest just written
+    _catalog_merged(ctx, out_dir, table.num_rows)
     return out_dir
+
+
+def _explain_missing(ctx: RunContext, commits: dict) -> None:
+    """For shards with no result under this scoring, the results this run id merged before (if other).
+
+    So the merge's refusal names what they were scored with (another ``score.top_k``, other queries)
+    rather than only that they are missing.
+    """
+    previous = ctx.previous_manifest()
+    key = (previous or {}).get("results", {}).get("key")
+    if key is None or key == ctx.results_key.id or all(c is not None for c in commits.values()):
+        return
+    for sid, c in commits.items():
+        if c is None:
+            commits[sid] = read_file_commit(ctx.storage, layout.shared_shard_result(ctx.storage.root, key, sid),
+                                            verify=False)
+
+
+def _catalog_merged(ctx: RunContext, table_url: str, num_rows: int) -> None:
+    """The run's catalog row, now merged; then latest.json moves to it if it started later (`catalog`)."""
+    plan = ctx.factors_plan
+    catalog.write_entry(ctx.storage, {
+        **_catalog_row(ctx, catalog.MERGED),
+        "factors_decision": plan.decision if plan else None,
+        "queries_id": ctx.queries_id,
+        "results_key": ctx.results_key.id,
+        "shards_scored": ctx.counts.get("shards_scored"),
+        "shards_reused": ctx.counts.get("shards_reused"),
+        "num_rows": num_rows,
+        "attribution": table_url,
+    })
+    catalog.advance_latest(ctx.storage)
+
+
+def _catalog_row(ctx: RunContext, status: str) -> dict:
+    return {
+        "run_id": ctx.cfg.run.id,
+        "status": status,
+        "started_at": ctx.started_at,
+        "ended_at": catalog.now_utc() if status != catalog.RUNNING else None,
+        "model_fingerprint": ctx.model_fp or None,
+        "factors_id": ctx.factors_plan.key.id if ctx.factors_plan else None,
+        "queries_fingerprint": ctx.queries_fp,
+        "corpus_fingerprint": ctx.corpus_fp,
+        "top_k": ctx.cfg.score.top_k,
+        "num_docs": ctx.counts.get("num_docs"),
+        "num_shards": len(ctx.shards),
+    }
 
 
 def _shard_counts(commits: list) -> dict:
@@ -372,10 +516,15 @@ def write_manifest(ctx: RunContext, table_url: str) -> dict:
         "counts": {**ctx.counts, **ctx.bad_texts},
         "timings": ctx.timings,
         "shards": [s.shard_id for s in ctx.shards],
+        "started_at": ctx.started_at,
+        # Which factors and why (pipeline.pinning); the shared results merged (pipeline.results).
+        "factors": ctx.factors_plan.to_json(ctx.counts.get("num_docs", 0)) if ctx.factors_plan else None,
+        "results": {"key": ctx.results_key.id, "setting": ctx.results_key.to_json(),
+                    "url": layout.results_dir(ctx.storage.root, ctx.results_key.id)},
     }
+    manifest["corpus"]["files"] = corpus_files_json(ctx.files)
     root = ctx.storage.root
     ctx.storage.write_json(layout.run_manifest(root, ctx.cfg.run.id), manifest)
-    ctx.storage.write_json(layout.latest_pointer(root), {"run_id": ctx.cfg.run.id, "attribution": table_url})
     return manifest
 
 
@@ -403,16 +552,45 @@ def run_stages(cfg: AttributeConfig, stages: Sequence[str] | None = None) -> Run
     if stages is not None:
         cfg = replace(cfg, run=replace(cfg.run, stages=list(stages)))
     ctx = check_before_workers(prepare(cfg))
-    with ray_session(ctx.cfg.cluster):
-        started = time.perf_counter()
-        ctx.workers = start_workers(worker_spec(ctx.cfg, ctx.tokenisation), ctx.cfg.cluster)
-        ctx.model_fp = ray.get(ctx.workers[0].fingerprint.remote())
-        ctx.layers = ray.get(ctx.workers[0].layer_specs.remote())
-        ctx.timings["workers_s"] = round(time.perf_counter() - started, 3)
-        for stage in STAGES:
-            if stage in ctx.cfg.run.stages:
-                _timed(ctx, stage, STAGE_FUNCTIONS[stage])
+    entry = catalog.read_entry(ctx.storage, ctx.cfg.run.id)
+    # A rerun keeps the run's first start (and writes nothing here); a new run enters the catalog as running.
+    ctx.started_at = entry["started_at"] if entry and entry.get("started_at") else catalog.now_utc()
+    if entry is None:
+        catalog.write_entry(ctx.storage, _catalog_row(ctx, catalog.RUNNING))
+    try:
+        with ray_session(ctx.cfg.cluster):
+            started = time.perf_counter()
+            ctx.workers = start_workers(worker_spec(ctx.cfg, ctx.tokenisation), ctx.cfg.cluster)
+            ctx.model_fp = ray.get(ctx.workers[0].fingerprint.remote())
+            ctx.layers = ray.get(ctx.workers[0].layer_specs.remote())
+            ctx.timings["workers_s"] = round(time.perf_counter() - started, 3)
+            ctx.factors_plan = _plan_factors(ctx)
+            for stage in STAGES:
+                if stage in ctx.cfg.run.stages:
+                    _timed(ctx, stage, STAGE_FUNCTIONS[stage])
+    except BaseException:
+        _catalog_failed(ctx)
+        raise
     return ctx
+
+
+def _plan_factors(ctx: RunContext) -> FactorsPlan:
+    f = ctx.cfg.factors
+    plan = plan_factors(ctx.storage, ctx.fresh_factors_key, ctx.sample_shards,
+                        spread(ctx.sample_shards, math.ceil(f.lambda_sample * len(ctx.sample_shards))),
+                        ctx.shards, f.sample_shards, f.lambda_sample, f.refit, f.refit_below_share)
+    log.info("factors %s: %s (%s)", plan.key.id, plan.decision, plan.reason)
+    return plan
+
+
+def _catalog_failed(ctx: RunContext) -> None:
+    """Mark the run failed in the catalog unless it has a merged table already (best effort: never masks the error)."""
+    try:
+        entry = catalog.read_entry(ctx.storage, ctx.cfg.run.id)
+        if entry is None or entry["status"] != catalog.MERGED:
+            catalog.write_entry(ctx.storage, _catalog_row(ctx, catalog.FAILED))
+    except Exception as exc:  # the run's own failure matters more
+        log.warning("could not mark run %s failed in the catalog: %s", ctx.cfg.run.id, exc)
 
 
 def run_attribution(cfg: AttributeConfig) -> dict | None:

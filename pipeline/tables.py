@@ -245,22 +245,25 @@ def write_run_tables(
     from pipeline.merge import merge_document_tables, merge_shard_tables, top_row_details
     from pipeline.shard_result import DOCUMENT, LAYER, SHARD_RESULT_SCHEMA, TOKEN, WINDOW, read_shard_result
 
-    def read(url: str, kinds: tuple[str, ...]) -> tuple[pa.Table, dict]:
-        with storage.fs.open(storage.fs_path(url), "rb") as f:
+    from pipeline.results import rekey
+
+    def read(index: int, kinds: tuple[str, ...]) -> tuple[pa.Table, dict]:
+        with storage.fs.open(storage.fs_path(shard_urls[index]), "rb") as f:
             table = read_shard_result(f, kinds)
-        return table, RunMetadata.from_parquet(table.schema.metadata)
+        # A result reused from another run carries that run's shard index; ties break by this run's.
+        return rekey(table, index), RunMetadata.from_parquet(table.schema.metadata)
 
     from tqdm import tqdm
 
     parts, char_spans = [], metadata.char_spans
     for index in tqdm(sorted(shard_urls), desc="merge: read", unit="shard"):
-        table, meta = read(shard_urls[index], (WINDOW, DOCUMENT))
+        table, meta = read(index, (WINDOW, DOCUMENT))
         parts.append(table)
         char_spans = char_spans or meta.get("char_spans", "")
     windows = merge_shard_tables(parts, top_k, extra=("text", "char_start", "char_end", "seq_key"))
     documents = merge_document_tables(parts, top_k)
     keys = windows.filter(pc.less_equal(windows.column("rank"), token_rows)).column("seq_key").to_pylist()
-    details = [read(shard_urls[i], (TOKEN, LAYER))[0] for i in sorted({k >> 32 for k in keys})]
+    details = [read(i, (TOKEN, LAYER))[0] for i in sorted({k >> 32 for k in keys})]
     details = pa.concat_tables(details) if details else SHARD_RESULT_SCHEMA.empty_table()
     top = windows.filter(pc.less_equal(windows.column("rank"), token_rows))
     tokens = top_row_details(top, details.filter(pc.equal(details.column("kind"), TOKEN)), token_rows)

@@ -245,7 +245,8 @@ def test_projection_off_equals_single_process_core(cluster, inputs, s3, referenc
 def test_rerun_skips_every_unit_and_writes_nothing(baseline, cluster, inputs, s3, caplog):
     prefix = f"{inputs['bucket']}/attribution"
     before = objects(s3, prefix)
-    shard_objects = [k for k in before if "/runs/baseline/shards/" in k]
+    results = f"/results/{baseline['manifest']['results']['key']}/"  # shard results are shared by runs (issue 8)
+    shard_objects = [k for k in before if results in k]
     assert len(shard_objects) == 2 * baseline["manifest"]["counts"]["num_shards"]  # data + commit marker
     time.sleep(1.1)  # LastModified has one-second resolution
     caplog.set_level(logging.INFO, logger="pipeline")
@@ -265,7 +266,8 @@ def test_worker_killed_before_commit_loses_and_duplicates_nothing(baseline, clus
     marker = env["marker"]
     os.remove(marker)  # arms the hook: the worker scoring shard KILL_SHARD exits after writing, before committing
     try:
-        manifest = run(make_cfg(inputs, cluster, "killed"))
+        # run.overwrite: the baseline's shared results would otherwise be reused and nothing scored.
+        manifest = run(make_cfg(inputs, cluster, "killed", overwrite=True))
     finally:
         killed = os.path.exists(marker)
         if not killed:
@@ -275,16 +277,19 @@ def test_worker_killed_before_commit_loses_and_duplicates_nothing(baseline, clus
     assert_identical_tables(table, baseline["table"])
     keys = [(r["query_id"], r["polarity"], r["rank"]) for r in sorted_rows(table)]
     assert len(keys) == len(set(keys))
-    commit = json.loads(s3.cat_file(f"{inputs['bucket']}/attribution/runs/killed/shards/{manifest['shards'][KILL_SHARD]}.parquet.commit.json"))
+    results = f"{inputs['bucket']}/attribution/results/{manifest['results']['key']}"
+    commit = json.loads(s3.cat_file(f"{results}/{manifest['shards'][KILL_SHARD]}.parquet.commit.json"))
     assert commit["info"]["num_docs"] == DOCS_PER_SHARD
 
 
 def test_overwrite_recomputes_to_the_same_table(baseline, cluster, inputs, s3):
-    prefix = f"{inputs['bucket']}/attribution/runs/baseline"
+    prefixes = [f"{inputs['bucket']}/attribution/runs/baseline",
+                f"{inputs['bucket']}/attribution/results/{baseline['manifest']['results']['key']}"]
 
     def commits():
         return {
             k: json.loads(s3.cat_file(k))["committed_at"]
+            for prefix in prefixes
             for k in s3.find(prefix)
             if k.endswith(".commit.json") or k.endswith("_COMMITTED.json")
         }
@@ -302,7 +307,8 @@ def test_merge_refuses_while_a_shard_is_uncommitted(baseline, cluster, inputs, s
 
     cfg = make_cfg(inputs, cluster, "baseline")
     victim = baseline["manifest"]["shards"][1]
-    marker = f"{inputs['bucket']}/attribution/runs/baseline/shards/{victim}.parquet.commit.json"
+    results = f"{inputs['bucket']}/attribution/results/{baseline['manifest']['results']['key']}"
+    marker = f"{results}/{victim}.parquet.commit.json"
     s3.rm_file(marker)
     with pytest.raises(RuntimeError, match="not committed") as e:
         run_stages(cfg, ("merge",))

@@ -37,7 +37,7 @@ def check_model_dir(path: str, storage_options: dict | None = None) -> list[str]
     if not fs.isdir(root):
         raise BadInputError(f"model.path {path!r} is not a folder (a Hugging Face model directory is expected)")
     if not _is_local(fs):
-        for remote in fs.find(root):
+        for remote in _objects(fs, root):
             safe_relative_path(path, root, remote)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
     gguf = [n for n in names if n.endswith(".gguf")]
@@ -51,6 +51,11 @@ def check_model_dir(path: str, storage_options: dict | None = None) -> list[str]
         hint = " (it has pickle-based .bin weights: convert them to safetensors)" if any(n.endswith(".bin") for n in names) else ""
         raise BadInputError(f"model.path {path!r} has no .safetensors weights{hint}")
     return names
+
+
+def _objects(fs, root: str) -> dict:
+    """``{key: info}`` of the objects under ``root``, folder markers (keys ending in ``/``) left out."""
+    return {k: v for k, v in fs.find(root, detail=True).items() if not k.endswith("/")}
 
 
 def _is_local(fs) -> bool:
@@ -86,7 +91,7 @@ def local_model_dir(path: str, cache_dir: str, storage_options: dict | None = No
     if _is_local(fs):
         check_model_dir(path)
         return root
-    files = fs.find(root, detail=True)
+    files = _objects(fs, root)
     rels = {remote: safe_relative_path(path, root, remote) for remote in files}
     listing = "|".join(f"{k}:{v.get('size')}:{v.get('ETag', '')}" for k, v in sorted(files.items()))
     key = hashlib.sha256(f"{path}|{listing}".encode()).hexdigest()[:16]

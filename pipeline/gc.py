@@ -1,0 +1,173 @@
+"""Retention: remove runs beyond a policy and every shared object no kept run references (``jobs/gc.py``).
+
+Runs are the catalog's (`pipeline.catalog`) that are not ``deleted``, newest
+start first. A run is kept when it is among the ``gc.keep_last`` newest or
+started within ``gc.keep_days`` (either rule keeps it; at least one must be
+given), and always while it is ``running`` (it may be writing). A policy that
+would delete the run ``latest.json`` names is refused (`ConfigError`).
+
+What a kept run references, from its manifest: its factors (``factors/{id}/``,
+their pin), its query gradients (``queries/{id}/``) and its shard results
+(``results/{key}/{shard_id}.parquet`` for the shards it lists). Everything
+else under ``factors/``, ``queries/``, ``results/`` and ``factor_pins/`` goes,
+and so do the fitting partials and eigenbases of kept factors (a committed
+factors file is all a rerun reads). While some run is ``running`` its
+references are unknown, so no shared object is deleted (runs only).
+
+Dry run by default: `plan_gc` lists what would go; ``gc.apply=true`` deletes
+it, each run's catalog row marked ``deleted`` before its folder goes and every
+unit's commit marker before its data, so nothing half-deleted is ever trusted.
+Do not run gc while a run is starting: a run that has planned to reuse a
+result gc then deletes finds it uncommitted and scores it again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+
+from pipeline import catalog, layout
+from pipeline.config import ConfigError, StorageConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GcOptions:
+    # Keep the N runs that started last (0: no such rule).
+    keep_last: int = 0
+    # Keep the runs that started within this many days (0: no such rule).
+    keep_days: float = 0.0
+    # false: print what would be deleted; true: delete it.
+    apply: bool = False
+
+
+@dataclass
+class GcConfig:
+    """``python jobs/gc.py gc.keep_last=7 [gc.apply=true]``."""
+
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    gc: GcOptions = field(default_factory=GcOptions)
+
+    def validate(self) -> None:
+        if self.gc.keep_last < 0 or self.gc.keep_days < 0:
+            raise ConfigError(f"gc.keep_last and gc.keep_days must be >= 0, got {self.gc.keep_last}, "
+                              f"{self.gc.keep_days}")
+        if not self.gc.keep_last and not self.gc.keep_days:
+            raise ConfigError("no retention policy: give gc.keep_last=N and/or gc.keep_days=D")
+
+
+def register_configs() -> None:
+    from pipeline.config import store_schema
+
+    store_schema("gc_schema", GcConfig, mandatory=("storage.root",))
+
+
+@dataclass
+class GcPlan:
+    kept_runs: list[str]
+    deleted_runs: list[str]
+    # Units (file URLs; their commit markers go first) and folders to delete.
+    files: list[str]
+    folders: list[str]
+    note: str = ""
+
+
+def _kept(rows: list[dict], keep_last: int, keep_days: float, now: dt.datetime) -> set[str]:
+    newest_first = sorted(rows, key=lambda r: (r["started_at"] or "", r["run_id"]), reverse=True)
+    kept = {r["run_id"] for r in newest_first[:keep_last]} if keep_last else set()
+    if keep_days:
+        since = (now - dt.timedelta(days=keep_days)).isoformat()
+        kept |= {r["run_id"] for r in rows if (r["started_at"] or "") >= since}
+    return kept | {r["run_id"] for r in rows if r["status"] == catalog.RUNNING}
+
+
+def _references(storage, run_ids: list[str]) -> tuple[set[str], set[str], set[tuple[str, str]]]:
+    """Factors ids, queries ids and (results key, shard id) pairs the runs' manifests name."""
+    factors, queries, results = set(), set(), set()
+    for run_id in run_ids:
+        try:
+            m = storage.read_json(layout.run_manifest(storage.root, run_id))
+        except FileNotFoundError:
+            continue
+        factors.add(m["factors_id"])
+        queries.add(m["queries_id"])
+        key = (m.get("results") or {}).get("key")
+        if key:
+            results |= {(key, s) for s in m["shards"]}
+    return factors, queries, results
+
+
+def _names(storage, *parts: str) -> list[str]:
+    return [u.rstrip("/").rsplit("/", 1)[-1] for u in storage.ls(layout.url(storage.root, *parts))]
+
+
+def plan_gc(storage, keep_last: int, keep_days: float, now: dt.datetime | None = None) -> GcPlan:
+    """What a policy keeps and deletes; refuses (`ConfigError`) one that would delete latest.json's run."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    rows = [r for r in catalog.read_catalog(storage) if r["status"] != catalog.DELETED]
+    kept = _kept(rows, keep_last, keep_days, now)
+    latest = catalog.read_latest(storage)
+    if latest and latest.get("run_id") not in kept and any(r["run_id"] == latest["run_id"] for r in rows):
+        raise ConfigError(
+            f"gc policy (gc.keep_last={keep_last}, gc.keep_days={keep_days}) would delete run "
+            f"{latest['run_id']!r}, which latest.json names; keep more runs"
+        )
+    deleted = sorted(r["run_id"] for r in rows if r["run_id"] not in kept)
+    kept_ids = sorted(kept)
+    files, folders = [], [layout.run_dir(storage.root, r) for r in deleted]
+    if any(r["status"] == catalog.RUNNING for r in rows):
+        return GcPlan(kept_ids, deleted, [], folders, "a run is running: shared objects are kept this time")
+    factors, queries, results = _references(storage, kept_ids)
+    root = storage.root
+    for fid in _names(storage, "factors"):
+        if fid not in factors:
+            folders.append(layout.factors_dir(root, fid))
+        else:
+            folders.append(layout.url(layout.factors_dir(root, fid), "partials"))
+            files.append(layout.eigenbases(root, fid))
+    for sid in _names(storage, "factor_pins"):
+        pin_url = layout.url(root, "factor_pins", sid)
+        if storage.read_json(pin_url).get("factors_id") not in factors:
+            files.append(pin_url)
+    folders += [layout.queries_dir(root, q) for q in _names(storage, "queries") if q not in queries]
+    keys = {k for k, _ in results}
+    for key in _names(storage, "results"):
+        if key not in keys:
+            folders.append(layout.results_dir(root, key))
+            continue
+        for url in storage.ls(layout.results_dir(root, key)):
+            name = url.rsplit("/", 1)[-1]
+            if name.endswith(".parquet") and (key, name[: -len(".parquet")]) not in results:
+                files.append(url)
+    folders = [f for f in folders if storage.exists(f)]
+    files = [f for f in files if storage.exists(f) or storage.exists(layout.file_marker(f))]
+    return GcPlan(kept_ids, deleted, files, folders)
+
+
+def apply_gc(storage, plan: GcPlan) -> None:
+    """Delete what ``plan`` lists: catalog rows marked deleted first, then run folders, then shared objects."""
+    for run_id in plan.deleted_runs:
+        row = catalog.read_entry(storage, run_id)
+        if row is not None:
+            catalog.write_entry(storage, {**row, "status": catalog.DELETED, "ended_at": catalog.now_utc()})
+    for url in plan.files:
+        storage.rm(layout.file_marker(url))
+        storage.rm(url)
+    for url in plan.folders:
+        storage.rm(url, recursive=True)
+    log.info("gc deleted %d run(s), %d file(s), %d folder(s)", len(plan.deleted_runs), len(plan.files),
+             len(plan.folders))
+
+
+def describe(plan: GcPlan, applied: bool) -> str:
+    verb = "deleted" if applied else "would delete"
+    lines = [f"gc: keeps {len(plan.kept_runs)} run(s) {plan.kept_runs}; {verb} {len(plan.deleted_runs)} run(s) "
+             f"{plan.deleted_runs}, {len(plan.folders)} folder(s) and {len(plan.files)} file(s)"]
+    if plan.note:
+        lines.append(f"  note: {plan.note}")
+    lines += [f"  {verb} {u}" for u in plan.folders + plan.files]
+    if not applied:
+        lines.append("  (dry run: nothing deleted; gc.apply=true deletes)")
+    return "\n".join(lines)

@@ -217,6 +217,10 @@ class AttributeConfig:
             (self.cluster.num_workers >= 1, f"cluster.num_workers must be >= 1, got {self.cluster.num_workers}"),
             (self.cluster.gpus_per_worker >= 0, "cluster.gpus_per_worker must be >= 0"),
             (self.cluster.cpus_per_worker > 0, "cluster.cpus_per_worker must be > 0"),
+            (self.cluster.stall_timeout_s > 0, "cluster.stall_timeout_s must be > 0"),
+            (self.cluster.placement_timeout_s >= 0, "cluster.placement_timeout_s must be >= 0"),
+            (self.storage.timeout_s > 0 and self.storage.retries >= 0,
+             "storage.timeout_s must be > 0 and storage.retries >= 0"),
             (self.cluster.worker_memory_gb >= 0, "cluster.worker_memory_gb must be >= 0 (0: measured)"),
         ]
         for ok, message in checks:

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import BadInputError
+from pipeline.unique_ids import UniqueIds
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def list_corpus(
     root = corpus_root(fs, fsspec.core.url_to_fs(path, **(storage_options or {}))[1])
     files = []
     first_bad: dict[str, str] = {}
-    seen: dict[int, str] = {}
+    unique = UniqueIds(id_column) if check_unique_ids else None
     for p in paths:
         url = _unstrip(fs, p)
         fmt = _format_of(p)
@@ -272,7 +273,7 @@ def list_corpus(
             if missing:
                 raise BadInputError(f"{url} has no column(s) {missing}; it has {names}. Set corpus.id_column/text_column")
             num_rows = pf.metadata.num_rows
-            ids = pf.read(columns=[id_column]).column(0).to_pylist() if check_unique_ids else []
+            ids = pf.read(columns=[id_column]).column(0) if check_unique_ids else []
             nulls, nonstrings, first = _parquet_bad_texts(pf, text_column)
             if first is not None:
                 first_bad[url] = f"row {first}"
@@ -290,15 +291,12 @@ def list_corpus(
                     first_bad.setdefault(url, f"line {line}")
             num_rows = len(records)
             ids = [row[id_column] for _, row in records] if check_unique_ids else []
-        for doc_id in ids:
-            if doc_id is None or str(doc_id) == "":
-                raise BadInputError(f"{url} has a document with an empty {id_column!r}")
-            key = int.from_bytes(hashlib.blake2b(str(doc_id).encode(), digest_size=8).digest(), "little")
-            if key in seen:
-                raise BadInputError(f"duplicate document id {str(doc_id)!r} (in {seen[key]} and {url}); ids must be unique")
-            seen[key] = url
+        if unique is not None:
+            unique.add(url, ids)
         files.append(CorpusFile(url, fmt, f"sha256={content.hexdigest()}", num_rows, nulls, nonstrings,
                                 relative_path(root, p), tuple(offsets) if fmt == "jsonl" else ()))
+    if unique is not None:
+        unique.check()
     if sum(f.num_rows for f in files) == 0:
         raise BadInputError(f"corpus {path!r} has no documents")
     _report_bad_texts(files, text_column, on_bad_text, first_bad)

@@ -5,6 +5,10 @@ order (score, then ``seq_key``), and so does the merge, so the global top-k
 is the top-k of the union of the shards' top-k, ties included. That holds
 only when every shard is committed, scored for the run's queries and with
 the ``top_k`` asked; `refuse_unmergeable` checks all three first.
+
+The same argument lets the merge stream (`RankingFold`): shard results are
+folded into the running top-k a batch at a time, so the driver holds one
+batch of shard rankings plus the result, however many shards there are.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import pyarrow.compute as pc
 
 from pipeline.commit import Commit
 from pipeline.errors import MergeRefusedError
+
+# The document rows' columns a merge reads (`pipeline.shard_result`).
+DOCUMENT_COLUMNS = ["query_id", "polarity", "doc_id", "score", "seq_key", "num_windows"]
 
 TABLE_SCHEMA = pa.schema(
     [
@@ -86,8 +93,12 @@ def merge_document_tables(tables: list[pa.Table], top_k: int) -> pa.Table:
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    cols = ["query_id", "polarity", "doc_id", "score", "seq_key", "num_windows"]
-    parts = [_only_kind(t, "document").select(cols) for t in tables if "kind" in t.column_names]
+    parts = [_only_kind(t, "document").select(DOCUMENT_COLUMNS) for t in tables if "kind" in t.column_names]
+    return _document_table(parts, top_k)
+
+
+def _document_table(parts: list[pa.Table], top_k: int) -> pa.Table:
+    """The ranked documents table from document rows with ``DOCUMENT_COLUMNS``."""
     schema = pa.schema(
         [("query_id", pa.string()), ("polarity", pa.string()), ("rank", pa.int32()), ("doc_id", pa.string()),
          ("score", pa.float64()), ("num_windows", pa.int32())]
@@ -95,6 +106,47 @@ def merge_document_tables(tables: list[pa.Table], top_k: int) -> pa.Table:
     if not parts:
         return schema.empty_table()
     return _rank(pa.concat_tables(parts), top_k, ["num_windows"]).select(schema.names).cast(schema)
+
+
+class RankingFold:
+    """The global top-k windows and documents of shard results fed a batch at a time (`add`).
+
+    ``windows()`` equals `merge_shard_tables` and ``documents()``
+    `merge_document_tables` over every table added, row for row: ranking is
+    a total order (score, then the unique ``seq_key``), so the top-k of the
+    union is the top-k of (running top-k + next batch). Memory: one batch of
+    shard rankings plus ``2 * top_k`` rows per query of each ranking.
+    """
+
+    def __init__(self, top_k: int, extra: tuple[str, ...] = ()):
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.top_k, self.extra = top_k, extra
+        self._window_columns = ["query_id", "polarity", "doc_id", "window", "score", "seq_key",
+                                *[c for c in extra if c != "seq_key"]]
+        self._carried = ['"window"', *[f'"{c}"' for c in extra if c != "seq_key"]]
+        self._windows: pa.Table | None = None  # the running top-k, in the shard rows' columns and types
+        self._documents: pa.Table | None = None
+
+    def add(self, tables: list[pa.Table]) -> None:
+        """Fold shard result tables (as `merge_shard_tables` takes them) into the running top-k."""
+        windows = [_only_kind(t, "window").select(self._window_columns) for t in tables]
+        documents = [_only_kind(t, "document").select(DOCUMENT_COLUMNS) for t in tables if "kind" in t.column_names]
+        self._windows = self._fold(self._windows, windows, self._carried)
+        self._documents = self._fold(self._documents, documents, ["num_windows"])
+
+    def windows(self) -> pa.Table:
+        return merge_shard_tables([] if self._windows is None else [self._windows], self.top_k, self.extra)
+
+    def documents(self) -> pa.Table:
+        return _document_table([] if self._documents is None else [self._documents], self.top_k)
+
+    def _fold(self, running: pa.Table | None, parts: list[pa.Table], carried: list[str]) -> pa.Table | None:
+        if not parts:
+            return running
+        schema = parts[0].schema
+        rows = pa.concat_tables(([] if running is None else [running]) + parts)
+        return _rank(rows, self.top_k, carried).select(schema.names).cast(schema)
 
 
 def top_row_details(windows: pa.Table, details: pa.Table, token_rows: int) -> pa.Table:

@@ -13,6 +13,7 @@ and a page index, so a reader filtering on ``query_id`` skips the rest.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -28,6 +29,10 @@ LAYERS = "layers"
 TABLES = (ATTRIBUTION, DOCUMENTS, QUERIES, TOKENS, LAYERS)
 
 SCHEMA_VERSION = "1"
+# The merge reads shard results MERGE_BATCH at a time (its memory: one batch of shard rankings plus the
+# running top-k), MERGE_READERS files at once (reads wait on storage, not on the CPU).
+MERGE_BATCH = 256
+MERGE_READERS = 8
 ROW_GROUP_ROWS = 65_536
 # Key-value metadata keys (bytes in Parquet; strings here).
 META_PREFIX = "attribution."
@@ -242,7 +247,7 @@ def write_run_tables(
     marker, written by the caller after it, vouches for all five).
     """
     from pipeline import layout
-    from pipeline.merge import merge_document_tables, merge_shard_tables, top_row_details
+    from pipeline.merge import RankingFold, top_row_details
     from pipeline.shard_result import DOCUMENT, LAYER, SHARD_RESULT_SCHEMA, TOKEN, WINDOW, read_shard_result
 
     from pipeline.results import rekey
@@ -255,13 +260,15 @@ def write_run_tables(
 
     from tqdm import tqdm
 
-    parts, char_spans = [], metadata.char_spans
-    for index in tqdm(sorted(shard_urls), desc="merge: read", unit="shard"):
-        table, meta = read(index, (WINDOW, DOCUMENT))
-        parts.append(table)
-        char_spans = char_spans or meta.get("char_spans", "")
-    windows = merge_shard_tables(parts, top_k, extra=("text", "char_start", "char_end", "seq_key"))
-    documents = merge_document_tables(parts, top_k)
+    fold, char_spans = RankingFold(top_k, extra=("text", "char_start", "char_end", "seq_key")), metadata.char_spans
+    indices = sorted(shard_urls)
+    with ThreadPoolExecutor(MERGE_READERS) as pool, tqdm(total=len(indices), desc="merge: read", unit="shard") as bar:
+        for start in range(0, len(indices), MERGE_BATCH):
+            batch = list(pool.map(lambda i: read(i, (WINDOW, DOCUMENT)), indices[start : start + MERGE_BATCH]))
+            fold.add([table for table, _ in batch])
+            char_spans = char_spans or next((m["char_spans"] for _, m in batch if m.get("char_spans")), "")
+            bar.update(len(batch))
+    windows, documents = fold.windows(), fold.documents()
     keys = windows.filter(pc.less_equal(windows.column("rank"), token_rows)).column("seq_key").to_pylist()
     details = [read(i, (TOKEN, LAYER))[0] for i in sorted({k >> 32 for k in keys})]
     details = pa.concat_tables(details) if details else SHARD_RESULT_SCHEMA.empty_table()

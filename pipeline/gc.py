@@ -3,8 +3,10 @@
 Runs are the catalog's (`pipeline.catalog`) that are not ``deleted``, newest
 start first. A run is kept when it is among the ``gc.keep_last`` newest or
 started within ``gc.keep_days`` (either rule keeps it; at least one must be
-given), and always while it is ``running`` (it may be writing). A policy that
-would delete the run ``latest.json`` names is refused (`ConfigError`).
+given), and always while it is ``running`` (it may be writing). A run folder
+with no catalog row (written before the catalog existed) is always kept, and
+so is what its manifest references. A policy that would delete the run
+``latest.json`` names is refused (`ConfigError`).
 
 What a kept run references, from its manifest: its factors (``factors/{id}/``,
 their pin), its query gradients (``queries/{id}/``) and its shard results
@@ -71,15 +73,22 @@ class GcPlan:
     # Units (file URLs; their commit markers go first) and folders to delete.
     files: list[str]
     folders: list[str]
-    note: str = ""
+    note: str = ""  # e.g. why shared objects are kept this time
+
+
+def _started(row: dict) -> dt.datetime:
+    try:
+        return dt.datetime.fromisoformat(row["started_at"])
+    except (TypeError, ValueError):  # no start recorded: the oldest
+        return dt.datetime.min.replace(tzinfo=dt.timezone.utc)
 
 
 def _kept(rows: list[dict], keep_last: int, keep_days: float, now: dt.datetime) -> set[str]:
-    newest_first = sorted(rows, key=lambda r: (r["started_at"] or "", r["run_id"]), reverse=True)
+    newest_first = sorted(rows, key=lambda r: (_started(r), r["run_id"]), reverse=True)
     kept = {r["run_id"] for r in newest_first[:keep_last]} if keep_last else set()
     if keep_days:
-        since = (now - dt.timedelta(days=keep_days)).isoformat()
-        kept |= {r["run_id"] for r in rows if (r["started_at"] or "") >= since}
+        since = now - dt.timedelta(days=keep_days)
+        kept |= {r["run_id"] for r in rows if _started(r) >= since}
     return kept | {r["run_id"] for r in rows if r["status"] == catalog.RUNNING}
 
 
@@ -115,7 +124,8 @@ def plan_gc(storage, keep_last: int, keep_days: float, now: dt.datetime | None =
             f"{latest['run_id']!r}, which latest.json names; keep more runs"
         )
     deleted = sorted(r["run_id"] for r in rows if r["run_id"] not in kept)
-    kept_ids = sorted(kept)
+    uncatalogued = sorted(set(_names(storage, "runs")) - {r["run_id"] for r in catalog.read_catalog(storage)})
+    kept_ids = sorted(kept | set(uncatalogued))
     files, folders = [], [layout.run_dir(storage.root, r) for r in deleted]
     if any(r["status"] == catalog.RUNNING for r in rows):
         return GcPlan(kept_ids, deleted, [], folders, "a run is running: shared objects are kept this time")

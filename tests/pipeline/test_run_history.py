@@ -285,3 +285,17 @@ def test_gc_refuses_a_policy_that_would_delete_the_latest_run(tmp_path):
     assert files_under(tmp_path) == before
     with pytest.raises(ConfigError, match="gc.keep_last=N and/or gc.keep_days"):
         GcConfig(gc=GcOptions()).validate()
+
+
+def test_gc_keeps_a_run_from_before_the_catalog_and_what_it_references(tmp_path):
+    storage = Storage(str(tmp_path))
+    three_nights(storage)
+    root = storage.root
+    storage.write_json(layout.run_manifest(root, "legacy"), {"run_id": "legacy", "factors_id": "f-old",
+                                                             "queries_id": "q-old", "shards": ["s-a"]})
+    plan = plan_gc(storage, keep_last=1, keep_days=0)
+    assert plan.kept_runs == ["legacy", "n3"] and plan.deleted_runs == ["n1", "n2"]
+    apply_gc(storage, plan)
+    assert read_file_commit(storage, layout.factors_file(root, "f-old")) is not None
+    assert read_file_commit(storage, layout.query_gradients(root, "q-old")) is not None
+    assert os.path.exists(layout.run_manifest(root, "legacy"))

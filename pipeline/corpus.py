@@ -107,8 +107,11 @@ def relative_path(root: str, path: str) -> str:
 
 
 def expand_paths(path: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The sorted data files named by a file, a folder or a glob."""
+    """The sorted data files named by a file, a folder or a glob, listed afresh."""
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    # fsspec reuses filesystem instances with their listings cache: a process running night after night
+    # (a scheduler, tests) would otherwise miss files added since its last listing.
+    fs.invalidate_cache()
     if any(ch in root for ch in "*?["):
         paths = fs.glob(root)
     elif fs.isdir(root):

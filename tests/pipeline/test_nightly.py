@@ -310,3 +310,33 @@ def test_shard_ids_on_s3_equal_the_local_ones_and_survive_a_reupload(inputs, s3_
     s3.rm_file(f"{bucket}/corpus/b.jsonl")
     s3.put_file(files["b.jsonl"], f"{bucket}/corpus/b.jsonl")  # re-uploaded unchanged: a new ETag date, same bytes
     assert ids(f"{s3_env}/corpus/") == local
+
+
+def test_two_nights_on_s3_score_only_the_new_file(nights, small_demo, inputs, s3_server, s3_env):
+    """Corpus and storage on the S3 server: a re-uploaded unchanged file and the old files are reused."""
+    import s3fs
+
+    s3 = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    bucket = s3_env[len("s3://"):]
+    for name in ("a.parquet", "c.jsonl"):
+        s3.put_file(os.path.join(inputs["corpus"], name), f"{bucket}/corpus/{name}")
+    # The workers get the endpoint and test credentials as storage options (Ray started before this test).
+    options = {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
+
+    def cfg(run_id):
+        local = make_cfg(small_demo, inputs, f"{s3_env}/attribution", run_id)
+        return replace(local, corpus=replace(local.corpus, path=f"{s3_env}/corpus/"),
+                       storage=replace(local.storage, options=options))
+
+    m1, c1, _ = run(cfg("s3-night-1"))
+    assert c1["shards_scored"] == 3 and m1["factors"]["decision"] == "fitted"
+    s3.put_file(inputs["b"], f"{bucket}/corpus/b.jsonl")
+    s3.rm_file(f"{bucket}/corpus/a.parquet")
+    s3.put_file(os.path.join(inputs["corpus"], "a.parquet"), f"{bucket}/corpus/a.parquet")  # re-uploaded unchanged
+    m2, c2, _ = run(cfg("s3-night-2"))
+    assert c2["shards_scored"] == 1 and c2["shards_reused"] == 3 and m2["factors"]["decision"] == "reused"
+    assert set(m1["shards"]) < set(m2["shards"]) and m2["shards"] == nights["n2"][0]["shards"]
+    # The same inputs on S3 and on a local root: the same table, row for row.
+    table = read_table(m2["attribution"], filesystem=s3fs.S3FileSystem(**{"endpoint_url": s3_server}))
+    assert_identical_tables(table, nights["n2_table"])
+    assert catalog.read_latest(Storage(f"{s3_env}/attribution", options))["run_id"] == "s3-night-2"

@@ -26,7 +26,8 @@ def main(cfg) -> None:
         config = to_typed(GcConfig, cfg)
         s = config.storage
         storage = Storage(s.root, s.options, timeout_s=s.timeout_s, retries=s.retries)
-        plan = plan_gc(storage, config.gc.keep_last, config.gc.keep_days)
+        plan = plan_gc(storage, config.gc.keep_last, config.gc.keep_days,
+                       running_stale_hours=config.gc.running_stale_hours)
         if config.gc.apply:
             apply_gc(storage, plan)
         print(describe(plan, config.gc.apply))

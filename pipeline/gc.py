@@ -3,7 +3,9 @@
 Runs are the catalog's (`pipeline.catalog`) that are not ``deleted``, newest
 start first. A run is kept when it is among the ``gc.keep_last`` newest or
 started within ``gc.keep_days`` (either rule keeps it; at least one must be
-given), and always while it is ``running`` (it may be writing). A run folder
+given), and always while it is ``running`` (it may be writing) unless it
+started more than ``gc.running_stale_hours`` ago (its driver died without
+marking it failed). A run folder
 with no catalog row (written before the catalog existed) is always kept, and
 so is what its manifest references. A policy that would delete the run
 ``latest.json`` names is refused (`ConfigError`).
@@ -43,6 +45,8 @@ class GcOptions:
     keep_days: float = 0.0
     # false: print what would be deleted; true: delete it.
     apply: bool = False
+    # A run still "running" this many hours after its start is taken as abandoned (its driver died).
+    running_stale_hours: float = 24.0
 
 
 @dataclass
@@ -56,6 +60,8 @@ class GcConfig:
         if self.gc.keep_last < 0 or self.gc.keep_days < 0:
             raise ConfigError(f"gc.keep_last and gc.keep_days must be >= 0, got {self.gc.keep_last}, "
                               f"{self.gc.keep_days}")
+        if self.gc.running_stale_hours <= 0:
+            raise ConfigError(f"gc.running_stale_hours must be > 0, got {self.gc.running_stale_hours}")
         if not self.gc.keep_last and not self.gc.keep_days:
             raise ConfigError("no retention policy: give gc.keep_last=N and/or gc.keep_days=D")
 
@@ -83,13 +89,19 @@ def _started(row: dict) -> dt.datetime:
         return dt.datetime.min.replace(tzinfo=dt.timezone.utc)
 
 
-def _kept(rows: list[dict], keep_last: int, keep_days: float, now: dt.datetime) -> set[str]:
+def _running(rows: list[dict], now: dt.datetime, stale_hours: float) -> set[str]:
+    """The runs that may still be writing: ``running`` and started less than ``stale_hours`` ago."""
+    since = now - dt.timedelta(hours=stale_hours)
+    return {r["run_id"] for r in rows if r["status"] == catalog.RUNNING and _started(r) >= since}
+
+
+def _kept(rows: list[dict], keep_last: int, keep_days: float, now: dt.datetime, running: set[str]) -> set[str]:
     newest_first = sorted(rows, key=lambda r: (_started(r), r["run_id"]), reverse=True)
     kept = {r["run_id"] for r in newest_first[:keep_last]} if keep_last else set()
     if keep_days:
         since = now - dt.timedelta(days=keep_days)
         kept |= {r["run_id"] for r in rows if _started(r) >= since}
-    return kept | {r["run_id"] for r in rows if r["status"] == catalog.RUNNING}
+    return kept | running
 
 
 def _references(storage, run_ids: list[str]) -> tuple[set[str], set[str], set[tuple[str, str]]]:
@@ -112,11 +124,13 @@ def _names(storage, *parts: str) -> list[str]:
     return [u.rstrip("/").rsplit("/", 1)[-1] for u in storage.ls(layout.url(storage.root, *parts))]
 
 
-def plan_gc(storage, keep_last: int, keep_days: float, now: dt.datetime | None = None) -> GcPlan:
+def plan_gc(storage, keep_last: int, keep_days: float, now: dt.datetime | None = None,
+            running_stale_hours: float = 24.0) -> GcPlan:
     """What a policy keeps and deletes; refuses (`ConfigError`) one that would delete latest.json's run."""
     now = now or dt.datetime.now(dt.timezone.utc)
     rows = [r for r in catalog.read_catalog(storage) if r["status"] != catalog.DELETED]
-    kept = _kept(rows, keep_last, keep_days, now)
+    running = _running(rows, now, running_stale_hours)
+    kept = _kept(rows, keep_last, keep_days, now, running)
     latest = catalog.read_latest(storage)
     if latest and latest.get("run_id") not in kept and any(r["run_id"] == latest["run_id"] for r in rows):
         raise ConfigError(
@@ -127,8 +141,9 @@ def plan_gc(storage, keep_last: int, keep_days: float, now: dt.datetime | None =
     uncatalogued = sorted(set(_names(storage, "runs")) - {r["run_id"] for r in catalog.read_catalog(storage)})
     kept_ids = sorted(kept | set(uncatalogued))
     files, folders = [], [layout.run_dir(storage.root, r) for r in deleted]
-    if any(r["status"] == catalog.RUNNING for r in rows):
-        return GcPlan(kept_ids, deleted, [], folders, "a run is running: shared objects are kept this time")
+    if running:
+        return GcPlan(kept_ids, deleted, [], folders,
+                      f"run(s) {sorted(running)} are running: shared objects are kept this time")
     factors, queries, results = _references(storage, kept_ids)
     root = storage.root
     for fid in _names(storage, "factors"):

@@ -283,6 +283,12 @@ def test_gc_refuses_a_policy_that_would_delete_the_latest_run(tmp_path):
     plan = plan_gc(storage, keep_last=0, keep_days=1.5, now=now)  # n3 and n4 kept; n4 running: shared objects kept
     assert plan.deleted_runs == ["n1", "n2"] and plan.files == [] and "running" in plan.note
     assert files_under(tmp_path) == before
+    # Still "running" two days after its start: its driver died; it no longer protects anything.
+    later = now + dt.timedelta(days=2)
+    with pytest.raises(ConfigError, match="latest.json"):
+        plan_gc(storage, keep_last=1, keep_days=0, now=later)  # n4 is the newest start: n3 would go
+    plan = plan_gc(storage, keep_last=2, keep_days=0, now=later)
+    assert plan.kept_runs == ["n3", "n4"] and plan.files and not plan.note
     with pytest.raises(ConfigError, match="gc.keep_last=N and/or gc.keep_days"):
         GcConfig(gc=GcOptions()).validate()
 

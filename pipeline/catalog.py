@@ -94,12 +94,6 @@ def read_catalog(storage) -> list[dict]:
     return sorted(rows, key=lambda r: (r["started_at"] or "", r["run_id"]))
 
 
-def first_start(storage, run_id: str) -> str:
-    """When ``run_id`` first started (its catalog row's ``started_at``), or now for a new run."""
-    row = read_entry(storage, run_id)
-    return row["started_at"] if row and row.get("started_at") else now_utc()
-
-
 def read_latest(storage) -> dict | None:
     try:
         return storage.read_json(layout.latest_pointer(storage.root))

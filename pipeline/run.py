@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
-from pipeline import layout
+from pipeline import catalog, layout
 from pipeline.commit import (
     already_committed,
     commit_dir,
@@ -42,7 +42,6 @@ from pipeline.commit import (
     read_dir_commit,
     read_file_commit,
 )
-from pipeline import catalog
 from pipeline.config import STAGES, AttributeConfig, ConfigError
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
 from pipeline.core.text import Tokenisation
@@ -94,7 +93,7 @@ class RunContext:
     # The corpus listing (for the manifest's file list); the factors the run uses and why (`plan_factors`).
     files: list[CorpusFile] = field(default_factory=list)
     factors_plan: FactorsPlan | None = None
-    # The run id's first start (`catalog.first_start`): orders runs for latest.json.
+    # The run id's first start (its catalog row's, kept by reruns): orders runs for latest.json.
     started_at: str = ""
 
     # ---- content-addressed ids ------------------------------------------------------------
@@ -114,10 +113,7 @@ class RunContext:
         """The fitting shards of the eigenvalue-correction pass: ``factors.lambda_sample`` of them, evenly spread."""
         if self.factors_plan is not None and self.factors_plan.lambda_shards:
             return self.factors_plan.lambda_shards
-        fraction, shards = self.cfg.factors.lambda_sample, self.fit_shards
-        if not 0 < fraction <= 1:
-            raise ConfigError(f"factors.lambda_sample must be in (0, 1] (1 = all fitting shards), got {fraction}")
-        return spread(shards, math.ceil(fraction * len(shards)))
+        return _lambda_subset(self.fit_shards, self.cfg.factors.lambda_sample)
 
     @cached_property
     def fresh_factors_key(self) -> FactorsKey:
@@ -125,10 +121,7 @@ class RunContext:
         if not self.model_fp:
             raise RuntimeError("factors_key needs the model fingerprint; start the workers first")
         shards = self.sample_shards
-        fraction = self.cfg.factors.lambda_sample
-        if not 0 < fraction <= 1:
-            raise ConfigError(f"factors.lambda_sample must be in (0, 1] (1 = all fitting shards), got {fraction}")
-        lambda_ids = [s.shard_id for s in spread(shards, math.ceil(fraction * len(shards)))]
+        lambda_ids = [s.shard_id for s in _lambda_subset(shards, self.cfg.factors.lambda_sample)]
         return FactorsKey.of(
             self.cfg.influence(), self.model_fp, self.cfg.corpus.window, [s.shard_id for s in shards], lambda_ids,
             self.tokenisation,
@@ -176,6 +169,13 @@ class RunContext:
             return self.storage.read_json(layout.run_manifest(self.storage.root, self.cfg.run.id))
         except FileNotFoundError:
             return None
+
+
+def _lambda_subset(shards: list[Shard], fraction: float) -> list[Shard]:
+    """``factors.lambda_sample`` of the fitting shards, evenly spread."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"factors.lambda_sample must be in (0, 1] (1 = all fitting shards), got {fraction}")
+    return spread(shards, math.ceil(fraction * len(shards)))
 
 
 def resolve_demo(cfg: AttributeConfig) -> AttributeConfig:
@@ -576,8 +576,8 @@ def run_stages(cfg: AttributeConfig, stages: Sequence[str] | None = None) -> Run
 
 def _plan_factors(ctx: RunContext) -> FactorsPlan:
     f = ctx.cfg.factors
-    plan = plan_factors(ctx.storage, ctx.fresh_factors_key, ctx.sample_shards,
-                        spread(ctx.sample_shards, math.ceil(f.lambda_sample * len(ctx.sample_shards))),
+    sample = ctx.sample_shards
+    plan = plan_factors(ctx.storage, ctx.fresh_factors_key, sample, _lambda_subset(sample, f.lambda_sample),
                         ctx.shards, f.sample_shards, f.lambda_sample, f.refit, f.refit_below_share)
     log.info("factors %s: %s (%s)", plan.key.id, plan.decision, plan.reason)
     return plan

@@ -7,7 +7,7 @@ A moto S3 server runs in its own process on 127.0.0.1 (its memory is not
 the driver's); the corpus and the shard results are generated here, never
 committed. The listing (``list_corpus`` + ``make_shards``) and the merge
 (``write_run_tables``) each run in a fresh process whose ``ru_maxrss`` is
-the driver's peak. ``--baseline COMMIT`` lists and merges the same inputs
+the driver's peak (``VmHWM``). ``--baseline COMMIT`` lists and merges the same inputs
 with ``pipeline/`` as of that commit too (e.g. 5840b36: whole-file reads,
 every id in a dict, every shard result in memory before issue 10.6).
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -108,17 +107,26 @@ def upload(fs, items: dict[str, bytes], batch: int = 500) -> None:
         fs.pipe({k: items[k] for k in keys[start : start + batch]})
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``VmHWM``: unlike ``ru_maxrss``, it starts afresh at exec,
+    so the parent's memory at fork time does not count)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def listing_child(args: dict) -> dict:
     """The driver's listing in this process: ``list_corpus`` + ``make_shards``; time and peak RSS."""
     from pipeline.corpus import list_corpus, make_shards
 
+    imported = peak_rss_mib()
     start = time.perf_counter()
     files = list_corpus(args["corpus"], "id", "text")
     listed = time.perf_counter() - start
     shards = make_shards(files, args["docs_per_shard"])
     return {"listing_s": round(listed, 2), "listing_and_shards_s": round(time.perf_counter() - start, 2),
             "docs": sum(f.num_rows for f in files), "files": len(files), "shards": len(shards),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mib": round(peak_rss_mib(), 1),
+            "rss_after_imports_mib": round(imported, 1)}
 
 
 def merge_child(args: dict) -> dict:
@@ -127,19 +135,22 @@ def merge_child(args: dict) -> dict:
     from pipeline.storage import Storage
     from pipeline.tables import RunMetadata, queries_table, write_run_tables
 
+    imported = peak_rss_mib()
     storage = Storage(args["root"])
     urls = {i: f"{args['root']}/results/{i:06d}.parquet" for i in range(args["shards"])}
     meta = RunMetadata("bench", "model", "factors", "queries", "config")
     start = time.perf_counter()
     table = write_run_tables(storage, "bench", urls, args["top_k"], queries_table([], []), meta, TOKEN_ROWS)
     return {"merge_s": round(time.perf_counter() - start, 2), "shards": args["shards"], "rows": table.num_rows,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mib": round(peak_rss_mib(), 1),
+            "rss_after_imports_mib": round(imported, 1)}
 
 
 def run_child(mode: str, args: dict, env: dict, pythonpath: str = _REPO) -> dict:
+    # The working directory comes first on sys.path with -m: it picks which pipeline/ is measured.
     out = subprocess.run([sys.executable, "-m", "benchmarks.speed.driver_scale", f"--child-{mode}", json.dumps(args)],
                          env={**os.environ, **env, "PYTHONPATH": pythonpath, "TQDM_DISABLE": "1"},
-                         capture_output=True, text=True, cwd=_REPO, check=False)
+                         capture_output=True, text=True, cwd=pythonpath, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"the {mode} process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

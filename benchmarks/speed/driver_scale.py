@@ -6,10 +6,11 @@ in 100 Parquet files, and merge time and memory for N shard results, on a local 
 A moto S3 server runs in its own process on 127.0.0.1 (its memory is not
 the driver's); the corpus and the shard results are generated here, never
 committed. The listing (``list_corpus`` + ``make_shards``) and the merge
-(``write_run_tables``) each run in a fresh process whose ``ru_maxrss`` is
-the driver's peak (``VmHWM``). ``--baseline COMMIT`` lists and merges the same inputs
-with ``pipeline/`` as of that commit too (e.g. 5840b36: whole-file reads,
-every id in a dict, every shard result in memory before issue 10.6).
+(``write_run_tables``) each run in a fresh process whose peak resident
+memory (``VmHWM``) is the driver's peak. ``--baseline COMMIT`` lists and
+merges the same inputs with ``pipeline/`` as of that commit too (e.g.
+5840b36: whole-file reads, every id in a dict, every shard result in memory
+before issue 10.6).
 """
 
 from __future__ import annotations

@@ -1,28 +1,28 @@
 """Fidelity and cost of every EK-FAC setting on one model, and the default chosen by the rule.
 
-For one model, its training windows and queries, each setting is run as the
-attribution job would run it (its own ``InfluenceEngine``), timed stage by
-stage, and its window scores compared with exact EK-FAC (projection off,
-dense preconditioned queries: the reference):
+Settings (``sweep_settings``): ``exact`` (projection off, dense preconditioned
+queries: the reference), ``rank-r`` (projection off, queries compressed to
+rank ``r`` per layer), ``sketch-d`` (full-size factors, queries projected
+after preconditioning) and ``curvature-d`` (EK-FAC fitted on projected
+vectors, LoGra).
 
-- ``exact``: projection off, dense queries. Fitted once; ``rank-r`` (projection
-  off, queries compressed to rank ``r`` per layer) and ``sketch-d`` (full-size
-  factors, queries projected after preconditioning) share its factors.
-- ``curvature-d``: EK-FAC fitted on projected vectors (LoGra), one fit each.
-- the ceiling: a plain forward + backward of the summed loss with every
-  weight requiring grad, over the same batches, in the same run.
-
-Per setting: mean (over queries) Spearman over all windows and top-k overlap
-of the proponents against ``exact``; score-stage tokens/s and its ratio to the
-ceiling; fit seconds in ceiling passes (two capture passes plus the
-eigendecompositions); the process's peak RSS while the setting ran, sampled
-(``RssSampler``: glibc's free memory is returned to the OS before each
-setting, so a setting's peak is its own plus what is kept alive: the model
-and, for settings sharing them, the exact factors).
+- **Agreement** (``fidelity_scores``): every setting's window scores over all
+  training windows from shared captures (``SharedCaptureScorer``: one fit,
+  same sampled labels, one scoring pass), then per query Spearman and top-k
+  overlap of the proponents against ``exact``, averaged over queries.
+- **Cost** (``cost_rows``), on the first batches: the ceiling (a plain
+  forward + backward of the summed loss with every weight's gradient) and
+  each setting run on its own ``InfluenceEngine`` as a shard worker runs it:
+  its fit's capture passes (curvature settings fit their own; the others
+  use the exact factors, whose float64 eigendecomposition is timed once, in
+  the shared fit), query preconditioning and scoring, timed; and the
+  process's peak RSS while the setting ran (``RssSampler``: freed heap
+  memory is returned to the OS before each setting, so the peak above the
+  setting's start is its own).
 
 ``choose_default`` applies the rule of docs/design.md#maths ("Choosing the
-default"). Gradient dot product and cosine come out of the exact scoring pass
-(same captures, outside its timer).
+default"). Gradient dot product and cosine come out of the shared scoring
+pass.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from benchmarks.common import batches_of
 from benchmarks.speed.config import BenchmarkConfig
 from benchmarks.speed.inputs import BenchInputs, encode_inputs, write_corpus
 from pipeline import layout
+from pipeline.commit import commit_file
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
 from pipeline.storage import Storage
@@ -72,6 +73,7 @@ def memory(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.device, work
     storage = Storage(root)
     queries_url = layout.query_gradients(storage.root, "bench")
     storage.write_safetensors(queries_url, q.to_tensors(), {"query_ids": "\n".join(q.query_ids)})
+    commit_file(storage, queries_url)  # workers read only committed, verified query gradients
     del engine
     env = dict(os.environ)
     if cfg.threads > 0:

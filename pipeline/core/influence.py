@@ -184,6 +184,11 @@ class QueryGradients:
         return torch.einsum("bto,qoi,bti->bqt", captured.g, matrix, captured.a)
 
 
+# Randomized range finder of ``low_rank``: extra columns and power iterations (Halko et al. 2011, section 4).
+RANGE_OVERSAMPLE = 10
+RANGE_POWER_ITERS = 2
+
+
 def scoring_path(tokens: int, d_out: int, d_in: int, columns: int) -> str:
     """The cheaper way to score sequences of ``tokens`` tokens against ``columns = Q * r`` low-rank columns.
 
@@ -196,25 +201,42 @@ def scoring_path(tokens: int, d_out: int, d_in: int, columns: int) -> str:
     return "token" if per_token < per_sequence else "sequence"
 
 
-def low_rank(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``r`` approximation of ``(Q, m, n)`` matrices as ``left @ right^T``: ``(Q, m, r)``, ``(Q, n, r)``.
+def low_rank(matrix: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``r`` approximation of ``(Q, m, n)`` matrices as ``left @ right^T``: ``(Q, m, r)``, ``(Q, n, r)``.
 
-    The top ``r`` eigenvectors of the smaller Gram matrix (float64) span the
-    top singular subspace (Eckart-Young); the other factor is the matrix
-    applied to them, so ``left @ right^T`` is the matrix projected on that
-    subspace, exact at full rank. Same result as a truncated SVD at a few
-    times less cost on CPU (a 576-square ``eigh`` against a 1536 x 576 SVD).
+    When ``r + RANGE_OVERSAMPLE`` is small against ``min(m, n)`` (the default
+    rank 8 against a 576-wide layer), a seeded randomized range finder
+    (Halko, Martinsson and Tropp 2011, Algorithm 4.4: ``RANGE_POWER_ITERS``
+    power iterations, QR between them) finds an orthonormal basis ``B`` of
+    ``r + RANGE_OVERSAMPLE`` columns for the range, and the best rank-``r``
+    approximation of ``B^T M`` gives the factors: about ``2 (1 + iters)``
+    products with the matrix instead of its Gram matrix and ``eigh``, some
+    20 times less work on a 1536 x 576 layer. Otherwise the top ``r``
+    eigenvectors of the smaller Gram matrix give the best approximation
+    exactly (Eckart-Young; exact at full rank). float64 either way; the
+    random test matrix is fixed by ``seed``, so the result is deterministic.
     """
     m64 = matrix.to(torch.float64)
     m, n = m64.shape[-2:]
     r = min(rank, m, n)
-    if n <= m:
-        v = torch.linalg.eigh(m64.mT @ m64).eigenvectors[..., -r:].flip(-1)  # (Q, n, r), largest first
-        left, right = m64 @ v, v
-    else:
-        u = torch.linalg.eigh(m64 @ m64.mT).eigenvectors[..., -r:].flip(-1)  # (Q, m, r)
-        left, right = u, m64.mT @ u
-    return left.to(matrix.dtype), right.to(matrix.dtype)
+    width = r + RANGE_OVERSAMPLE
+    if 2 * width > min(m, n):
+        if n <= m:
+            v = torch.linalg.eigh(m64.mT @ m64).eigenvectors[..., -r:].flip(-1)  # (Q, n, r), largest first
+            left, right = m64 @ v, v
+        else:
+            u = torch.linalg.eigh(m64 @ m64.mT).eigenvectors[..., -r:].flip(-1)  # (Q, m, r)
+            left, right = u, m64.mT @ u
+        return left.to(matrix.dtype), right.to(matrix.dtype)
+    generator = torch.Generator(device=m64.device).manual_seed(seed)
+    omega = torch.randn(n, width, generator=generator, dtype=torch.float64, device=m64.device)
+    basis = torch.linalg.qr(m64 @ omega).Q  # (Q, m, width)
+    for _ in range(RANGE_POWER_ITERS):
+        basis = torch.linalg.qr(m64.mT @ basis).Q  # (Q, n, width)
+        basis = torch.linalg.qr(m64 @ basis).Q
+    u, s, vh = torch.linalg.svd(basis.mT @ m64, full_matrices=False)  # (Q, width, n) is small
+    left = (basis @ u[..., :r]) * s[..., None, :r]
+    return left.to(matrix.dtype), vh[..., :r, :].mT.to(matrix.dtype)
 
 
 class InfluenceEngine:

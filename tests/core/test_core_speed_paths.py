@@ -139,6 +139,26 @@ def test_low_rank_is_the_truncated_svd_on_either_side():
             torch.testing.assert_close(left @ right.transpose(1, 2), expected, rtol=1e-9, atol=1e-12)
 
 
+def test_low_rank_on_wide_layers_uses_the_range_finder_near_the_truncated_svd():
+    """Rank 8 of 200 x 120 matrices takes the seeded randomized path (2 * (8 + 10) < 120)."""
+    gen = torch.Generator().manual_seed(2)
+    for shape in [(2, 200, 120), (2, 120, 200)]:
+        u, _ = torch.linalg.qr(torch.randn(2, shape[1], 120, generator=gen, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(2, shape[2], 120, generator=gen, dtype=torch.float64))
+        spectrum = 0.8 ** torch.arange(120, dtype=torch.float64)  # decaying, as preconditioned gradients' do
+        m = (u * spectrum) @ v.transpose(1, 2)
+        left, right = low_rank(m, 8)
+        assert left.shape == (2, shape[1], 8) and right.shape == (2, shape[2], 8)
+        best = spectrum[8:].norm()  # Eckart-Young: the truncated SVD's Frobenius error
+        err = (m - left @ right.transpose(1, 2)).norm(dim=(1, 2))
+        assert torch.all(err <= 1.01 * best), (err, best)
+        again = low_rank(m, 8)
+        assert torch.equal(again[0], left) and torch.equal(again[1], right)  # seeded: deterministic
+        exact_rank = (u[..., :6] * spectrum[:6]) @ v[..., :6].transpose(1, 2)
+        left, right = low_rank(exact_rank, 8)
+        torch.testing.assert_close(left @ right.transpose(1, 2), exact_rank, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("projection", PROJECTIONS)
 @pytest.mark.parametrize("chunk", [influence_module.SCORING_CHUNK_ELEMENTS, 1])
 def test_low_rank_scoring_at_full_rank_equals_dense_on_both_paths(projection, chunk, monkeypatch):

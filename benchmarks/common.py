@@ -18,7 +18,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline.core.text import batches_of  # noqa: F401 (the measurement modules import it from here)
 from pipeline.demo import DemoSpec
 
 

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks import metrics
 from benchmarks.baselines import BM25
-from benchmarks.common import batches_of
+from pipeline.core.text import batches_of
 from benchmarks.evaluate.config import EvaluateConfig
 from benchmarks.evaluate.scoring import (
     SharedCaptureScorer,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.baselines import BM25
-from benchmarks.common import batches_of
+from pipeline.core.text import batches_of
 from benchmarks.evaluate.config import EvaluateConfig
 from benchmarks.evaluate.facts import ranking_metrics
 from benchmarks.evaluate.scoring import doc_scores, method_table

@@ -26,7 +26,7 @@ from benchmarks.baselines import (
     representations,
     sequence_gradient_norms,
 )
-from benchmarks.common import batches_of
+from pipeline.core.text import batches_of
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, LambdaSums, eigendecompose
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryGradients
 from pipeline.core.projection import ProjectionSpec

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.common import batches_of
+from pipeline.core.text import batches_of
 from pipeline.core.forward import sequence_losses
 from pipeline.core.text import TokenWindow
 from pipeline.demo import DemoArtifacts, DemoSpec, build_demo

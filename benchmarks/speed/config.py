@@ -33,7 +33,7 @@ OURS = ("pipeline", "core")
 class BenchModelConfig:
     # demo | gpt2-small | smollm2 (see PRESETS); ignored when path is set.
     preset: str = "demo"
-    # Where the smollm2 preset's build is cached (benchmarks.smollm2_facts; built there if absent).
+    # Where the smollm2 preset's pretrained model is cached (pipeline.pretrained; built there if absent).
     pretrained_cache_dir: str = "outputs/pretrained-cache"
     # A Hugging Face model directory with safetensors weights (local); empty: the preset.
     path: str = ""

@@ -1,8 +1,8 @@
 """What every speed measurement runs on: a model, a corpus of N documents and query files, and a timer.
 
 The corpus and queries come from the demo build (``pipeline.demo``), or with
-``model.preset=smollm2`` from the SmolLM2 planted-facts build
-(``benchmarks.smollm2_facts``): its documents are cycled under new ids to reach N. Timings are medians of
+``model.preset=smollm2`` from the pretrained SmolLM2-135M and the planted-facts recipe's documents
+(``benchmarks.smollm2_facts.make_corpus``, no fine-tuning): documents are cycled under new ids to reach N. Timings are medians of
 ``repeats`` runs after ``warmup`` untimed ones.
 """
 
@@ -85,11 +85,14 @@ def write_queries(path: str, texts: list[str], count: int) -> None:
 def prepare_inputs(cfg: BenchmarkConfig, work: str) -> BenchInputs:
     """The demo's texts as an N-document corpus and query files under ``work``; the model of ``cfg.model``."""
     if cfg.model.preset == "smollm2" and not cfg.model.path:
-        from benchmarks.smollm2_facts import build_smollm2_facts
+        # Speed does not depend on what the weights learned: the pretrained model (no 18-minute fine-tune)
+        # with the planted-facts recipe's documents (128 texts of up to 128 tokens).
+        from benchmarks.smollm2_facts import FactsSpec, make_corpus
+        from pipeline.pretrained import build_smollm2
 
-        facts = build_smollm2_facts(cfg.model.pretrained_cache_dir)
-        with open(facts.corpus_path) as f:
-            texts = [json.loads(line)["text"] for line in f if line.strip()]
+        smollm2_dir = build_smollm2(cfg.model.pretrained_cache_dir)
+        _, tok = load_model_and_tokenizer(smollm2_dir)
+        texts = [d["text"] for d in make_corpus(FactsSpec(), tok)[0]]
     else:
         demo = build_demo(cfg.demo.cache_dir, cfg.demo.spec())
         texts = pq.read_table(demo.corpus_path, columns=["text"]).column(0).to_pylist()
@@ -102,7 +105,7 @@ def prepare_inputs(cfg: BenchmarkConfig, work: str) -> BenchInputs:
     if cfg.model.path:
         model_dir = cfg.model.path
     elif cfg.model.preset == "smollm2":
-        model_dir = facts.model_dir
+        model_dir = smollm2_dir
     elif cfg.model.preset == "demo":
         model_dir = demo.model_dir
     else:

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.common import batches_of
+from pipeline.core.text import batches_of
 from benchmarks.speed.config import BenchmarkConfig
 from benchmarks.speed.inputs import BenchInputs, encode_inputs, write_corpus
 from pipeline import layout

@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from benchmarks.common import batches_of
+from pipeline.core.text import batches_of
 from benchmarks.speed.config import BenchmarkConfig
 from benchmarks.speed.inputs import BenchInputs, encode_inputs, timed_median
 from pipeline.core.forward import sequence_losses

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks import metrics
 from benchmarks.baselines import kronfluence_available, kronfluence_pairwise
-from benchmarks.common import batches_of
+from pipeline.core.text import batches_of
 from benchmarks.speed.config import BenchmarkConfig
 from benchmarks.speed.inputs import BenchInputs, encode_inputs, write_corpus
 from pipeline.config import AttributeConfig

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.common import batches_of
+from pipeline.core.text import batches_of
 from benchmarks.evaluate.config import EvaluateConfig
 from benchmarks.evaluate.sweep import RssSampler, choose_default, run_sweep, sweep_settings
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine

@@ -374,7 +374,9 @@ def assert_same_ranking(got: pa.Table, want: pa.Table, rtol: float = SCORE_RTOL)
 
 def assert_identical_tables(a: pa.Table, b: pa.Table) -> None:
     """Row for row identical, scores bit for bit."""
-    assert sorted_rows(a) == sorted_rows(b)
+    ra, rb = sorted_rows(a), sorted_rows(b)
+    diff = [(x, y) for x, y in zip(ra, rb) if x != y]
+    assert ra == rb, f"{len(ra)} vs {len(rb)} rows, {len(diff)} differ, e.g. {diff[:3]}"
 
 
 def check_table_schema(table: pa.Table) -> None:

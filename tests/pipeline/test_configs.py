@@ -77,7 +77,7 @@ def required_for(choice: dict[str, str]) -> list[str]:
 def test_every_group_has_the_options_the_docs_promise():
     assert {"local", "s3"} <= set(options("storage"))
     assert {"local", "ray"} <= set(options("cluster"))
-    assert {"default", "off"} <= set(options("projection"))
+    assert {"default", "curvature"} <= set(options("projection"))
     assert {"demo", "hf"} <= set(options("model"))
 
 
@@ -85,7 +85,9 @@ def test_defaults_are_the_embedded_demo():
     cfg = compose_attribute([])
     assert cfg.uses_demo
     assert cfg.cluster.address == "" and cfg.storage.root == "outputs/attribution"
-    assert cfg.run.id == "demo" and cfg.score.top_k >= 1 and cfg.projection.dim > 0
+    assert cfg.run.id == "demo" and cfg.score.top_k >= 1
+    # Projection off with rank-8 queries: the rule's choice on SmolLM2-135M (docs/figures.md).
+    assert cfg.projection.dim == 0 and cfg.score.query_rank == 8
     assert cfg.factors.damping is None and cfg.factors.empirical_fisher is False
     # The default options choose nothing but what the schema holds.
     assert cfg == AttributeConfig()

@@ -34,6 +34,7 @@ from pipeline.config import (
     ProjectionConfig,
     QueriesConfig,
     RunConfig,
+    ScoreConfig,
     StorageConfig,
 )
 from pipeline.errors import MergeRefusedError
@@ -139,7 +140,8 @@ def inputs(env, s3, small_demo, tmp_path_factory):
     }
 
 
-def make_cfg(inputs, cluster, run_id: str, dim: int | None = None, overwrite: bool = False) -> AttributeConfig:
+def make_cfg(inputs, cluster, run_id: str, dim: int | None = None, overwrite: bool = False,
+             query_rank: int | None = None) -> AttributeConfig:
     b = inputs["bucket"]
     return AttributeConfig(
         model=ModelConfig(path=f"s3://{b}/models/demo", cache_dir=inputs["model_cache"]),
@@ -150,6 +152,7 @@ def make_cfg(inputs, cluster, run_id: str, dim: int | None = None, overwrite: bo
         run=RunConfig(id=run_id, overwrite=overwrite),
         factors=FactorsConfig(damping=DAMPING, empirical_fisher=True),
         projection=ProjectionConfig() if dim is None else ProjectionConfig(dim=dim),
+        score=ScoreConfig() if query_rank is None else ScoreConfig(query_rank=query_rank),
         cluster=ClusterConfig(address=cluster.address, num_workers=2, cpus_per_worker=0.5),
     )
 
@@ -228,18 +231,18 @@ def test_full_chain_on_cluster_equals_single_process_core(baseline, reference, i
 
 
 def test_projection_off_equals_single_process_core(cluster, inputs, s3, reference):
-    cfg = make_cfg(inputs, cluster, "plain-ekfac", dim=0)
+    cfg = make_cfg(inputs, cluster, "plain-ekfac", dim=0, query_rank=0)  # exact: dense query gradients
     manifest = run(cfg)
-    # Full-size factors are shared with the baseline only when it fitted full-size ones
-    # (sketch mode); curvature mode fits in the projected space, so these are new.
+    # Full-size factors are shared with the baseline when it fitted full-size ones (the default, projection
+    # off, or sketch mode); curvature mode fits in the projected space, so these would be new.
     baseline_factors = json.loads(s3.cat_file(f"{inputs['bucket']}/attribution/runs/baseline/manifest.json"))["factors_id"]
-    shared = ProjectionConfig().mode == "sketch"
+    shared = ProjectionConfig().dim == 0 or ProjectionConfig().mode == "sketch"
     assert (manifest["factors_id"] == baseline_factors) == shared
     table = table_of(s3, manifest)
     check_table_schema(table)
     want, _ = reference_table(cfg, inputs["model_dir"], inputs["split"].files, inputs["queries"],
                               reference["factors"] if shared else None)
-    print("pipeline vs core (projection.dim=0):", assert_same_ranking(table, want, SCORE_RTOL))
+    print("pipeline vs core (projection.dim=0, dense queries):", assert_same_ranking(table, want, SCORE_RTOL))
 
 
 def test_rerun_skips_every_unit_and_writes_nothing(baseline, cluster, inputs, s3, caplog):

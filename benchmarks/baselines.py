@@ -29,7 +29,8 @@ from torch import nn
 
 from pipeline.core.ekfac import per_sequence_gradients
 from pipeline.core.forward import position_ids, sequence_losses
-from pipeline.core.influence import InfluenceEngine, QueryGradients
+from pipeline.core.influence import InfluenceEngine
+from pipeline.core.queries import QueryGradients
 from pipeline.core.text import IGNORE, Batch, TokenWindow, collate
 from pipeline.core.tracking import Captured, LayerSpec, weight_gradient
 

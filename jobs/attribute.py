@@ -26,7 +26,6 @@ from pipeline import layout
 from pipeline.config import register_configs, to_config
 from pipeline.jobs_common import exit_on_error
 from pipeline.run import run_attribution
-from pipeline.storage import Storage
 from pipeline.summary import format_summary
 
 register_configs()
@@ -36,8 +35,7 @@ register_configs()
 def main(cfg) -> None:
     with exit_on_error() as failure_log:
         config = to_config(cfg)
-        s = config.storage
-        storage = Storage(s.root, s.options, timeout_s=s.timeout_s, retries=s.retries)
+        storage = config.storage.open()
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         failure_log.point_at(storage, layout.failure_log(storage.root, config.run.id, stamp))
         manifest = run_attribution(config)

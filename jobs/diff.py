@@ -12,7 +12,6 @@ import hydra
 
 from pipeline.diff import DiffConfig, diff_runs, register_configs, summary, write_diff
 from pipeline.jobs_common import exit_on_error
-from pipeline.storage import Storage
 
 register_configs()
 
@@ -23,8 +22,7 @@ def main(cfg) -> None:
 
     with exit_on_error():
         config = to_typed(DiffConfig, cfg)
-        s = config.storage
-        storage = Storage(s.root, s.options, timeout_s=s.timeout_s, retries=s.retries)
+        storage = config.storage.open()
         a, b = config.diff.run_a, config.diff.run_b
         table = diff_runs(storage, a, b)
         print(summary(a, b, table, write_diff(storage, a, b, table)))

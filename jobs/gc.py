@@ -13,7 +13,6 @@ import hydra
 
 from pipeline.gc import GcConfig, apply_gc, describe, plan_gc, register_configs
 from pipeline.jobs_common import exit_on_error
-from pipeline.storage import Storage
 
 register_configs()
 
@@ -24,8 +23,7 @@ def main(cfg) -> None:
 
     with exit_on_error():
         config = to_typed(GcConfig, cfg)
-        s = config.storage
-        storage = Storage(s.root, s.options, timeout_s=s.timeout_s, retries=s.retries)
+        storage = config.storage.open()
         plan = plan_gc(storage, config.gc.keep_last, config.gc.keep_days,
                        running_stale_hours=config.gc.running_stale_hours)
         if config.gc.apply:

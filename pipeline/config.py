@@ -85,6 +85,12 @@ class StorageConfig:
     timeout_s: float = 60.0
     retries: int = 3
 
+    def open(self):
+        """The `pipeline.storage.Storage` at ``root``, with these options, timeout and retries."""
+        from pipeline.storage import Storage
+
+        return Storage(self.root, self.options, timeout_s=self.timeout_s, retries=self.retries)
+
 
 @dataclass
 class RunConfig:

@@ -19,20 +19,12 @@ import pyarrow.compute as pc
 
 from pipeline.commit import Commit
 from pipeline.errors import MergeRefusedError
+from pipeline.tables import CONTRACT_FIELDS
 
 # The document rows' columns a merge reads (`pipeline.shard_result`).
 DOCUMENT_COLUMNS = ["query_id", "polarity", "doc_id", "score", "seq_key", "num_windows"]
 
-TABLE_SCHEMA = pa.schema(
-    [
-        ("query_id", pa.string()),
-        ("polarity", pa.string()),
-        ("rank", pa.int32()),
-        ("doc_id", pa.string()),
-        ("window", pa.int32()),
-        ("score", pa.float64()),
-    ]
-)
+TABLE_SCHEMA = pa.schema(CONTRACT_FIELDS)
 
 
 def refuse_unmergeable(run_id: str, commits: dict[str, Commit | None], queries_id: str, top_k: int) -> None:
@@ -215,7 +207,7 @@ def _rank(rows: pa.Table, top_k: int, carried: list[str]) -> pa.Table:
 def merge_run(ctx) -> pa.Table:
     """The merge stage's writing, once `refuse_unmergeable` passed: every table of the run; the ranked windows.
 
-    ``ctx`` is the driver's `pipeline.run.RunContext` (its workers started):
+    ``ctx`` is the driver's `pipeline.context.RunContext` (its workers started):
     worker 0 scores the queries' log-probabilities for the ``queries`` table.
     """
     import ray

@@ -3,10 +3,7 @@
 ``run_attribution(cfg)`` runs the stages named by ``run.stages`` (all four by
 default) and returns the run manifest; ``run_stages(cfg, stages)`` runs the
 given ones. Inputs are validated here, on the driver, before any Ray worker is
-started: config, storage, model folder, corpus and queries (``prepare``), then
-the model's modules, window, memory, tokenisation, query lengths and weights
-(``pipeline.preflight``), which also resolve ``corpus.window`` and
-``corpus.add_bos``/``add_eos`` when unset.
+started (`pipeline.context`: ``prepare`` and ``check_before_workers``).
 
 Storage layout (all under ``storage.root``; every path is built in ``pipeline.layout``):
 
@@ -28,11 +25,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from functools import cached_property
+from dataclasses import replace
 
 from pipeline import catalog, layout
 from pipeline.commit import (
@@ -43,254 +38,16 @@ from pipeline.commit import (
     read_file_commit,
 )
 from pipeline.config import STAGES, AttributeConfig, ConfigError
+from pipeline.context import RunContext, check_before_workers, lambda_subset, prepare, worker_spec
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
-from pipeline.core.text import Tokenisation
 from pipeline.core.tracking import LayerSpec
-from pipeline.corpus import (
-    CorpusFile,
-    Query,
-    Shard,
-    bad_text_counts,
-    corpus_files_json,
-    corpus_fingerprint,
-    hash_sample,
-    list_corpus,
-    make_shards,
-    read_queries,
-    spread,
-)
-from pipeline.identity import FactorsKey, QueriesKey, digest
+from pipeline.corpus import corpus_files_json
+from pipeline.identity import digest
 from pipeline.merge import merge_run, refuse_unmergeable
-from pipeline.model_io import check_model_dir
 from pipeline.pinning import REUSED, FactorsPlan, plan_factors, write_pin
-from pipeline.results import ResultsKey
-from pipeline.shard_result import TOKEN_ROWS
 from pipeline.report import write_report
-from pipeline.storage import Storage, bounded_options
-from pipeline.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class RunContext:
-    """What every stage needs, established once on the driver."""
-
-    cfg: AttributeConfig
-    storage: Storage
-    shards: list[Shard]
-    corpus_fp: str
-    queries: list[Query]
-    queries_fp: str
-    workers: list = field(default_factory=list)
-    # BOS/EOS around documents and queries, resolved against the tokenizer by the preflight.
-    tokenisation: Tokenisation = field(default_factory=Tokenisation)
-    # Null and non-string texts of the corpus (``corpus.bad_text_counts``), for the manifest's counts.
-    bad_texts: dict = field(default_factory=dict)
-    model_fp: str = ""
-    layers: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-    counts: dict = field(default_factory=dict)
-    # The corpus listing (for the manifest's file list); the factors the run uses and why (`plan_factors`).
-    files: list[CorpusFile] = field(default_factory=list)
-    factors_plan: FactorsPlan | None = None
-    # The run id's first start (its catalog row's, kept by reruns): orders runs for latest.json.
-    started_at: str = ""
-
-    # ---- content-addressed ids ------------------------------------------------------------
-
-    @property
-    def sample_shards(self) -> list[Shard]:
-        """The current fitting sample: ``factors.sample_shards`` shards chosen by hash of id (all when 0)."""
-        return hash_sample(self.shards, self.cfg.factors.sample_shards)
-
-    @property
-    def fit_shards(self) -> list[Shard]:
-        """The shards the run's factors are (to be) fitted on: the plan's, else the current sample."""
-        return self.factors_plan.fit_shards if self.factors_plan is not None else self.sample_shards
-
-    @property
-    def lambda_shards(self) -> list[Shard]:
-        """The fitting shards of the eigenvalue-correction pass: ``factors.lambda_sample`` of them, evenly spread."""
-        if self.factors_plan is not None and self.factors_plan.lambda_shards:
-            return self.factors_plan.lambda_shards
-        return _lambda_subset(self.fit_shards, self.cfg.factors.lambda_sample)
-
-    @cached_property
-    def fresh_factors_key(self) -> FactorsKey:
-        """The key of factors fitted on the current sample; computed once (it lists every fitting shard)."""
-        if not self.model_fp:
-            raise RuntimeError("factors_key needs the model fingerprint; start the workers first")
-        shards = self.sample_shards
-        lambda_ids = [s.shard_id for s in _lambda_subset(shards, self.cfg.factors.lambda_sample)]
-        return FactorsKey.of(
-            self.cfg.influence(), self.model_fp, self.cfg.corpus.window, [s.shard_id for s in shards], lambda_ids,
-            self.tokenisation,
-        )
-
-    @property
-    def factors_key(self) -> FactorsKey:
-        """What determines the run's factors: the plan's (pinned or fitted now), else the current sample's."""
-        return self.factors_plan.key if self.factors_plan is not None else self.fresh_factors_key
-
-    @property
-    def factors_id(self) -> str:
-        return self.factors_key.id
-
-    @property
-    def factors_url(self) -> str:
-        return layout.factors_file(self.storage.root, self.factors_id)
-
-    @cached_property
-    def queries_key(self) -> QueriesKey:
-        return QueriesKey.of(
-            self.cfg.influence(), self.factors_id, self.queries_fp, self.cfg.corpus.window, self.tokenisation
-        )
-
-    @property
-    def queries_id(self) -> str:
-        return self.queries_key.id
-
-    @property
-    def queries_url(self) -> str:
-        return layout.query_gradients(self.storage.root, self.queries_id)
-
-    @property
-    def results_key(self) -> ResultsKey:
-        c = self.cfg
-        return ResultsKey(self.queries_id, c.score.top_k, c.score.batch_size, c.model.precision, TOKEN_ROWS)
-
-    def shard_url(self, shard: Shard) -> str:
-        """Where the shard's result for this run's scoring lives (shared by runs, `pipeline.results`)."""
-        return layout.shared_shard_result(self.storage.root, self.results_key.id, shard.shard_id)
-
-    def previous_manifest(self) -> dict | None:
-        """This run id's manifest from an earlier merge, or None."""
-        try:
-            return self.storage.read_json(layout.run_manifest(self.storage.root, self.cfg.run.id))
-        except FileNotFoundError:
-            return None
-
-
-def _lambda_subset(shards: list[Shard], fraction: float) -> list[Shard]:
-    """``factors.lambda_sample`` of the fitting shards, evenly spread."""
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"factors.lambda_sample must be in (0, 1] (1 = all fitting shards), got {fraction}")
-    return spread(shards, math.ceil(fraction * len(shards)))
-
-
-def resolve_demo(cfg: AttributeConfig) -> AttributeConfig:
-    """With no model/corpus/queries given, build (once, cached) the demo and point the config at it.
-
-    The demo's window, when ``corpus.window`` is unset, is the one its model was trained on (64 tokens).
-    """
-    if not cfg.uses_demo:
-        return cfg
-    from pipeline.demo import DemoSpec, build_demo
-
-    spec = DemoSpec()
-    demo = build_demo(cfg.demo.cache_dir, spec)
-    window = spec.window if cfg.corpus.window is None else cfg.corpus.window
-    return replace(
-        cfg,
-        model=replace(cfg.model, path=demo.model_dir),
-        corpus=replace(cfg.corpus, path=demo.corpus_path, window=window),
-        queries=replace(cfg.queries, path=demo.queries_path),
-    )
-
-
-def prepare(cfg: AttributeConfig) -> RunContext:
-    """Validate config and inputs on the driver (no Ray yet): storage, model folder, corpus, queries."""
-    cfg.validate()
-    cfg = resolve_demo(cfg)
-    started = time.perf_counter()
-    # Every filesystem built from the options (storage, corpus, model, workers) gets the bounded timeouts.
-    bounded = bounded_options(cfg.storage.options, cfg.storage.timeout_s, cfg.storage.retries)
-    cfg = replace(cfg, storage=replace(cfg.storage, options=bounded))
-    storage = Storage(cfg.storage.root, cfg.storage.options, timeout_s=cfg.storage.timeout_s,
-                      retries=cfg.storage.retries)
-    storage.check_writable()
-    check_model_dir(cfg.model.path, cfg.storage.options)
-    files = list_corpus(
-        cfg.corpus.path, cfg.corpus.id_column, cfg.corpus.text_column, cfg.storage.options,
-        cfg.corpus.check_unique_ids, cfg.corpus.on_bad_text,
-    )
-    shards = make_shards(files, cfg.corpus.docs_per_shard)
-    queries, queries_fp = read_queries(cfg.queries.path, cfg.storage.options)
-    ctx = RunContext(cfg, storage, shards, corpus_fingerprint(files), queries, queries_fp, files=files)
-    ctx.bad_texts = bad_text_counts(files)
-    ctx.counts.update(_vanished_files(storage, files, cfg.corpus.path))
-    ctx.counts.update(
-        num_files=len(files), num_docs=sum(f.num_rows for f in files), num_shards=len(shards), num_queries=len(queries)
-    )
-    ctx.timings["validate_s"] = round(time.perf_counter() - started, 3)
-    log.info(
-        "corpus: %d documents in %d files, %d shards; %d queries",
-        ctx.counts["num_docs"], len(files), len(shards), len(queries),
-    )
-    return ctx
-
-
-def _vanished_files(storage: Storage, files: list[CorpusFile], corpus_path: str) -> dict:
-    """Files of the latest run's corpus (same ``corpus.path``) that are gone or changed: logged and counted.
-
-    Compared by path relative to the corpus root. A vanished file's shards are simply not in this run
-    (its table has no rows from them); a changed file's shards get new ids and are scored again.
-    """
-    latest = catalog.read_latest(storage)
-    if not latest:
-        return {}
-    try:
-        corpus = storage.read_json(layout.run_manifest(storage.root, latest["run_id"]))["corpus"]
-    except (FileNotFoundError, KeyError):
-        return {}
-    if corpus.get("path") != corpus_path:
-        return {}
-    before = corpus.get("files") or {}
-    now = corpus_files_json(files)
-    vanished = sorted(set(before) - set(now))
-    changed = sorted(p for p in set(before) & set(now) if before[p]["fingerprint"] != now[p]["fingerprint"])
-    if vanished:
-        log.warning("%d corpus file(s) of run %s are gone and are not in this run, e.g. %s",
-                    len(vanished), latest["run_id"], vanished[:5])
-    if changed:
-        log.info("%d corpus file(s) changed since run %s and are scored again, e.g. %s",
-                 len(changed), latest["run_id"], changed[:5])
-    return {"files_vanished": len(vanished), "vanished_files_sample": vanished[:20], "files_changed": len(changed),
-            "files_added": len(set(now) - set(before))}
-
-
-def check_before_workers(ctx: RunContext) -> RunContext:
-    """The driver preflight (``pipeline.preflight``); resolves ``corpus.window``/``add_bos``/``add_eos`` in ``ctx``."""
-    from pipeline.preflight import preflight
-
-    started = time.perf_counter()
-    checked = preflight(ctx.cfg, ctx.queries)
-    tok = checked.tokenisation
-    ctx.cfg = replace(
-        ctx.cfg, corpus=replace(ctx.cfg.corpus, window=checked.window, add_bos=tok.add_bos, add_eos=tok.add_eos)
-    )
-    ctx.tokenisation = tok
-    ctx.timings["preflight_s"] = round(time.perf_counter() - started, 3)
-    return ctx
-
-
-def worker_spec(cfg: AttributeConfig, tokenisation: Tokenisation = Tokenisation()) -> WorkerSpec:
-    """What a worker needs, from a config whose window the preflight resolved."""
-    return WorkerSpec(
-        model_path=cfg.model.path,
-        model_cache_dir=cfg.model.cache_dir,
-        trust_remote_code=cfg.model.trust_remote_code,
-        influence=cfg.influence(),
-        id_column=cfg.corpus.id_column,
-        text_column=cfg.corpus.text_column,
-        window_len=cfg.corpus.window,
-        tokenisation=tokenisation,
-        fit_batch_size=cfg.factors.batch_size,
-        score_batch_size=cfg.score.batch_size,
-        storage_root=cfg.storage.root,
-        storage_options=dict(cfg.storage.options),
-        device="auto" if cfg.cluster.gpus_per_worker > 0 else "cpu",
-    )
 
 
 # ---- stages -------------------------------------------------------------------------------
@@ -577,7 +334,7 @@ def run_stages(cfg: AttributeConfig, stages: Sequence[str] | None = None) -> Run
 def _plan_factors(ctx: RunContext) -> FactorsPlan:
     f = ctx.cfg.factors
     sample = ctx.sample_shards
-    plan = plan_factors(ctx.storage, ctx.fresh_factors_key, sample, _lambda_subset(sample, f.lambda_sample),
+    plan = plan_factors(ctx.storage, ctx.fresh_factors_key, sample, lambda_subset(sample, f.lambda_sample),
                         ctx.shards, f.sample_shards, f.lambda_sample, f.refit, f.refit_below_share)
     log.info("factors %s: %s (%s)", plan.key.id, plan.decision, plan.reason)
     return plan

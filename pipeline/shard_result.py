@@ -14,6 +14,10 @@ that does not apply to a kind is null):
 - ``layer``: for the same windows, one row per tracked layer: ``position``
   is the layer's index, ``text`` its name, ``score`` its share.
 
+With low-rank queries (the default) the shares come from the scoring pass
+itself (`KeptBreakdowns`); with dense queries from one more pass over those
+windows only.
+
 ``seq_key`` is the merge's tie-break: `seq_key(shard, local window index)`
 for windows, tokens and layers (the window's key), `seq_key(shard, local
 document index)` for documents. Kinds are written in that order, tokens and
@@ -29,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.core.topk import TopK
+from pipeline.tables import CONTRACT_FIELDS
 
 WINDOW, DOCUMENT, TOKEN, LAYER = "window", "document", "token", "layer"
 KINDS = (WINDOW, DOCUMENT, TOKEN, LAYER)
@@ -36,12 +41,7 @@ KINDS = (WINDOW, DOCUMENT, TOKEN, LAYER)
 SHARD_RESULT_SCHEMA = pa.schema(
     [
         ("kind", pa.string()),
-        ("query_id", pa.string()),
-        ("polarity", pa.string()),
-        ("rank", pa.int32()),
-        ("doc_id", pa.string()),
-        ("window", pa.int32()),
-        ("score", pa.float64()),
+        *CONTRACT_FIELDS,
         ("seq_key", pa.int64()),
         ("text", pa.string()),
         ("char_start", pa.int64()),
@@ -141,6 +141,31 @@ class ShardRows:
 
     def table(self) -> pa.Table:
         return pa.table(self.cols, schema=SHARD_RESULT_SCHEMA)
+
+
+class KeptBreakdowns:
+    """Per-layer and per-token scores of the windows in some query's current top ``limit`` (either polarity).
+
+    Updated after each scoring batch from the pass's own breakdown; what drops
+    out of every top list is let go, so memory stays at ``2 Q limit`` pairs of
+    ``(layers,)`` and ``(tokens,)`` vectors however large the shard.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.shares: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, acc: TopK, start: int, per_layer: torch.Tensor, per_token: torch.Tensor) -> None:
+        """``per_layer`` ``(B, Q, L)`` and ``per_token`` ``(B, Q, T)`` of the batch whose first window is ``start``."""
+        wanted = {(key & 0xFFFFFFFF, q) for q in range(per_layer.shape[1]) for *_, key in ranked(acc, q, self.limit)}
+        batch = range(start, start + per_layer.shape[0])
+        new = [(local, q) for local, q in wanted if local in batch and (local, q) not in self.shares]
+        if new:
+            layers = per_layer.detach().to("cpu", torch.float64)
+            tokens = per_token.detach().to("cpu", torch.float64)
+            for local, q in new:
+                self.shares[(local, q)] = (layers[local - start, q].clone(), tokens[local - start, q].clone())
+        self.shares = {pair: v for pair, v in self.shares.items() if pair in wanted}
 
 
 def document_indices(docs: list[tuple[str, str]], seqs) -> list[int]:

@@ -28,6 +28,16 @@ TOKENS = "tokens"
 LAYERS = "layers"
 TABLES = (ATTRIBUTION, DOCUMENTS, QUERIES, TOKENS, LAYERS)
 
+# The ranked table's contract columns (docs/design.md#storage), in order: every ranked table starts with them.
+CONTRACT_FIELDS = [
+    ("query_id", pa.string()),
+    ("polarity", pa.string()),
+    ("rank", pa.int32()),
+    ("doc_id", pa.string()),
+    ("window", pa.int32()),
+    ("score", pa.float64()),
+]
+
 SCHEMA_VERSION = "1"
 # The merge reads shard results MERGE_BATCH at a time (its memory: one batch of shard rankings plus the
 # running top-k), MERGE_READERS files at once (reads wait on storage, not on the CPU).
@@ -40,12 +50,7 @@ META_PREFIX = "attribution."
 # The ranked windows: the contract's six columns first, unchanged, then the self-contained extras.
 ATTRIBUTION_SCHEMA = pa.schema(
     [
-        ("query_id", pa.string()),
-        ("polarity", pa.string()),
-        ("rank", pa.int32()),
-        ("doc_id", pa.string()),
-        ("window", pa.int32()),
-        ("score", pa.float64()),
+        *CONTRACT_FIELDS,
         ("run_id", pa.string()),
         ("text", pa.string()),  # the window decoded by the worker that scored it, special tokens shown
         ("char_start", pa.int64()),  # the window's span [char_start, char_end) in the document's text
@@ -201,7 +206,7 @@ def parquet_bytes(table: pa.Table, metadata: RunMetadata, name: str, limit: int 
 
 
 def run_metadata(ctx, char_spans: str = "") -> RunMetadata:
-    """The provenance of a run (``ctx``: `pipeline.run.RunContext`) for its tables' metadata."""
+    """The provenance of a run (``ctx``: `pipeline.context.RunContext`) for its tables' metadata."""
     from pipeline.identity import digest
 
     return RunMetadata(

@@ -18,14 +18,22 @@ import pyarrow as pa
 import torch
 
 from pipeline.core.forward import sequence_losses
-from pipeline.core.ekfac import CovarianceSums, Eigenbases, EKFACFactors, LambdaSums
-from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryGradients
-from pipeline.core.text import Batch, Tokenisation, TokenWindow, collate, encode_documents, encode_query
+from pipeline.core.ekfac import Eigenbases, EKFACFactors
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine
+from pipeline.core.queries import QueryGradients
+from pipeline.core.text import (
+    Batch,
+    Tokenisation,
+    TokenWindow,
+    batches_of,
+    collate,
+    encode_documents,
+    encode_query,
+)
 from pipeline.commit import Commit, already_committed, commit_file, committed_checksum
 from pipeline.core.topk import TopK
 from pipeline.corpus import Query, Shard, read_shard
 from pipeline.decoding import WindowDecoder
-from pipeline.merge import TABLE_SCHEMA
 from pipeline.model_io import load_model_and_tokenizer, local_model_dir
 from pipeline.shard_result import (
     DOCUMENT,
@@ -35,6 +43,7 @@ from pipeline.shard_result import (
     DocumentTopK,
     TOKEN_ROWS,
     ShardRows,
+    KeptBreakdowns,
     document_indices,
     ranked,
     seq_key,
@@ -43,10 +52,6 @@ from pipeline.shard_result import (
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
-
-# The ranked table's columns plus ``seq_key``, the tie-break the merge orders by: the columns every
-# shard result has (`pipeline.shard_result.SHARD_RESULT_SCHEMA` adds the rest).
-SHARD_SCHEMA = TABLE_SCHEMA.append(pa.field("seq_key", pa.int64()))
 
 # Test hook: "SHARD_INDEX:MARKER_PATH" makes the worker process exit abruptly while
 # scoring that shard (after writing its data, before the commit), once.
@@ -111,7 +116,7 @@ class ShardWorker:
                 for q in queries]
 
     def _batches(self, seqs: list[TokenWindow], size: int) -> list[Batch]:
-        return [collate(seqs[i : i + size], self.pad_id) for i in range(0, len(seqs), size)]
+        return batches_of(seqs, size, self.pad_id)
 
     # ---- units ----------------------------------------------------------------------------
 
@@ -230,11 +235,16 @@ class ShardWorker:
             doc_acc = DocumentTopK(shard.index, len(queries.query_ids), top_k)
             nonfinite: list[str] = []
             tokens = 0
+            # Low-rank queries: token and layer shares come from the scoring pass itself (no second pass).
+            kept = KeptBreakdowns(self.spec.token_rows) if queries.left and self.spec.token_rows > 0 else None
             for start in range(0, len(seqs), self.spec.score_batch_size):
                 chunk = seqs[start : start + self.spec.score_batch_size]
                 batch = collate(chunk, self.pad_id)
                 tokens += int(batch.attention_mask.sum())
-                scores = self.engine.score_batch(batch, queries)
+                if kept is not None:
+                    scores, per_layer, per_token = self.engine.score_breakdown(batch, queries)
+                else:
+                    scores = self.engine.score_batch(batch, queries)
                 keys = torch.tensor([seq_key(shard.index, start + i) for i in range(len(chunk))], dtype=torch.int64)
                 finite = torch.isfinite(scores).all(dim=1).cpu()
                 on_cpu = scores.detach().to("cpu", torch.float64)
@@ -248,7 +258,9 @@ class ShardWorker:
                     scores, keys = scores[finite.to(scores.device)], keys[finite]
                 if len(keys):
                     acc.update(scores, keys)
-            table = self._result_table(acc, doc_acc.finish(), doc_acc.num_windows, queries, seqs, docs, doc_of)
+                if kept is not None:
+                    kept.update(acc, start, per_layer, per_token)
+            table = self._result_table(acc, doc_acc.finish(), doc_acc.num_windows, queries, seqs, docs, doc_of, kept)
 
             def write(url: str) -> None:
                 self.storage.write_bytes(url, shard_parquet_bytes(table, self.decoder.method))
@@ -281,8 +293,12 @@ class ShardWorker:
         seqs: list[TokenWindow],
         docs: list[tuple[str, str]],
         doc_of: list[int],
+        kept: KeptBreakdowns | None = None,
     ) -> pa.Table:
-        """The shard's result rows (`pipeline.shard_result`): windows with their text, documents, tokens, layers."""
+        """The shard's result rows (`pipeline.shard_result`): windows with their text, documents, tokens, layers.
+
+        Token and layer shares come from ``kept`` (the scoring pass's) when given, else from one more pass.
+        """
         rows = ShardRows()
         decoded = {}
         for q, query_id in enumerate(queries.query_ids):
@@ -299,40 +315,49 @@ class ShardWorker:
                 d = key & 0xFFFFFFFF
                 rows.add(kind=DOCUMENT, query_id=query_id, polarity=polarity, rank=rank, doc_id=docs[d][0],
                          score=score, seq_key=key, num_windows=num_windows[d])
-        self._token_rows(rows, acc, queries, seqs, decoded)
+        self._token_rows(rows, acc, queries, seqs, decoded, kept)
         return rows.table()
 
     def _token_rows(self, rows: ShardRows, acc: TopK, queries: QueryGradients, seqs: list[TokenWindow],
-                    decoded: dict) -> None:
+                    decoded: dict, kept: KeptBreakdowns | None) -> None:
         """Token and layer rows of the ``token_rows`` strongest windows per (query, polarity).
 
-        One more forward and backward pass over those windows only; per-token,
-        per-layer scores ``(batch, Q, layers, tokens)`` from the core, summed over
-        layers (a token's share) and over tokens (a layer's share).
+        A token's share is its score summed over layers, a layer's its score
+        summed over tokens: from ``kept`` (the scoring pass) or, without it,
+        from one more forward and backward pass over those windows only.
         """
         wanted = {}  # local window index -> [(q, polarity, rank, key)]
         for q in range(len(queries.query_ids)):
             for polarity, rank, _, key in ranked(acc, q, self.spec.token_rows):
                 wanted.setdefault(key & 0xFFFFFFFF, []).append((q, polarity, rank, key))
+        shares = kept.shares if kept is not None else self._breakdowns(wanted, queries, seqs)
         layer_names = list(self.engine.layers)
+        for local in sorted(wanted):
+            seq, w = seqs[local], decoded[local]
+            n = len(seq.input_ids)
+            for q, polarity, rank, key in wanted[local]:
+                per_layer, per_token = shares[(local, q)]
+                common = dict(query_id=queries.query_ids[q], polarity=polarity, rank=rank, doc_id=seq.doc_id,
+                              window=seq.window, seq_key=key)
+                for t, (token, share) in enumerate(zip(w.tokens, per_token[:n].tolist())):
+                    rows.add(kind=TOKEN, position=t, token_id=token.token_id, text=token.text,
+                             special=token.special, char_start=token.char_start, char_end=token.char_end,
+                             score=share, **common)
+                for index, (name, share) in enumerate(zip(layer_names, per_layer.tolist())):
+                    rows.add(kind=LAYER, position=index, text=name, score=share, **common)
+
+    def _breakdowns(self, wanted: dict, queries: QueryGradients, seqs: list[TokenWindow]) -> dict:
+        """``{(local, q): (per_layer (L,), per_token (T,))}`` for ``wanted``, from one more pass over those windows."""
+        out = {}
         locals_ = sorted(wanted)
         for start in range(0, len(locals_), self.spec.score_batch_size):
             chunk = locals_[start : start + self.spec.score_batch_size]
             batch = collate([seqs[i] for i in chunk], self.pad_id)
-            per_token = self.engine.token_scores(batch, queries).detach().to("cpu", torch.float64)
+            scores = self.engine.token_scores(batch, queries).detach().to("cpu", torch.float64)  # (B, Q, L, T)
             for b, local in enumerate(chunk):
-                seq, w = seqs[local], decoded[local]
-                n = len(seq.input_ids)
-                for q, polarity, rank, key in wanted[local]:
-                    scores = per_token[b, q, :, :n]  # (layers, tokens)
-                    common = dict(query_id=queries.query_ids[q], polarity=polarity, rank=rank, doc_id=seq.doc_id,
-                                  window=seq.window, seq_key=key)
-                    for t, (token, share) in enumerate(zip(w.tokens, scores.sum(0).tolist())):
-                        rows.add(kind=TOKEN, position=t, token_id=token.token_id, text=token.text,
-                                 special=token.special, char_start=token.char_start, char_end=token.char_end,
-                                 score=share, **common)
-                    for index, (name, share) in enumerate(zip(layer_names, scores.sum(1).tolist())):
-                        rows.add(kind=LAYER, position=index, text=name, score=share, **common)
+                for q, *_ in wanted[local]:
+                    out[(local, q)] = (scores[b, q].sum(1), scores[b, q].sum(0))
+        return out
 
     def _maybe_die(self, shard: Shard) -> None:
         spec = os.environ.get(KILL_ENV, "")

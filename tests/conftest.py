@@ -6,6 +6,7 @@
   a thread) on loopback, shared by the session; each test gets a fresh bucket
   and a clean AWS environment (``tests.helpers.aws_env_vars``).
 - ``small_demo``: a small planted-facts demo built once per session.
+- ``local_ray``: a local one-CPU Ray for a module's tests (the pipeline joins it).
 - ``smollm2_dir``: SmolLM2-135M-Instruct as a safetensors folder in the shared cache (skips offline).
 """
 
@@ -111,6 +112,14 @@ def s3_env(s3_server, monkeypatch, tmp_path):
 # A small planted-facts demo: ~100 documents (a third longer than one window),
 # a tiny GPT-2 trained for a few seconds. Shared by the session.
 SMALL_DEMO_SPEC = dict(n_filler_docs=80, n_facts=8, train_steps=100)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from tests.helpers import local_ray as ray_session
+
+    with ray_session(num_cpus=1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -207,6 +207,20 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 1) -> Iterator[None]:
+    """A fresh local Ray of ``num_cpus`` CPUs in a scratch HOME (the jobs then join it), shut down after."""
+    import ray
+
+    with scratch_env():
+        shutdown_ray()
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        try:
+            yield
+        finally:
+            shutdown_ray()
+
+
 # ---- inputs ---------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
 
 
 def _run_evaluation(cfg: EvaluateConfig) -> dict:
-    storage = Storage(cfg.storage.root, cfg.storage.options)
+    storage = cfg.storage.open()
     storage.check_writable()
     device = resolve_device(cfg.device)
     started = time.perf_counter()

@@ -28,7 +28,8 @@ from benchmarks.baselines import (
 )
 from pipeline.core.text import batches_of
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, LambdaSums, eigendecompose
-from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryGradients
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine
+from pipeline.core.queries import QueryGradients
 from pipeline.core.projection import ProjectionSpec
 from pipeline.core.text import Batch, TokenWindow
 from pipeline.core.tracking import Captured

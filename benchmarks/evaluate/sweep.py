@@ -42,7 +42,8 @@ import torch
 from benchmarks.evaluate.scoring import SharedCaptureScorer, agreement, projected_size
 from pipeline.core.ekfac import EKFACFactors, eigendecompose
 from pipeline.core.forward import sequence_losses
-from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryGradients
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine
+from pipeline.core.queries import QueryGradients
 from pipeline.core.projection import ProjectionSpec
 from pipeline.core.text import Batch
 

@@ -12,7 +12,10 @@ import torch
 from benchmarks.speed.config import BenchmarkConfig
 from benchmarks.speed.inputs import timed_median
 from pipeline.merge import merge_shard_tables
-from pipeline.worker import SHARD_SCHEMA
+from pipeline.tables import CONTRACT_FIELDS
+
+# The window rows' columns every shard result has: the contract's plus ``seq_key``, the merge's tie-break.
+SHARD_SCHEMA = pa.schema([*CONTRACT_FIELDS, ("seq_key", pa.int64())])
 
 
 def synthetic_shard_tables(rows: int, queries: int, top_k: int, seed: int = 0) -> list[pa.Table]:

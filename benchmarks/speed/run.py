@@ -29,7 +29,6 @@ from benchmarks.speed.scaling import scaling
 from benchmarks.speed.throughput import throughput
 from benchmarks.speed.versus_kronfluence import versus_kronfluence
 from pipeline import layout
-from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
 
 
 def _run_benchmark(cfg: BenchmarkConfig) -> dict:
-    storage = Storage(cfg.storage.root, cfg.storage.options)
+    storage = cfg.storage.open()
     storage.check_writable()
     device = resolve_device(cfg.device)
     started = time.perf_counter()

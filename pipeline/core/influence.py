@@ -30,12 +30,11 @@ from pipeline.core.ekfac import (
     FactorsMeta,
     LambdaSums,
     eigendecompose,
-    per_sequence_gradients,
-    rotation_path,
 )
 from pipeline.core.fingerprint import model_fingerprint
 from pipeline.core.forward import sequence_losses
 from pipeline.core.projection import ProjectionSpec, Projector
+from pipeline.core.queries import QueryGradients, low_rank
 from pipeline.core.text import Batch
 from pipeline.core.tracking import (
     DEFAULT_MODULES,
@@ -49,9 +48,6 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "float64", "bf16")
 DEFAULT_MAX_QUERY_BYTES = 8 * 2**30
-# Largest temporary (elements) of one low-rank scoring step; queries are scored in chunks below it.
-SCORING_CHUNK_ELEMENTS = 2**25
-SCORING_PATHS = ("token", "sequence")
 
 
 class NonFiniteGradientError(ValueError):
@@ -105,138 +101,6 @@ class InfluenceConfig:
     def factor_space(self) -> str:
         """Where EK-FAC is fitted: ``projected`` only in curvature mode."""
         return "projected" if self.projection.enabled and self.projection.mode == "curvature" else "full"
-
-
-@dataclass
-class QueryGradients:
-    """Preconditioned (and projected) query gradients, stacked over queries.
-
-    Dense: ``dense[name]``: ``(Q, k_out, k_in)``. Low rank: ``left[name]``:
-    ``(Q, k_out, r)`` and ``right[name]``: ``(Q, k_in, r)`` (singular values
-    folded into one of them), so the query matrix is ``left @ right^T``.
-    """
-
-    query_ids: list[str]
-    dense: dict[str, torch.Tensor] = field(default_factory=dict)
-    left: dict[str, torch.Tensor] = field(default_factory=dict)
-    right: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self.dense or self.left)
-
-    def to(self, device, dtype) -> "QueryGradients":
-        move = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}  # noqa: E731
-        return QueryGradients(self.query_ids, move(self.dense), move(self.left), move(self.right))
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"{n}::dense": t for n, t in self.dense.items()}
-        out.update({f"{n}::left": t for n, t in self.left.items()})
-        out.update({f"{n}::right": t for n, t in self.right.items()})
-        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
-
-    @classmethod
-    def from_tensors(cls, query_ids: list[str], tensors: dict[str, torch.Tensor]) -> "QueryGradients":
-        def pick(suffix):
-            return {k[: -len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}
-
-        return cls(list(query_ids), pick("::dense"), pick("::left"), pick("::right"))
-
-    def layer_scores(self, name: str, captured: Captured, path: str | None = None) -> torch.Tensor:
-        """``(batch, Q)`` scores of one layer from captured training vectors.
-
-        Low-rank queries are scored by the cheaper ``scoring_path`` for this
-        shape unless ``path`` (``token``/``sequence``) forces one.
-        """
-        if name in self.dense:
-            grads = per_sequence_gradients(captured)  # (B, k_out, k_in)
-            return grads.flatten(1) @ self.dense[name].flatten(1).T
-        left, right = self.left[name], self.right[name]
-        g, a = captured.g, captured.a
-        path = path or scoring_path(g.shape[1], g.shape[-1], a.shape[-1], left.shape[0] * left.shape[-1])
-        if path not in SCORING_PATHS:
-            raise ValueError(f"scoring path must be one of {SCORING_PATHS}, got {path!r}")
-        batch, tokens = g.shape[:2]
-        rank = left.shape[-1]
-        # Chunks of queries keep the largest temporary under SCORING_CHUNK_ELEMENTS.
-        rows = batch * (tokens if path == "token" else g.shape[-1])
-        step = max(1, SCORING_CHUNK_ELEMENTS // max(1, rows * rank))
-        grads = per_sequence_gradients(captured).flatten(0, 1) if path == "sequence" else None
-        out = []
-        for q0 in range(0, left.shape[0], step):
-            lq, rq = left[q0 : q0 + step], right[q0 : q0 + step]  # (q, k_out, r), (q, k_in, r)
-            q = lq.shape[0]
-            l_flat = lq.permute(1, 0, 2).reshape(lq.shape[1], q * rank)  # (k_out, q*r)
-            r_flat = rq.permute(1, 0, 2).reshape(rq.shape[1], q * rank)  # (k_in, q*r)
-            if path == "token":
-                # <L R^T, sum_t g_t a_t^T> = sum_t sum_r (g_t . L[:, r]) (a_t . R[:, r])
-                prod = (g @ l_flat) * (a @ r_flat)  # (B, T, q*r)
-                out.append(prod.reshape(batch, tokens, q, rank).sum(dim=(1, 3)))
-            else:
-                # <L R^T, G> = sum_{o,r} (G R)[o, r] L[o, r]
-                gr = (grads @ r_flat).reshape(batch, -1, q * rank)  # (B, k_out, q*r)
-                out.append((gr * l_flat).reshape(batch, -1, q, rank).sum(dim=(1, 3)))
-        return torch.cat(out, 1)
-
-    def token_scores(self, name: str, captured: Captured) -> torch.Tensor:
-        """``(batch, Q, tokens)`` per-token scores of one layer."""
-        matrix = self.dense[name] if name in self.dense else self.left[name] @ self.right[name].transpose(1, 2)
-        return torch.einsum("bto,qoi,bti->bqt", captured.g, matrix, captured.a)
-
-
-# Randomized range finder of ``low_rank``: extra columns and power iterations (Halko et al. 2011, section 4).
-RANGE_OVERSAMPLE = 10
-RANGE_POWER_ITERS = 2
-
-
-def scoring_path(tokens: int, d_out: int, d_in: int, columns: int) -> str:
-    """The cheaper way to score sequences of ``tokens`` tokens against ``columns = Q * r`` low-rank columns.
-
-    ``token``: ``sum_t (g_t . L)(a_t . R)``, ``T columns (d_out + d_in + 1)``
-    multiply-adds per sequence, never forming ``G``. ``sequence``: form ``G``
-    then ``(G R) . L``, ``T d_out d_in + d_out d_in columns + d_out columns``.
-    """
-    per_token = tokens * columns * (d_out + d_in + 1)
-    per_sequence = tokens * d_out * d_in + d_out * d_in * columns + d_out * columns
-    return "token" if per_token < per_sequence else "sequence"
-
-
-def low_rank(matrix: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``r`` approximation of ``(Q, m, n)`` matrices as ``left @ right^T``: ``(Q, m, r)``, ``(Q, n, r)``.
-
-    When ``r + RANGE_OVERSAMPLE`` is small against ``min(m, n)`` (the default
-    rank 8 against a 576-wide layer), a seeded randomized range finder
-    (Halko, Martinsson and Tropp 2011, Algorithm 4.4: ``RANGE_POWER_ITERS``
-    power iterations, QR between them) finds an orthonormal basis ``B`` of
-    ``r + RANGE_OVERSAMPLE`` columns for the range, and the best rank-``r``
-    approximation of ``B^T M`` gives the factors: about ``2 (1 + iters)``
-    products with the matrix instead of its Gram matrix and ``eigh``, some
-    20 times less work on a 1536 x 576 layer. Otherwise the top ``r``
-    eigenvectors of the smaller Gram matrix give the best approximation
-    exactly (Eckart-Young; exact at full rank). float64 either way; the
-    random test matrix is fixed by ``seed``, so the result is deterministic.
-    """
-    m64 = matrix.to(torch.float64)
-    m, n = m64.shape[-2:]
-    r = min(rank, m, n)
-    width = r + RANGE_OVERSAMPLE
-    if 2 * width > min(m, n):
-        if n <= m:
-            v = torch.linalg.eigh(m64.mT @ m64).eigenvectors[..., -r:].flip(-1)  # (Q, n, r), largest first
-            left, right = m64 @ v, v
-        else:
-            u = torch.linalg.eigh(m64 @ m64.mT).eigenvectors[..., -r:].flip(-1)  # (Q, m, r)
-            left, right = u, m64.mT @ u
-        return left.to(matrix.dtype), right.to(matrix.dtype)
-    generator = torch.Generator(device=m64.device).manual_seed(seed)
-    omega = torch.randn(n, width, generator=generator, dtype=torch.float64, device=m64.device)
-    basis = torch.linalg.qr(m64 @ omega).Q  # (Q, m, width)
-    for _ in range(RANGE_POWER_ITERS):
-        basis = torch.linalg.qr(m64.mT @ basis).Q  # (Q, n, width)
-        basis = torch.linalg.qr(m64 @ basis).Q
-    u, s, vh = torch.linalg.svd(basis.mT @ m64, full_matrices=False)  # (Q, width, n) is small
-    left = (basis @ u[..., :r]) * s[..., None, :r]
-    return left.to(matrix.dtype), vh[..., :r, :].mT.to(matrix.dtype)
 
 
 class InfluenceEngine:
@@ -444,6 +308,26 @@ class InfluenceEngine:
         layer_scores = [queries.layer_scores(name, captured[name]) for name in self.layers]
         total = torch.stack(layer_scores, -1).sum(-1)
         return (total, torch.stack(layer_scores, -1)) if per_layer else total
+
+    def score_breakdown(
+        self, batch: Batch, queries: QueryGradients
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """In one pass: scores ``(batch, Q)``, per layer ``(batch, Q, layers)``, per token ``(batch, Q, tokens)``.
+
+        For low-rank queries this costs what scoring by the ``token`` path
+        does (the per-token terms are kept, summed over layers); with dense
+        queries ``T d_out d_in`` per query and sequence: use ``score_batch``
+        and ``token_scores`` on the few windows that need the breakdown.
+        """
+        captured, _ = self.capture_batch(batch, projected=True, label_mode="data")
+        per_token = None
+        per_layer = []
+        for name in self.layers:
+            tokens = queries.token_scores(name, captured.pop(name))  # (B, Q, T)
+            per_layer.append(tokens.sum(-1))
+            per_token = tokens if per_token is None else per_token + tokens
+        layers = torch.stack(per_layer, -1)
+        return layers.sum(-1), layers, per_token
 
     def token_scores(self, batch: Batch, queries: QueryGradients) -> torch.Tensor:
         """Per-token, per-layer scores ``(batch, Q, layers, tokens)``; they sum to ``score_batch``."""

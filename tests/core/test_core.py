@@ -119,6 +119,22 @@ def test_token_and_layer_scores_sum_to_sequence_scores(projection, rank):
     assert (tokens[batch.attention_mask.unsqueeze(1).unsqueeze(1).expand_as(tokens) == 0] == 0).all()
 
 
+@pytest.mark.parametrize("rank", [0, 2])
+def test_the_one_pass_breakdown_equals_scores_and_token_scores(rank):
+    """``score_breakdown`` (the worker's pass with low-rank queries) agrees with ``score_batch`` and ``token_scores``."""
+    train, queries = random_sequences(6, seed=7), random_queries(3)
+    engine = InfluenceEngine(tiny_model("llama"), InfluenceConfig(precision="float64", query_rank=rank))
+    factors = engine.fit(batches_of(train, 3, TINY_PAD))
+    q = engine.query_gradients(batches_of(queries, 3, TINY_PAD), factors, [s.doc_id for s in queries])
+    batch = collate(train, pad_id=1)
+    total, per_layer, per_token = engine.score_breakdown(batch, q)
+    want_total, want_layers = engine.score_batch(batch, q, per_layer=True)
+    want_tokens = engine.token_scores(batch, q)  # (B, Q, L, T)
+    torch.testing.assert_close(total, want_total, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(per_layer, want_layers, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(per_token, want_tokens.sum(2), rtol=TOL, atol=TOL)
+
+
 def test_projection_off_is_plain_ekfac_written_out():
     """``dim=0`` scores equal <Q_S[(Q_S^T Gq Q_A)/(L+lam)]Q_A^T, Gn> from full autograd gradients."""
     model = tiny_model("gpt2")

@@ -14,15 +14,16 @@ import pytest
 import torch
 
 from pipeline.config import AttributeConfig, ConfigError
-from pipeline.core import influence as influence_module
+from pipeline.core import queries as queries_module
 from pipeline.core.ekfac import LambdaSums, eigendecompose, per_sequence_gradients, rotated_gradients, rotation_path
-from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryMemoryError, low_rank, scoring_path
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryMemoryError
+from pipeline.core.queries import low_rank, scoring_path
 from pipeline.core.projection import ProjectionSpec
 from pipeline.core.text import batches_of, collate
 from pipeline.core.tracking import Captured
 from pipeline.corpus import Shard
 from pipeline.identity import FactorsKey
-from pipeline.run import RunContext
+from pipeline.context import RunContext
 from tests.helpers import TINY_PAD, random_queries, random_sequences, tiny_model
 
 TOL = 1e-10
@@ -160,7 +161,7 @@ def test_low_rank_on_wide_layers_uses_the_range_finder_near_the_truncated_svd():
 
 
 @pytest.mark.parametrize("projection", PROJECTIONS)
-@pytest.mark.parametrize("chunk", [influence_module.SCORING_CHUNK_ELEMENTS, 1])
+@pytest.mark.parametrize("chunk", [queries_module.SCORING_CHUNK_ELEMENTS, 1])
 def test_low_rank_scoring_at_full_rank_equals_dense_on_both_paths(projection, chunk, monkeypatch):
     engine, factors = fitted("llama", projection, 0)
     queries = random_queries(3)
@@ -170,7 +171,7 @@ def test_low_rank_scoring_at_full_rank_equals_dense_on_both_paths(projection, ch
     low_engine = InfluenceEngine(engine.model, full_rank)
     low = low_engine.query_gradients(batches_of(queries, 3, TINY_PAD), factors, ids)
     assert low.left and not low.dense
-    monkeypatch.setattr(influence_module, "SCORING_CHUNK_ELEMENTS", chunk)  # chunk=1: one query per step
+    monkeypatch.setattr(queries_module, "SCORING_CHUNK_ELEMENTS", chunk)  # chunk=1: one query per step
     captured, _ = engine.capture_batch(collate(random_sequences(4, seed=13), pad_id=1), projected=True)
     for name in engine.layers:
         expected = dense.layer_scores(name, captured[name])

@@ -31,7 +31,7 @@ from pipeline.config import (
     StorageConfig,
 )
 from pipeline.errors import BadInputError, ConfigError, MergeRefusedError, StorageError
-from tests.helpers import job_fails, scratch_env, shutdown_ray, write_jsonl
+from tests.helpers import job_fails, local_ray, scratch_env, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 QUERY = {"id": "q1", "prompt": "The capital of Zorbia is", "completion": " Quelmont."}
@@ -80,7 +80,7 @@ def config(tmp_path: Path, **parts) -> AttributeConfig:
 
 
 def test_valid_inputs_pass_prepare(tmp_path, no_ray):
-    from pipeline.run import prepare
+    from pipeline.context import prepare
 
     ctx = prepare(config(tmp_path))
     assert ctx.counts == {"num_files": 1, "num_docs": 2, "num_shards": 1, "num_queries": 1}
@@ -107,7 +107,7 @@ def test_jsonl_without_required_field(tmp_path, no_ray, missing):
 
 
 def test_renamed_columns_are_honoured(tmp_path, no_ray):
-    from pipeline.run import prepare
+    from pipeline.context import prepare
 
     corpus = write_parquet(tmp_path / "c.parquet", {"doc": ["a"], "body": ["x y z"]})
     ctx = prepare(config(tmp_path, corpus=corpus, corpus_args={"id_column": "doc", "text_column": "body"}))
@@ -172,7 +172,7 @@ def test_empty_document_id(tmp_path, no_ray):
 
 
 def test_document_ids_with_slashes_are_data_not_paths(tmp_path, no_ray):
-    from pipeline.run import prepare
+    from pipeline.context import prepare
 
     corpus = write_parquet(
         tmp_path / "c.parquet", {"id": ["dir/doc-1", "../up", ".hidden", "a\\b"], "text": ["w x", "y z", "u v", "s t"]}
@@ -377,7 +377,7 @@ def test_s3_with_wrong_credentials(tmp_path, s3_auth, monkeypatch, no_ray):
         # Control: the right secret passes the same check.
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
         s3fs.S3FileSystem.clear_instance_cache()
-        from pipeline.run import prepare
+        from pipeline.context import prepare
 
         prepare(config(tmp_path, root=root))
     finally:
@@ -387,8 +387,6 @@ def test_s3_with_wrong_credentials(tmp_path, s3_auth, monkeypatch, no_ray):
 @pytest.mark.integration
 def test_path_like_document_ids_survive_a_run(tmp_path, small_demo):
     """Ids are data: ``dir/doc``, ``../up``, ``.hidden`` come back unchanged in the table (local Ray)."""
-    import ray
-
     from pipeline.run import run_attribution
     from tests.helpers import read_table
 
@@ -404,13 +402,8 @@ def test_path_like_document_ids_survive_a_run(tmp_path, small_demo):
         score=ScoreConfig(top_k=20),
         cluster=ClusterConfig(num_workers=1, cpus_per_worker=0.5),
     )
-    with scratch_env():
-        shutdown_ray()
-        ray.init(num_cpus=1, include_dashboard=False)
-        try:
-            manifest = run_attribution(cfg)
-        finally:
-            shutdown_ray()
+    with local_ray():
+        manifest = run_attribution(cfg)
     got = set(read_table(manifest["attribution"]).column("doc_id").to_pylist())
     assert {"dir/doc-0", "../up", ".hidden", "a\\b", "s3://not/a/url"} <= got
     assert not (tmp_path / "up").exists() and not (tmp_path / "out" / "dir").exists()

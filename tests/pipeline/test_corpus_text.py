@@ -74,7 +74,7 @@ def test_a_non_string_parquet_column_counts_every_row(tmp_path):
 
 
 def test_the_run_records_the_counts_before_ray(tmp_path, no_ray):
-    from pipeline.run import prepare
+    from pipeline.context import prepare
 
     folder, jsonl, _, _ = mixed_corpus(tmp_path)
     ctx = prepare(config(tmp_path, folder))

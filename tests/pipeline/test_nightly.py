@@ -41,25 +41,12 @@ from pipeline.config import (
     StorageConfig,
 )
 from pipeline.storage import Storage
-from tests.helpers import assert_identical_tables, read_table, scratch_env, shutdown_ray
+from tests.helpers import assert_identical_tables, read_table
 
 pytestmark = pytest.mark.integration
 
 DOCS_PER_SHARD = 16
 A_ROWS, B_ROWS = 48, 16  # A: a.parquet (32 rows) + a.jsonl (16 rows); B: b.jsonl
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    with scratch_env():
-        shutdown_ray()
-        ray.init(num_cpus=1, include_dashboard=False)
-        try:
-            yield
-        finally:
-            shutdown_ray()
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:

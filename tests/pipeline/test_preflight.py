@@ -92,7 +92,7 @@ def config(tmp_path: Path, model: str, queries: list[dict] | None = None, **part
 
 def checked(cfg: AttributeConfig):
     """``prepare`` and the preflight, as ``run_stages`` runs them before Ray."""
-    from pipeline.run import check_before_workers, prepare
+    from pipeline.context import check_before_workers, prepare
 
     return check_before_workers(prepare(cfg))
 
@@ -101,7 +101,7 @@ def checked(cfg: AttributeConfig):
 
 
 def test_defaults_come_from_the_tokenizer_and_reach_the_workers(tmp_path, llama_dir, gpt2_dir, no_ray):
-    from pipeline.run import worker_spec
+    from pipeline.context import worker_spec
     from pipeline.worker import ShardWorker
 
     for model, adds_bos in ((llama_dir, True), (gpt2_dir, False)):
@@ -165,7 +165,7 @@ def test_the_demo_sets_its_own_window(monkeypatch):
     from types import SimpleNamespace
 
     import pipeline.demo
-    from pipeline.run import resolve_demo
+    from pipeline.context import resolve_demo
 
     built = SimpleNamespace(model_dir="m", corpus_path="c", queries_path="q")
     monkeypatch.setattr(pipeline.demo, "build_demo", lambda cache_dir, spec: built)

@@ -66,7 +66,7 @@ from pipeline.errors import (
     exit_status,
 )
 from pipeline.storage import Checksum, Storage, bounded_options
-from tests.helpers import assert_identical_tables, aws_env_vars, read_table, scratch_env, shutdown_ray
+from tests.helpers import assert_identical_tables, aws_env_vars, read_table, scratch_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -228,19 +228,6 @@ def test_a_remote_failure_is_one_line_first_and_last_with_the_traceback_in_a_fil
 # ---- integration: local Ray, local storage ------------------------------------------------------
 
 DOCS_PER_SHARD = 12
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    with scratch_env():
-        shutdown_ray()
-        ray.init(num_cpus=1, include_dashboard=False)
-        try:
-            yield
-        finally:
-            shutdown_ray()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import datetime as dt
 import io
 import json
 import os
-import shutil
 import time
 
 import pyarrow as pa

@@ -183,3 +183,27 @@ def test_an_empty_run_still_writes_every_table_and_the_report(tmp_path):
         assert got.num_rows == 0 and got.schema.remove_metadata() == SCHEMAS[table]
     html = open(write_report(storage, "empty")).read()
     assert "no queries and no ranked rows" in html
+
+
+def test_kept_breakdowns_hold_exactly_the_final_top_rows():
+    """The scoring pass keeps a window's shares while it is in some query's top rows; at the end, exactly those."""
+    import torch
+
+    from pipeline.core.topk import TopK
+    from pipeline.shard_result import KeptBreakdowns, ranked
+
+    gen = torch.Generator().manual_seed(3)
+    n, queries, layers, tokens, limit = 40, 3, 4, 5, 2
+    scores = torch.randn(n, queries, generator=gen, dtype=torch.float64)
+    per_layer = torch.randn(n, queries, layers, generator=gen, dtype=torch.float64)
+    per_token = torch.randn(n, queries, tokens, generator=gen, dtype=torch.float64)
+    acc, kept = TopK(queries, 10), KeptBreakdowns(limit)
+    for start in range(0, n, 6):
+        end = min(n, start + 6)
+        acc.update(scores[start:end], torch.arange(start, end, dtype=torch.int64))
+        kept.update(acc, start, per_layer[start:end], per_token[start:end])
+        assert len(kept.shares) <= 2 * queries * limit
+    final = {(key & 0xFFFFFFFF, q) for q in range(queries) for *_, key in ranked(acc, q, limit)}
+    assert set(kept.shares) == final and len(final) >= queries
+    for (local, q), (layer_shares, token_shares) in kept.shares.items():
+        assert torch.equal(layer_shares, per_layer[local, q]) and torch.equal(token_shares, per_token[local, q])

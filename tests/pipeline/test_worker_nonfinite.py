@@ -23,7 +23,7 @@ from pipeline.core.text import batches_of
 @pytest.mark.integration  # builds the small demo (conftest's small_demo), shared with the other integration tests
 def test_windows_with_non_finite_scores_are_left_out_and_counted(small_demo, tmp_path):
     from pipeline.commit import commit_file
-    from pipeline.run import prepare, worker_spec
+    from pipeline.context import prepare, worker_spec
     from pipeline.worker import ShardWorker
 
     cfg = AttributeConfig(

@@ -49,6 +49,21 @@ def start_job(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:
     )
 
 
+def kill_processes_with_home(home: str) -> None:
+    """SIGKILL every process whose HOME is ``home``, and wait until they are gone."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("HOME") == home:
+                proc.kill()
+                procs.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def manifest_of(root: Path, run_id: str) -> dict:
     return json.loads((root / "runs" / run_id / "manifest.json").read_text())
 
@@ -56,7 +71,7 @@ def manifest_of(root: Path, run_id: str) -> dict:
 def test_a_driver_killed_mid_score_reruns_to_the_same_table(uninterrupted, small_demo, corpus, tmp_path):
     out = tmp_path / "out"
     args = [*job_inputs(small_demo, corpus), f"storage.root={out}", "run.id=killed"]
-    with scratch_env():
+    with scratch_env() as scratch:
         job = start_job(tmp_path, "killed", *args)
         try:
             deadline = time.monotonic() + 240
@@ -65,8 +80,11 @@ def test_a_driver_killed_mid_score_reruns_to_the_same_table(uninterrupted, small
                     pytest.fail(f"no shard committed while the job ran:\n{job.communicate()[0]}")
                 time.sleep(0.05)
         finally:
-            os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray it started
+            # The driver's machine dies: the driver and every process of the local Ray it started (its workers
+            # are in sessions of their own; they share the job's scratch HOME).
+            os.killpg(job.pid, signal.SIGKILL)
             job.communicate()
+            kill_processes_with_home(os.path.join(scratch, "home"))
     before = shard_results(str(out))
     assert 1 <= len(before) <= NUM_SHARDS and not (out / "runs" / "killed" / "manifest.json").exists()
     units_before = {k: t for k, t in commit_times(str(out)).items() if k.split("/")[0] in UNIT_FOLDERS}

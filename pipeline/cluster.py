@@ -1,7 +1,8 @@
 """The Ray side of the driver: starting or joining a cluster, worker actors, dispatch of units.
 
-The driver (``pipeline.run``, ``pipeline.merge.merge_run``) also calls ``ray.get``
-on the actors started here; the worker code (``pipeline.worker``) imports no Ray.
+The driver (``pipeline.run``, ``pipeline.merge.merge_run``) calls the actors
+started here through ``run_units`` and ``call_within``, both bounded by
+``cluster.stall_timeout_s``; the worker code (``pipeline.worker``) imports no Ray.
 
 Workers are ``ShardWorker`` actors (one model each) created with restarts and
 task retries; because every unit they write is committed last and skipped
@@ -130,6 +131,17 @@ def start_workers(spec: WorkerSpec, cfg: ClusterConfig) -> list:
         ) from e
     log.info("%d workers ready in %.1fs", len(workers), time.perf_counter() - started)
     return workers
+
+
+def call_within(worker, method: str, *args, stall_timeout_s: float = ClusterConfig.stall_timeout_s):
+    """``worker.method(*args)``'s result, or `ClusterError` when it does not come within ``stall_timeout_s``."""
+    try:
+        return ray.get(getattr(worker, method).remote(*args), timeout=stall_timeout_s)
+    except ray.exceptions.GetTimeoutError as e:
+        raise ClusterError(
+            f"a worker's {method} did not return within cluster.stall_timeout_s={stall_timeout_s:g}; check storage "
+            "and the workers, or raise cluster.stall_timeout_s"
+        ) from e
 
 
 def _unit_name(method: str, args: tuple) -> str:

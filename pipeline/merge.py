@@ -210,12 +210,11 @@ def merge_run(ctx) -> pa.Table:
     ``ctx`` is the driver's `pipeline.context.RunContext` (its workers started):
     worker 0 scores the queries' log-probabilities for the ``queries`` table.
     """
-    import ray
-
+    from pipeline.cluster import call_within
     from pipeline.shard_result import TOKEN_ROWS
     from pipeline.tables import queries_table, run_metadata, write_run_tables
 
-    stats = ray.get(ctx.workers[0].describe_queries.remote(ctx.queries))
+    stats = call_within(ctx.workers[0], "describe_queries", ctx.queries, stall_timeout_s=ctx.cfg.cluster.stall_timeout_s)
     return write_run_tables(
         ctx.storage,
         ctx.cfg.run.id,

@@ -302,9 +302,7 @@ STAGE_FUNCTIONS = {"fit": fit_factors, "precondition": precondition_queries, "sc
 
 def run_stages(cfg: AttributeConfig, stages: Sequence[str] | None = None) -> RunContext:
     """Validate, start or join Ray, start the workers, run ``stages`` (default: ``run.stages``) in ``STAGES`` order."""
-    import ray
-
-    from pipeline.cluster import ray_session, start_workers
+    from pipeline.cluster import call_within, ray_session, start_workers
 
     if stages is not None:
         cfg = replace(cfg, run=replace(cfg.run, stages=list(stages)))
@@ -318,8 +316,9 @@ def run_stages(cfg: AttributeConfig, stages: Sequence[str] | None = None) -> Run
         with ray_session(ctx.cfg.cluster):
             started = time.perf_counter()
             ctx.workers = start_workers(worker_spec(ctx.cfg, ctx.tokenisation), ctx.cfg.cluster)
-            ctx.model_fp = ray.get(ctx.workers[0].fingerprint.remote())
-            ctx.layers = ray.get(ctx.workers[0].layer_specs.remote())
+            stall = ctx.cfg.cluster.stall_timeout_s
+            ctx.model_fp = call_within(ctx.workers[0], "fingerprint", stall_timeout_s=stall)
+            ctx.layers = call_within(ctx.workers[0], "layer_specs", stall_timeout_s=stall)
             ctx.timings["workers_s"] = round(time.perf_counter() - started, 3)
             ctx.factors_plan = _plan_factors(ctx)
             for stage in STAGES:

@@ -7,8 +7,9 @@ prints a table and writes ``{storage.root}/benchmarks/{name}.json``.
     python jobs/benchmark.py name=quick n_docs=32 query_counts=[3,5] merge.rows=100000 \
         memory.n_docs=16 repeats=2 throughput_batches=4       # CPU-sized, a few minutes
     python jobs/benchmark.py name=gpu model.preset=gpt2-small device=cuda window=512 texts_per_doc=8 batch_size=16
-    python jobs/benchmark.py name=smollm2 model.preset=smollm2 window=128 threads=1 n_docs=128 \
-        query_counts=[100] projection_dim=0 query_rank=8          # SmolLM2-135M, the measured default
+    python jobs/benchmark.py name=smollm2 model.preset=smollm2 window=128 threads=2 n_docs=128 \
+        'query_counts=[100]' throughput_queries=100 memory.enabled=false merge.enabled=false scaling=false \
+        throughput_batches=4 repeats=1 warmup=0                  # SmolLM2-135M, the default (docs/figures.md)
 
 Config: conf/benchmark.yaml (schema, defaults and field docs: benchmarks/speed/config.py, BenchmarkConfig).
 """

@@ -71,26 +71,22 @@ class QueryGradients:
         path = path or scoring_path(g.shape[1], g.shape[-1], a.shape[-1], left.shape[0] * left.shape[-1])
         if path not in SCORING_PATHS:
             raise ValueError(f"scoring path must be one of {SCORING_PATHS}, got {path!r}")
-        batch, tokens = g.shape[:2]
-        rank = left.shape[-1]
+        if path == "token":
+            # <L R^T, sum_t g_t a_t^T> = sum_t sum_r (g_t . L[:, r]) (a_t . R[:, r])
+            return self.token_scores(name, captured).sum(-1)
+        batch, rank = g.shape[0], left.shape[-1]
         # Chunks of queries keep the largest temporary under SCORING_CHUNK_ELEMENTS.
-        rows = batch * (tokens if path == "token" else g.shape[-1])
-        step = max(1, SCORING_CHUNK_ELEMENTS // max(1, rows * rank))
-        grads = per_sequence_gradients(captured).flatten(0, 1) if path == "sequence" else None
+        step = max(1, SCORING_CHUNK_ELEMENTS // max(1, batch * g.shape[-1] * rank))
+        grads = per_sequence_gradients(captured).flatten(0, 1)  # (B * k_out, k_in)
         out = []
         for q0 in range(0, left.shape[0], step):
             lq, rq = left[q0 : q0 + step], right[q0 : q0 + step]  # (q, k_out, r), (q, k_in, r)
             q = lq.shape[0]
             l_flat = lq.permute(1, 0, 2).reshape(lq.shape[1], q * rank)  # (k_out, q*r)
             r_flat = rq.permute(1, 0, 2).reshape(rq.shape[1], q * rank)  # (k_in, q*r)
-            if path == "token":
-                # <L R^T, sum_t g_t a_t^T> = sum_t sum_r (g_t . L[:, r]) (a_t . R[:, r])
-                prod = (g @ l_flat) * (a @ r_flat)  # (B, T, q*r)
-                out.append(prod.reshape(batch, tokens, q, rank).sum(dim=(1, 3)))
-            else:
-                # <L R^T, G> = sum_{o,r} (G R)[o, r] L[o, r]
-                gr = (grads @ r_flat).reshape(batch, -1, q * rank)  # (B, k_out, q*r)
-                out.append((gr * l_flat).reshape(batch, -1, q, rank).sum(dim=(1, 3)))
+            # <L R^T, G> = sum_{o,r} (G R)[o, r] L[o, r]
+            gr = (grads @ r_flat).reshape(batch, -1, q * rank)  # (B, k_out, q*r)
+            out.append((gr * l_flat).reshape(batch, -1, q, rank).sum(dim=(1, 3)))
         return torch.cat(out, 1)
 
     def token_scores(self, name: str, captured: Captured) -> torch.Tensor:

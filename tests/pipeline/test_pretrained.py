@@ -9,7 +9,6 @@ index and about 20-30 s of conversion on 2 cores).
 from __future__ import annotations
 
 import json
-import time
 import zipfile
 from pathlib import Path
 
@@ -111,9 +110,7 @@ def test_smollm2_is_a_plain_float32_llama(smollm2_cache):
 def test_smollm2_second_build_reuses_the_cache(smollm2_cache):
     model_dir = Path(pretrained.build_smollm2(smollm2_cache))
     weights_mtime = (model_dir / "model.safetensors").stat().st_mtime_ns
-    t0 = time.perf_counter()
-    assert pretrained.build_smollm2(smollm2_cache) == str(model_dir)
-    assert time.perf_counter() - t0 < 1.0
+    assert pretrained.build_smollm2(smollm2_cache) == str(model_dir)  # not rebuilt: the weights keep their mtime
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights_mtime
     assert not [p for p in smollm2_cache.iterdir() if p.name.startswith(".") and p.is_dir()]
 

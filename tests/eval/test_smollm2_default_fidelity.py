@@ -44,11 +44,10 @@ def configured_default() -> dict:
     return {"dim": a.projection.dim, "mode": a.projection.mode, "query_rank": a.score.query_rank}
 
 
-def test_default_top10_overlap_with_exact_ekfac_on_smollm2(smollm2_dir):
+def test_default_top10_overlap_with_exact_ekfac_on_smollm2(smollm2_dir, one_torch_thread):
     from benchmarks.smollm2_facts import FactsSpec, make_corpus
     from pipeline.model_io import load_model_and_tokenizer
 
-    torch.set_num_threads(1)
     model, tok = load_model_and_tokenizer(smollm2_dir)
     spec = FactsSpec(n_facts=8, copies_per_fact=2, n_filler_docs=32, window=64, seed=13)
     docs, facts = make_corpus(spec, tok)

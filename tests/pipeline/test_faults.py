@@ -29,7 +29,7 @@ from tests.pipeline.test_reliability import (  # noqa: F401 (fixtures)
     nonempty_lines,
     run_job,
     shard_results,
-    uninterrupted,
+    uninterrupted_job,
 )
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def manifest_of(root: Path, run_id: str) -> dict:
     return json.loads((root / "runs" / run_id / "manifest.json").read_text())
 
 
-def test_a_driver_killed_mid_score_reruns_to_the_same_table(uninterrupted, small_demo, corpus, tmp_path):
+def test_a_driver_killed_mid_score_reruns_to_the_same_table(uninterrupted_job, small_demo, corpus, tmp_path):
     out = tmp_path / "out"
     args = [*job_inputs(small_demo, corpus), f"storage.root={out}", "run.id=killed"]
     with scratch_env() as scratch:
@@ -97,11 +97,11 @@ def test_a_driver_killed_mid_score_reruns_to_the_same_table(uninterrupted, small
     assert manifest["counts"]["shards_scored"] == NUM_SHARDS - len(before), manifest["counts"]
     units_after = commit_times(str(out))
     assert {k: units_after.get(k) for k in units_before} == units_before  # factors, queries, results: not redone
-    assert_identical_tables(read_table(manifest["attribution"]), uninterrupted["table"])
+    assert_identical_tables(read_table(manifest["attribution"]), uninterrupted_job["table"])
     print(f"driver killed after {len(before)} of {NUM_SHARDS} shards; the rerun scored the rest")
 
 
-def test_two_drivers_on_one_run_id_end_with_one_whole_table(uninterrupted, small_demo, corpus, tmp_path):
+def test_two_drivers_on_one_run_id_end_with_one_whole_table(uninterrupted_job, small_demo, corpus, tmp_path):
     out = tmp_path / "out"
     args = [*job_inputs(small_demo, corpus), f"storage.root={out}", "run.id=twice"]
     with scratch_env():
@@ -114,7 +114,7 @@ def test_two_drivers_on_one_run_id_end_with_one_whole_table(uninterrupted, small
     assert len(shard_results(str(out))) == NUM_SHARDS
     results_dir = Path(manifest["results"]["url"])
     assert len(list(results_dir.glob("*.parquet"))) == NUM_SHARDS
-    assert_identical_tables(read_table(manifest["attribution"]), uninterrupted["table"])
+    assert_identical_tables(read_table(manifest["attribution"]), uninterrupted_job["table"])
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_fails_in_one_line_and_the_rerun_after_it_is_freed_finishes(uninterrupted, small_demo, corpus,
+def test_a_full_disk_fails_in_one_line_and_the_rerun_after_it_is_freed_finishes(uninterrupted_job, small_demo, corpus,
                                                                                tmp_path, small_disk):
     args = [*job_inputs(small_demo, corpus), f"storage.root={small_disk / 'out'}", "run.id=full"]
     proc, _ = run_job(tmp_path, *args)
@@ -147,4 +147,4 @@ def test_a_full_disk_fails_in_one_line_and_the_rerun_after_it_is_freed_finishes(
     proc, _ = run_job(tmp_path, *args)
     assert proc.returncode == 0, proc.stdout
     manifest = manifest_of(small_disk / "out", "full")
-    assert_identical_tables(read_table(manifest["attribution"]), uninterrupted["table"])
+    assert_identical_tables(read_table(manifest["attribution"]), uninterrupted_job["table"])

@@ -3,8 +3,8 @@
 A window whose score against any query is NaN or infinite is left out of the
 shard's ranking (never scored as zero), and the shard's commit counts it and
 names it as ``doc_id#window``. The scores are made non-finite where they come
-from, ``InfluenceEngine.score_batch``; everything after it is the production
-code path.
+from, ``InfluenceEngine.score_batch`` (dense queries) and ``score_breakdown``
+(low-rank queries, the default); everything after it is the production code path.
 """
 
 from __future__ import annotations
@@ -49,16 +49,20 @@ def test_windows_with_non_finite_scores_are_left_out_and_counted(small_demo, tmp
             holders[token].append(w)
     token = min((t for t, ws in holders.items() if 2 <= len(ws) <= 4), key=lambda t: (len(holders[t]), t))
     bad = sorted(f"{w.doc_id}#{w.window}" for w in holders[token])
-    score_batch = worker.engine.score_batch
-
-    def poisoned(batch, queries, *args, **kwargs):
-        scores = score_batch(batch, queries, *args, **kwargs)
+    def poison(batch, scores):
         for row, ids in enumerate(batch.input_ids.tolist()):
             if token in ids:
                 scores[row, row % scores.shape[1]] = float("nan") if row % 2 else float("inf")
         return scores
 
-    worker.engine.score_batch = poisoned
+    score_batch, score_breakdown = worker.engine.score_batch, worker.engine.score_breakdown
+
+    def poisoned_breakdown(batch, queries):
+        total, per_layer, per_token = score_breakdown(batch, queries)
+        return poison(batch, total), per_layer, per_token
+
+    worker.engine.score_batch = lambda batch, queries, **kw: poison(batch, score_batch(batch, queries, **kw))
+    worker.engine.score_breakdown = poisoned_breakdown
     commit = worker.score(shard, f"{root}/queries.safetensors", f"{root}/shard-0.parquet", top_k=5)
 
     assert commit.num_nonfinite_windows == len(bad)

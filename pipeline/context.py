@@ -32,6 +32,7 @@ from pipeline.corpus import (
     read_queries,
     spread,
 )
+from pipeline.fingerprints import FingerprintCache
 from pipeline.identity import FactorsKey, QueriesKey
 from pipeline.model_io import check_model_dir
 from pipeline.pinning import FactorsPlan
@@ -183,7 +184,7 @@ def prepare(cfg: AttributeConfig) -> RunContext:
     check_model_dir(cfg.model.path, cfg.storage.options)
     files = list_corpus(
         cfg.corpus.path, cfg.corpus.id_column, cfg.corpus.text_column, cfg.storage.options,
-        cfg.corpus.check_unique_ids, cfg.corpus.on_bad_text,
+        cfg.corpus.check_unique_ids, cfg.corpus.on_bad_text, cache=FingerprintCache(storage, cfg.corpus.path),
     )
     shards = make_shards(files, cfg.corpus.docs_per_shard)
     queries, queries_fp = read_queries(cfg.queries.path, cfg.storage.options)

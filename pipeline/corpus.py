@@ -2,10 +2,11 @@
 
 A corpus is Parquet or JSONL files (a file, a folder or a glob; local or
 ``s3://``) with an id column and a text column. It is cut into shards of at
-most ``docs_per_shard`` rows of one file; a shard's id hashes the file's URL,
-its fingerprint (size and ETag or modification time) and the row range, so a
+most ``docs_per_shard`` rows of one file; a shard's id hashes the file's path
+relative to the corpus root, the SHA-256 of its bytes and the row range, so a
 rerun over an unchanged listing sees the same shards, and a changed file gets
-new shard ids.
+new shard ids. A `pipeline.fingerprints.FingerprintCache` spares re-reading
+files whose size and ETag (or local mtime) did not change.
 
 A null or non-string text cannot be attributed: listing counts them per file
 (``corpus.on_bad_text``: ``skip`` reports them and the workers skip those
@@ -19,7 +20,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import fsspec
 import numpy as np
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import BadInputError
+from pipeline.fingerprints import FingerprintCache, file_identity
 from pipeline.unique_ids import UniqueIds
 
 log = logging.getLogger(__name__)
@@ -252,22 +254,35 @@ def list_corpus(
     storage_options: dict | None = None,
     check_unique_ids: bool = True,
     on_bad_text: str = "skip",
+    cache: FingerprintCache | None = None,
 ) -> list[CorpusFile]:
     """List and validate the corpus: readable files, required columns, unique ids, not empty.
 
     Null and non-string texts are counted per file (``CorpusFile.num_null_texts`` /
     ``num_nonstring_texts``) and logged; ``on_bad_text='error'`` makes them a ``BadInputError``.
+    ``cache``: files whose size and ETag (local: size, inode, mtime) are unchanged since a listing it
+    remembers are not read again (`pipeline.fingerprints`); it is saved when the listing succeeds.
     """
     fs, paths = expand_paths(path, storage_options)
     root = corpus_root(fs, fsspec.core.url_to_fs(path, **(storage_options or {}))[1])
     files = []
     first_bad: dict[str, str] = {}
     unique = UniqueIds(id_column) if check_unique_ids else None
+    columns = (id_column, text_column)
+    from_cache: list[tuple[str, str, str]] = []  # (path, url, format) of the files not read
     for p in paths:
         url = _unstrip(fs, p)
         fmt = _format_of(p)
         if fmt is None:
             raise BadInputError(f"{url}: unknown format; corpus files must end in .parquet or .jsonl")
+        identity = file_identity(fs, p) if cache is not None else None
+        cached = cache.get(url, identity, columns) if cache is not None else None
+        if cached is not None:
+            files.append(replace(cached[0], rel_path=relative_path(root, p)))
+            if cached[1] is not None:
+                first_bad[url] = cached[1]
+            from_cache.append((p, url, fmt))
+            continue
         content = hashlib.sha256()
         if fmt == "parquet":
             pf = _parquet_file(fs, p, url, content)
@@ -298,12 +313,35 @@ def list_corpus(
             unique.add(url, ids)
         files.append(CorpusFile(url, fmt, f"sha256={content.hexdigest()}", num_rows, nulls, nonstrings,
                                 relative_path(root, p), tuple(offsets) if fmt == "jsonl" else ()))
+        if cache is not None:
+            cache.put(url, identity, columns, files[-1], first_bad.get(url))
     if unique is not None:
-        unique.check()
+        listing = FingerprintCache.listing_key(files, id_column)
+        if cache is not None and len(from_cache) == len(files) and cache.ids_checked(listing):
+            unique.close()  # this very listing was checked before
+        else:
+            for p, url, fmt in from_cache:
+                unique.add(url, _file_ids(fs, p, url, fmt, id_column))
+            unique.check()
+            if cache is not None:
+                cache.mark_ids_checked(listing)
     if sum(f.num_rows for f in files) == 0:
         raise BadInputError(f"corpus {path!r} has no documents")
     _report_bad_texts(files, text_column, on_bad_text, first_bad)
+    if cache is not None:
+        cache.save([f.url for f in files])
     return files
+
+
+def _file_ids(fs, path: str, url: str, fmt: str, id_column: str):
+    """The id column of a file listed before (its id column only, for Parquet)."""
+    if fmt == "parquet":
+        pf = _open_parquet(fs, path, url)
+        try:
+            return pf.read(columns=[id_column]).column(0)
+        finally:
+            pf.close(force=True)
+    return [row[id_column] for _, row in _jsonl_records(fs, path, url)]
 
 
 def bad_text_counts(files: list[CorpusFile]) -> dict:
@@ -358,9 +396,22 @@ def corpus_fingerprint(files: list[CorpusFile]) -> str:
     return h.hexdigest()
 
 
-def corpus_files_json(files: list[CorpusFile]) -> dict:
-    """The manifest's record of the listing: relative path -> {fingerprint, rows} (to report vanished files)."""
-    return {f.rel_path or f.url: {"fingerprint": f.fingerprint, "num_rows": f.num_rows} for f in files}
+def corpus_files_json(files: list[CorpusFile], shards: list[Shard] | None = None,
+                      scored_per_file: dict[str, int] | None = None) -> dict:
+    """The manifest's record of the listing: relative path -> {fingerprint, rows} (to report vanished files).
+
+    With ``shards``, each file also gets ``shards`` (its count), ``shards_scored`` (those in
+    ``scored_per_file``, relative path -> shards scored by this run) and ``shards_reused`` (the rest,
+    committed results reused).
+    """
+    record = {f.rel_path or f.url: {"fingerprint": f.fingerprint, "num_rows": f.num_rows} for f in files}
+    if shards is not None:
+        per_file = Counter(s.rel_path for s in shards)
+        scored_per_file = scored_per_file or {}
+        for rel, entry in record.items():
+            scored = scored_per_file.get(rel, 0)
+            entry.update(shards=per_file[rel], shards_scored=scored, shards_reused=per_file[rel] - scored)
+    return record
 
 
 def read_shard(shard: Shard, id_column: str, text_column: str, storage_options: dict | None = None) -> list[tuple[str, str]]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -158,7 +159,8 @@ def score_corpus(ctx: RunContext) -> list:
             reused += 1
             continue
         todo.append(shard)
-    ctx.counts.update(shards_scored=len(todo), shards_reused=reused)
+    ctx.counts.update(shards_scored=len(todo), shards_reused=reused,
+                      shards_scored_per_file=dict(Counter(s.rel_path for s in todo)))
     log.info("score: %d shard(s) to score, %d reused from committed results", len(todo), reused)
     calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), top_k, ctx.queries_id, overwrite)) for s in todo]
     return run_units(ctx.workers, calls, "score", stall_timeout_s=ctx.cfg.cluster.stall_timeout_s)
@@ -270,7 +272,7 @@ def write_manifest(ctx: RunContext, table_url: str) -> dict:
         },
         "queries": {"path": ctx.cfg.queries.path, "fingerprint": ctx.queries_fp},
         "config": ctx.cfg.to_json(),
-        "counts": {**ctx.counts, **ctx.bad_texts},
+        "counts": {k: v for k, v in {**ctx.counts, **ctx.bad_texts}.items() if k != "shards_scored_per_file"},
         "timings": ctx.timings,
         "shards": [s.shard_id for s in ctx.shards],
         "started_at": ctx.started_at,
@@ -279,7 +281,8 @@ def write_manifest(ctx: RunContext, table_url: str) -> dict:
         "results": {"key": ctx.results_key.id, "setting": ctx.results_key.to_json(),
                     "url": layout.results_dir(ctx.storage.root, ctx.results_key.id)},
     }
-    manifest["corpus"]["files"] = corpus_files_json(ctx.files)
+    # Per file: its shards, and how many were scored by this run (the others reused committed results).
+    manifest["corpus"]["files"] = corpus_files_json(ctx.files, ctx.shards, ctx.counts.get("shards_scored_per_file", {}))
     root = ctx.storage.root
     ctx.storage.write_json(layout.run_manifest(root, ctx.cfg.run.id), manifest)
     return manifest

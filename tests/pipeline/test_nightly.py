@@ -140,6 +140,11 @@ def test_night_two_scores_only_the_new_file_and_reuses_the_factors(nights):
     assert m2["factors"]["fitted_share"] == pytest.approx(A_ROWS / (A_ROWS + B_ROWS))
     assert m2["queries_id"] == m1["queries_id"] and m2["results"]["key"] == m1["results"]["key"]
     assert m2["counts"]["files_added"] == 1 and m2["counts"]["files_vanished"] == 0
+    # Per file: its shards, those scored by the run and those reused (night 2 scored b.jsonl's only).
+    per_file = {p: (f["shards"], f["shards_scored"], f["shards_reused"]) for p, f in m2["corpus"]["files"].items()}
+    assert per_file == {"a.parquet": (2, 0, 2), "b.jsonl": (1, 1, 0), "c.jsonl": (1, 0, 1)}
+    assert {p: f["shards_scored"] for p, f in m1["corpus"]["files"].items()} == {"a.parquet": 2, "c.jsonl": 1}
+    assert "shards_scored_per_file" not in m2["counts"]
 
 
 def test_night_two_equals_a_from_scratch_run_with_the_same_factors(nights, small_demo, inputs, tmp_path):

@@ -245,15 +245,20 @@ class InfluenceEngine:
             pre = factors.precondition_captured(name, captured, damping, path)
             if sketch:
                 pre = self.projector.project_matrix(name, pre)
+            finite = torch.isfinite(pre).flatten(1).all(1)
+            if rank == 0:
+                return pre, finite
         else:
             # Compress in the eigenbasis: H^-1 G = Q_S M Q_A^T with M = rotated / (Lambda + lambda),
             # so M's best rank-r factors rotated by Q_S and Q_A are H^-1 G's; H^-1 G is never formed.
             pre = factors.precondition_rotated(name, captured, damping, path)
-        finite = torch.isfinite(pre).flatten(1).all(1)
-        if rank == 0:
-            return pre, finite
-        # A non-finite matrix would break the eigensolver; it is reported by the caller instead.
-        left, right = low_rank(torch.where(finite[:, None, None], pre, 0), rank)
+            # M is finite when the captured vectors are (Lambda + lambda > 0); an overflow in between shows in
+            # the factors, checked below. Cheaper than scanning M, which is d_out x d_in per query.
+            finite = _all_finite(captured.g) & _all_finite(captured.a)
+        if not finite.all():  # a non-finite matrix would break the solver; the caller reports the query
+            pre = torch.where(finite[:, None, None], pre, 0)
+        left, right = low_rank(pre, rank)
+        finite = finite & _all_finite(left) & _all_finite(right)
         if sketch:
             return (left, right), finite
         q_s, q_a = factors.bases(name, captured.g)
@@ -333,3 +338,8 @@ class InfluenceEngine:
         """Per-token, per-layer scores ``(batch, Q, layers, tokens)``; they sum to ``score_batch``."""
         captured, _ = self.capture_batch(batch, projected=True, label_mode="data")
         return torch.stack([queries.token_scores(name, captured[name]) for name in self.layers], 2)
+
+
+def _all_finite(x: torch.Tensor) -> torch.Tensor:
+    """``(batch,)``: whether every entry of each batch row of ``x`` is finite."""
+    return torch.isfinite(x).flatten(1).all(1)

@@ -207,9 +207,10 @@ def test_factors_round_trip_through_safetensors_bytes():
     engine.check_factors(back)
 
 
-def test_non_finite_weights_give_a_named_error_for_queries():
+@pytest.mark.parametrize("query_rank", [0, 2])
+def test_non_finite_weights_give_a_named_error_for_queries(query_rank):
     model = tiny_model("gpt2")
-    engine = InfluenceEngine(model, InfluenceConfig(precision="float64"))
+    engine = InfluenceEngine(model, InfluenceConfig(precision="float64", query_rank=query_rank))
     factors = engine.fit(batches_of(random_sequences(4), 4, TINY_PAD))
     with torch.no_grad():
         model.transformer.wte.weight[5:].fill_(float("nan"))

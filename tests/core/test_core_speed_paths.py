@@ -155,6 +155,11 @@ def test_low_rank_on_wide_layers_uses_the_range_finder_near_the_truncated_svd():
         assert torch.all(err <= 1.01 * best), (err, best)
         again = low_rank(m, 8)
         assert torch.equal(again[0], left) and torch.equal(again[1], right)  # seeded: deterministic
+        # float32 (production): the range finder runs in float32, its rounding far below the truncation error
+        left32, right32 = low_rank(m.float(), 8)
+        assert left32.dtype == right32.dtype == torch.float32
+        err32 = (m - (left32 @ right32.transpose(1, 2)).double()).norm(dim=(1, 2))
+        assert torch.all(err32 <= 1.01 * best), (err32, best)
         exact_rank = (u[..., :6] * spectrum[:6]) @ v[..., :6].transpose(1, 2)
         left, right = low_rank(exact_rank, 8)
         torch.testing.assert_close(left @ right.transpose(1, 2), exact_rank, rtol=1e-9, atol=1e-12)

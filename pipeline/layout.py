@@ -9,6 +9,7 @@ path can leave its folder::
     {root}/factors/{factors_id}/partials/lambda-{shard_id}.safetensors  Lambda partial sums of one shard
     {root}/factors/{factors_id}/factors.safetensors                     the fitted EK-FAC factors
     {root}/queries/{queries_id}/gradients.safetensors                   preconditioned query gradients
+    {root}/queries/{queries_id}/parts/{i}-of-{n}.safetensors            the workers' slices, joined into it
     {root}/results/{results_key}/{shard_id}.parquet                     one shard's top-k, shared by runs (issue 8)
     {root}/factor_pins/{settings_id}.json                               the factors pinned for these settings
     {root}/catalog/runs/{run_id}.parquet                                one run's row of the run catalog
@@ -138,6 +139,11 @@ def queries_dir(root: str, queries_id: str) -> str:
 def query_gradients(root: str, queries_id: str) -> str:
     """Preconditioned query gradients: ``{root}/queries/{queries_id}/gradients.safetensors``."""
     return url(queries_dir(root, queries_id), "gradients.safetensors")
+
+
+def query_part(root: str, queries_id: str, index: int, count: int) -> str:
+    """One worker's slice of the query set: ``{root}/queries/{queries_id}/parts/{index}-of-{count}.safetensors``."""
+    return url(queries_dir(root, queries_id), "parts", f"{index:04d}-of-{count:04d}.safetensors")
 
 
 # ---- runs -------------------------------------------------------------------------------------

@@ -115,13 +115,31 @@ def _fit(ctx: RunContext) -> str:
 
 
 def precondition_queries(ctx: RunContext) -> str:
-    """Preconditioned (projected) query gradients, computed once by one worker."""
+    """Preconditioned (projected) query gradients, the queries split evenly over the workers.
+
+    Each worker preconditions a contiguous slice and commits it as a part
+    (``queries/{id}/parts/``); one worker then joins the parts, in order, into
+    the query set's file. A rerun reuses every committed part. With one worker
+    (or one query) the worker writes the file directly.
+    """
     from pipeline.cluster import run_units
 
-    url = ctx.queries_url
-    if not already_committed(ctx.storage, url):
-        run_units(ctx.workers[:1], [("precondition", (ctx.queries, ctx.factors_url, url))], "precondition",
-                  stall_timeout_s=ctx.cfg.cluster.stall_timeout_s)
+    storage, url, queries = ctx.storage, ctx.queries_url, ctx.queries
+    if already_committed(storage, url):
+        return url
+    stall = ctx.cfg.cluster.stall_timeout_s
+    count = min(len(ctx.workers), len(queries))
+    if count <= 1:
+        run_units(ctx.workers[:1], [("precondition", (queries, ctx.factors_url, url))], "precondition",
+                  stall_timeout_s=stall)
+        return url
+    bounds = [len(queries) * i // count for i in range(count + 1)]
+    parts = [layout.query_part(storage.root, ctx.queries_id, i, count) for i in range(count)]
+    calls = [("precondition", (queries[lo:hi], ctx.factors_url, part, len(queries)))
+             for lo, hi, part in zip(bounds, bounds[1:], parts)]
+    # One part per worker at a time: the parts are equal, so they finish together.
+    run_units(ctx.workers, calls, "precondition", slots_per_worker=1, stall_timeout_s=stall)
+    run_units(ctx.workers[:1], [("join_queries", (parts, url))], "precondition: join", stall_timeout_s=stall)
     return url
 
 

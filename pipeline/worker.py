@@ -171,10 +171,15 @@ class ShardWorker:
 
     # ---- queries --------------------------------------------------------------------------
 
-    def precondition(self, queries: list[Query], factors_url: str, out_url: str) -> Commit:
-        """Preconditioned (projected) query gradients of all queries, committed at ``out_url``."""
+    def precondition(self, queries: list[Query], factors_url: str, out_url: str, total: int | None = None) -> Commit:
+        """Preconditioned (projected) query gradients of ``queries``, committed at ``out_url``.
+
+        ``total``: the size of the whole query set when ``queries`` is one slice
+        of it; its memory is checked (``QueryMemoryError``) before any work.
+        """
 
         def compute():
+            self.engine.check_query_memory(total or len(queries))
             factors = EKFACFactors.from_bytes(
                 self.storage.read_bytes(factors_url, committed_checksum(self.storage, factors_url))
             )
@@ -185,6 +190,32 @@ class ShardWorker:
             recorded = {"num_queries": len(queries), "query_ids": [q.id for q in queries]}
             metadata = {"query_ids": "\n".join(grads.query_ids)}
             return lambda url: self.storage.write_safetensors(url, grads.to_tensors(), metadata), recorded
+
+        return self._unit(out_url, compute)
+
+    def join_queries(self, part_urls: list[str], out_url: str) -> Commit:
+        """The query set's gradients at ``out_url``: the committed parts (slices of queries) in order.
+
+        A worker joins them, not the driver: workers hold the query set anyway
+        to score, and keep this copy (no second read for this worker's shards).
+        """
+
+        def compute():
+            parts = [self._read_queries(u) for u in part_urls]
+            query_ids = [q for p in parts for q in p.query_ids]
+            grads = QueryGradients(
+                query_ids, *({k: torch.cat([getattr(p, attr)[k] for p in parts]) for k in getattr(parts[0], attr)}
+                             for attr in ("dense", "left", "right"))
+            )
+            del parts
+            recorded = {"num_queries": len(query_ids), "query_ids": query_ids}
+            metadata = {"query_ids": "\n".join(query_ids)}
+
+            def write(url: str) -> None:
+                self.storage.write_safetensors(url, grads.to_tensors(), metadata)
+                self._queries = (url, grads.to(self.engine.device, self.engine.dtype))
+
+            return write, recorded
 
         return self._unit(out_url, compute)
 
@@ -207,11 +238,14 @@ class ShardWorker:
         cached = getattr(self, "_queries", None)
         if cached is not None and cached[0] == url:
             return cached[1]
-        tensors, meta = self.storage.read_safetensors(url, committed_checksum(self.storage, url))
-        grads = QueryGradients.from_tensors(meta["query_ids"].split("\n"), tensors)
-        grads = grads.to(self.engine.device, self.engine.dtype)
+        grads = self._read_queries(url).to(self.engine.device, self.engine.dtype)
         self._queries = (url, grads)
         return grads
+
+    def _read_queries(self, url: str) -> QueryGradients:
+        """Committed query gradients at ``url`` (verified against their commit's checksum), as stored."""
+        tensors, meta = self.storage.read_safetensors(url, committed_checksum(self.storage, url))
+        return QueryGradients.from_tensors(meta["query_ids"].split("\n"), tensors)
 
     # ---- scoring --------------------------------------------------------------------------
 

@@ -228,6 +228,10 @@ def test_full_chain_on_cluster_equals_single_process_core(baseline, reference, i
     assert manifest["counts"]["num_windows"] > manifest["counts"]["num_docs"]  # long documents were windowed
     assert s3.exists(f"{inputs['bucket']}/attribution/runs/baseline/attribution/_COMMITTED.json")
     assert len(manifest["shards"]) == manifest["counts"]["num_shards"]
+    # The queries were preconditioned in two slices (one per worker), then joined in order (the equality above).
+    parts = s3.ls(f"{inputs['bucket']}/attribution/queries/{manifest['queries_id']}/parts")
+    assert sorted(p.rsplit("/", 1)[1] for p in parts if not p.endswith(".commit.json")) == [
+        "0000-of-0002.safetensors", "0001-of-0002.safetensors"]
 
 
 def test_projection_off_equals_single_process_core(cluster, inputs, s3, reference):
@@ -360,3 +364,17 @@ def test_planted_documents_are_the_top_proponents(baseline, inputs):
         assert recall >= 0.5 and recall >= 5 * chance and top1 >= 0.5, summary
     else:
         print("  the demo model learned no fact; only the all-facts figures were checked")
+
+
+def test_lost_query_file_is_joined_again_from_its_committed_parts(baseline, cluster, inputs, s3):
+    """Deleting the joined query gradients: the rerun reuses both parts (no query is preconditioned again)."""
+    queries = f"{inputs['bucket']}/attribution/queries/{baseline['manifest']['queries_id']}"
+    joined = s3.cat_file(f"{queries}/gradients.safetensors")
+    parts = objects(s3, f"{queries}/parts")
+    assert len(parts) == 4  # two parts, each with its commit marker
+    s3.rm([f"{queries}/gradients.safetensors.commit.json", f"{queries}/gradients.safetensors"])
+    time.sleep(1.1)  # LastModified has one-second resolution
+    manifest = run(make_cfg(inputs, cluster, "baseline"))
+    assert objects(s3, f"{queries}/parts") == parts  # neither part was written again
+    assert s3.cat_file(f"{queries}/gradients.safetensors") == joined  # the same bytes, joined again
+    assert_identical_tables(table_of(s3, manifest), baseline["table"])

@@ -198,6 +198,25 @@ def run_units(
     return results
 
 
+class _TaskPool:
+    """Stands in for an actor in `run_units`: its method ``run`` submits ``fn`` as a Ray task."""
+
+    def __init__(self, fn, max_retries: int):
+        # No CPUs reserved: the scoring actors may hold them all; concurrency is bounded by run_units' slots.
+        self.run = ray.remote(fn).options(num_cpus=0, max_retries=max_retries)
+
+
+def run_tasks(fn, calls: list[tuple], desc: str, slots: int = 2, max_retries: int = 3,
+              stall_timeout_s: float = ClusterConfig.stall_timeout_s) -> list:
+    """``fn(*args)`` as Ray tasks (no actor, no model) for every ``args`` in ``calls``, ``slots`` in flight.
+
+    Results in the order of ``calls``; bounded by ``stall_timeout_s`` as `run_units` is.
+    """
+    pool = _TaskPool(fn, max_retries)
+    return run_units([pool], [("run", args) for args in calls], desc, slots_per_worker=slots,
+                     stall_timeout_s=stall_timeout_s)
+
+
 def unwrap_remote(exc: BaseException) -> tuple[BaseException, str | None]:
     """``(what failed, the remote traceback)`` of an exception a Ray call raised; ``(exc, None)`` otherwise.
 

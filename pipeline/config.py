@@ -146,6 +146,28 @@ class ScoreConfig:
     # rank keeping >= 0.95 of exact EK-FAC's top 10 on SmolLM2-135M (0.950; 0.963 on a second data set),
     # at 1.8x the ceiling's speed and 1/180 of dense queries' memory (docs/figures.md, "Real model").
     query_rank: int = 8
+    # Where the score stage gets the corpus's gradients -- model: a forward and backward pass per window
+    # (exact); store: the gradient store a score pass wrote with store.enabled=true, read by Ray tasks with
+    # no model (truncated EK-FAC, results keyed apart from exact ones; pipeline/store.py).
+    source: str = "model"
+
+
+# What ``score.source`` may be, and the dtypes of the gradient store.
+SCORE_SOURCES = ("model", "store")
+STORE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class StoreConfig:
+    # The gradient store (docs/design.md#gradient-store): the score pass also writes, per shard, every window's
+    # gradient rotated into the factors' top store.dim eigendirections per side and layer (Q_S,k^T G Q_A,k),
+    # so that score.source=store answers a new query set without the model. Not with projection.mode=sketch.
+    enabled: bool = False
+    # Directions kept per Kronecker side and layer (k): k*k numbers per layer and window (capped by the
+    # layer's sizes; with projection=curvature, dim >= projection.dim keeps everything: exact).
+    dim: int = 32
+    # bfloat16, float16 or float32: the stored numbers (bytes per window: layers * k * k * 2 or 4).
+    dtype: str = "bfloat16"
 
 
 @dataclass
@@ -188,6 +210,7 @@ class AttributeConfig:
     factors: FactorsConfig = field(default_factory=FactorsConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
@@ -236,6 +259,7 @@ class AttributeConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._validate_store()
         unknown = [s for s in self.run.stages if s not in STAGES]
         if unknown or not self.run.stages:
             raise ConfigError(f"run.stages must be a non-empty subset of {list(STAGES)}, got {list(self.run.stages)}")
@@ -245,6 +269,20 @@ class AttributeConfig:
             raise ConfigError(f"factors.damping must be a number >= 0 or null, got {damping!r}")
         if self.model.precision == "bf16" and self.cluster.gpus_per_worker <= 0:
             raise ConfigError("model.precision=bf16 needs GPU workers (cluster.gpus_per_worker > 0)")
+
+    def _validate_store(self) -> None:
+        if self.score.source not in SCORE_SOURCES:
+            raise ConfigError(f"score.source must be one of {SCORE_SOURCES}, got {self.score.source!r}")
+        if self.store.dtype not in STORE_DTYPES:
+            raise ConfigError(f"store.dtype must be one of {STORE_DTYPES}, got {self.store.dtype!r}")
+        if self.store.dim < 1:
+            raise ConfigError(f"store.dim must be >= 1, got {self.store.dim}")
+        uses_store = self.store.enabled or self.score.source == "store"
+        if uses_store and self.projection.dim > 0 and self.projection.mode == "sketch":
+            raise ConfigError(
+                "the gradient store (store.enabled, score.source=store) needs the factors' eigenbasis of the "
+                "captured gradients: use projection.dim=0 or projection.mode=curvature, not sketch"
+            )
 
     def influence(self) -> InfluenceConfig:
         """The numeric core's view of this config."""

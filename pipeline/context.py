@@ -130,7 +130,10 @@ class RunContext:
     @property
     def results_key(self) -> ResultsKey:
         c = self.cfg
-        return ResultsKey(self.queries_id, c.score.top_k, c.score.batch_size, c.model.precision, TOKEN_ROWS)
+        from pipeline.store import store_id_for_results
+
+        return ResultsKey(self.queries_id, c.score.top_k, c.score.batch_size, c.model.precision, TOKEN_ROWS,
+                          store=store_id_for_results(c, self.factors_id))
 
     def shard_url(self, shard: Shard) -> str:
         """Where the shard's result for this run's scoring lives (shared by runs, `pipeline.results`)."""

@@ -12,6 +12,7 @@ path can leave its folder::
     {root}/queries/{queries_id}/parts/{i}-of-{n}.safetensors            the workers' slices, joined into it
     {root}/results/{results_key}/{shard_id}.parquet                     one shard's top-k, shared by runs (issue 8)
     {root}/factor_pins/{settings_id}.json                               the factors pinned for these settings
+    {root}/store/{store_id}/shards/{shard_id}.safetensors               one shard's gradient store (pipeline.store)
     {root}/catalog/runs/{run_id}.parquet                                one run's row of the run catalog
     {root}/diffs/{run_a}__vs__{run_b}.parquet                           jobs/diff.py's table
     {root}/runs/{run_id}/shards/{shard_id}.parquet                      one shard's top-k (before issue 8)
@@ -198,6 +199,31 @@ def results_dir(root: str, results_key: str) -> str:
 def shared_shard_result(root: str, results_key: str, shard_id: str) -> str:
     """One shard's top-k under a scoring setting: ``{root}/results/{results_key}/{shard_id}.parquet``."""
     return url(results_dir(root, results_key), f"{validate_name(shard_id, 'shard id')}.parquet")
+
+
+def store_dir(root: str, store_id: str) -> str:
+    """One gradient store (`pipeline.store`): ``{root}/store/{store_id}``."""
+    return url(root, "store", validate_name(store_id, "store id"))
+
+
+def store_key_file(root: str, store_id: str) -> str:
+    """What a store was written under: ``{root}/store/{store_id}/key.json``."""
+    return url(store_dir(root, store_id), "key.json")
+
+
+def store_basis(root: str, store_id: str) -> str:
+    """The store's kept eigendirections: ``{root}/store/{store_id}/basis.safetensors``."""
+    return url(store_dir(root, store_id), "basis.safetensors")
+
+
+def store_shard(root: str, store_id: str, shard_id: str) -> str:
+    """One shard's stored blocks: ``{root}/store/{store_id}/shards/{shard_id}.safetensors``."""
+    return url(store_dir(root, store_id), "shards", f"{validate_name(shard_id, 'shard id')}.safetensors")
+
+
+def store_queries(root: str, store_id: str, queries_id: str) -> str:
+    """A query set's blocks in the store's basis: ``{root}/store/{store_id}/queries/{queries_id}.safetensors``."""
+    return url(store_dir(root, store_id), "queries", f"{validate_name(queries_id, 'queries id')}.safetensors")
 
 
 def factors_pin(root: str, settings_id: str) -> str:

@@ -39,9 +39,15 @@ class ResultsKey:
     precision: str  # model.precision
     token_rows: int  # windows per (query, polarity) with token and layer rows
     format: int = RESULT_FORMAT
+    # The gradient store's id when scored from it (score.source=store: truncated, never reused as exact);
+    # None (left out of the JSON, so exact results keep their keys) for the model's pass.
+    store: str | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["store"] is None:
+            del d["store"]
+        return d
 
     @property
     def id(self) -> str:

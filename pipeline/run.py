@@ -156,6 +156,7 @@ def score_corpus(ctx: RunContext) -> list:
     old one when written and its marker last. Returns the commits of the shards scored now.
     """
     from pipeline.cluster import run_units
+    from pipeline.store import score_from_store, store_target
 
     storage, top_k, overwrite = ctx.storage, ctx.cfg.score.top_k, ctx.cfg.run.overwrite
     previous = ctx.previous_manifest()
@@ -167,11 +168,17 @@ def score_corpus(ctx: RunContext) -> list:
                 f"{before[0]}, score.top_k={before[1]}); give a new run.id, or run.overwrite=true to replace its "
                 "table (replaced only when the new one commits)"
             )
+    if ctx.cfg.score.source == "store":  # the gradient store, read by Ray tasks without the model
+        return score_from_store(ctx)
+    store = store_target(ctx)  # the gradient store this pass also writes (store.enabled), else None
     todo, reused = [], 0
     for shard in ctx.shards:
         url = ctx.shard_url(shard)
         done = read_file_commit(storage, url)
         current = done is not None and done.queries_id == ctx.queries_id and done.top_k == top_k
+        if current and store is not None and read_file_commit(storage, store.shard_url(ctx.storage.root,
+                                                                                     shard.shard_id)) is None:
+            current = False  # its store file is missing (or fails verification): rescored to write it
         if current and not overwrite:
             log.info("skip committed %s", url)
             reused += 1
@@ -180,7 +187,7 @@ def score_corpus(ctx: RunContext) -> list:
     ctx.counts.update(shards_scored=len(todo), shards_reused=reused,
                       shards_scored_per_file=dict(Counter(s.rel_path for s in todo)))
     log.info("score: %d shard(s) to score, %d reused from committed results", len(todo), reused)
-    calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), top_k, ctx.queries_id, overwrite)) for s in todo]
+    calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), top_k, ctx.queries_id, overwrite, store)) for s in todo]
     return run_units(ctx.workers, calls, "score", stall_timeout_s=ctx.cfg.cluster.stall_timeout_s)
 
 

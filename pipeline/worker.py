@@ -50,6 +50,7 @@ from pipeline.shard_result import (
     shard_parquet_bytes,
 )
 from pipeline.storage import Storage
+from pipeline.store import StoreTarget, StoreWriter, read_basis, teed_captures
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,21 @@ class ShardWorker:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         local = local_model_dir(spec.model_path, spec.model_cache_dir, spec.storage_options)
         model, self.tokenizer = load_model_and_tokenizer(local, spec.trust_remote_code)
+        # Forward passes of the model so far (tests check that scoring from the gradient store runs none).
+        self.forward_calls = 0
+        model.register_forward_pre_hook(self._count_forward)
         self.engine = InfluenceEngine(model, spec.influence, device)
         self.pad_id = self.tokenizer.pad_token_id
         self.decoder = WindowDecoder(self.tokenizer)
 
     def fingerprint(self) -> str:
         return self.engine.fingerprint
+
+    def _count_forward(self, module, args) -> None:
+        self.forward_calls += 1
+
+    def forward_count(self) -> int:
+        return self.forward_calls
 
     def layer_specs(self) -> dict:
         return {n: s.to_json() for n, s in self.engine.layers.items()}
@@ -251,13 +261,18 @@ class ShardWorker:
 
     def score(
         self, shard: Shard, queries_url: str, out_url: str, top_k: int, queries_id: str | None = None,
-        replace: bool = False,
+        replace: bool = False, store: StoreTarget | None = None,
     ) -> Commit:
         """Top-k proponents and opponents per query within one shard, committed at ``out_url``.
 
         ``queries_id`` and ``top_k`` are recorded in the commit so the driver can tell a stale result;
-        ``replace`` rescores a committed shard (``run.overwrite``).
+        ``replace`` rescores a committed shard (``run.overwrite``). ``store``: the pass also writes the
+        shard's gradient store file (`pipeline.store`) unless committed, rescoring the shard to get it.
         """
+        store_url = store.shard_url(self.storage.root, shard.shard_id) if store is not None else None
+        if store_url is not None and already_committed(self.storage, store_url) is not None:
+            store = None
+        replace = replace or store is not None
 
         def compute():
             started = time.perf_counter()
@@ -268,32 +283,14 @@ class ShardWorker:
             acc = TopK(len(queries.query_ids), top_k)
             doc_acc = DocumentTopK(shard.index, len(queries.query_ids), top_k)
             nonfinite: list[str] = []
-            tokens = 0
             # Low-rank queries: token and layer shares come from the scoring pass itself (no second pass).
             kept = KeptBreakdowns(self.spec.token_rows) if queries.left and self.spec.token_rows > 0 else None
-            for start in range(0, len(seqs), self.spec.score_batch_size):
-                chunk = seqs[start : start + self.spec.score_batch_size]
-                batch = collate(chunk, self.pad_id)
-                tokens += int(batch.attention_mask.sum())
-                if kept is not None:
-                    scores, per_layer, per_token = self.engine.score_breakdown(batch, queries)
-                else:
-                    scores = self.engine.score_batch(batch, queries)
-                keys = torch.tensor([seq_key(shard.index, start + i) for i in range(len(chunk))], dtype=torch.int64)
-                finite = torch.isfinite(scores).all(dim=1).cpu()
-                on_cpu = scores.detach().to("cpu", torch.float64)
-                for i in range(len(chunk)):
-                    doc_acc.add(doc_of[start + i], on_cpu[i] if finite[i] else None)
-                if not finite.all():
-                    # Reported, never scored as zero: these windows are left out of the ranking.
-                    bad = [f"{chunk[i].doc_id}#{chunk[i].window}" for i in (~finite).nonzero().flatten().tolist()]
-                    log.warning("shard %s: non-finite gradients for %s; left out of the ranking", shard.shard_id, bad)
-                    nonfinite.extend(bad)
-                    scores, keys = scores[finite.to(scores.device)], keys[finite]
-                if len(keys):
-                    acc.update(scores, keys)
-                if kept is not None:
-                    kept.update(acc, start, per_layer, per_token)
+            writer = StoreWriter(store, self._store_basis(store)) if store is not None else None
+            with teed_captures(self.engine, writer.add if writer else None):
+                self._score_windows(shard, seqs, queries, acc, doc_acc, doc_of, nonfinite, kept)
+            tokens = sum(len(s.input_ids) for s in seqs)
+            if writer is not None:
+                writer.commit(self.storage, shard, seqs, docs, doc_of, self.decoder, self.spec.window_len)
             table = self._result_table(acc, doc_acc.finish(), doc_acc.num_windows, queries, seqs, docs, doc_of, kept)
 
             def write(url: str) -> None:
@@ -317,6 +314,37 @@ class ShardWorker:
             return write, recorded
 
         return self._unit(out_url, compute, replace)
+
+    def _store_basis(self, store: StoreTarget):
+        cached = getattr(self, "_basis", None)
+        if cached is None or cached[0] != store.basis_url:
+            self._basis = (store.basis_url, read_basis(self.storage, store.basis_url, store.key))
+        return self._basis[1]
+
+    def _score_windows(self, shard, seqs, queries, acc, doc_acc, doc_of, nonfinite, kept) -> None:
+        """The scoring loop: every window of ``seqs`` in batches, into the window and document accumulators."""
+        for start in range(0, len(seqs), self.spec.score_batch_size):
+            chunk = seqs[start : start + self.spec.score_batch_size]
+            batch = collate(chunk, self.pad_id)
+            if kept is not None:
+                scores, per_layer, per_token = self.engine.score_breakdown(batch, queries)
+            else:
+                scores = self.engine.score_batch(batch, queries)
+            keys = torch.tensor([seq_key(shard.index, start + i) for i in range(len(chunk))], dtype=torch.int64)
+            finite = torch.isfinite(scores).all(dim=1).cpu()
+            on_cpu = scores.detach().to("cpu", torch.float64)
+            for i in range(len(chunk)):
+                doc_acc.add(doc_of[start + i], on_cpu[i] if finite[i] else None)
+            if not finite.all():
+                # Reported, never scored as zero: these windows are left out of the ranking.
+                bad = [f"{chunk[i].doc_id}#{chunk[i].window}" for i in (~finite).nonzero().flatten().tolist()]
+                log.warning("shard %s: non-finite gradients for %s; left out of the ranking", shard.shard_id, bad)
+                nonfinite.extend(bad)
+                scores, keys = scores[finite.to(scores.device)], keys[finite]
+            if len(keys):
+                acc.update(scores, keys)
+            if kept is not None:
+                kept.update(acc, start, per_layer, per_token)
 
     def _result_table(
         self,

@@ -1,0 +1,266 @@
+"""The gradient store (issue 8, item 4): written by the score pass, a new query set answered from it without a model.
+
+Integration tier (local Ray in this process, local storage, the small demo):
+
+- a score pass with ``store.enabled`` writes one committed store file per shard;
+- a new query set with ``score.source=store`` is answered by Ray tasks, and
+  no forward pass runs in the model's workers meanwhile (their forward
+  counters stay at zero); the table equals an independent computation: per
+  window an autograd gradient, rotated into the factors' kept eigendirections
+  and dotted with the queries' preconditioned gradients in the same block
+  (float32 store, so the comparison is tight);
+- results from the store are keyed apart from exact ones;
+- a store of another ``store.dim`` or other factors is refused naming it;
+- a store file that fails verification, or lacks its marker, is reported
+  and rebuilt by the model's pass, and the table is still right.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import layout
+from pipeline.config import (
+    AttributeConfig,
+    ClusterConfig,
+    CorpusConfig,
+    FactorsConfig,
+    ModelConfig,
+    QueriesConfig,
+    RunConfig,
+    ScoreConfig,
+    StorageConfig,
+    StoreConfig,
+)
+from pipeline.store import StoreMismatchError
+from tests.helpers import TABLE_TYPES, assert_same_ranking, read_table
+
+pytestmark = pytest.mark.integration
+
+DOCS_PER_SHARD = 16
+NUM_DOCS = 48
+STORE_DIM = 12
+TOP_K = 5
+
+
+@pytest.fixture(scope="module")
+def inputs(small_demo, tmp_path_factory):
+    """48 demo documents in one Parquet file (3 shards), the demo queries (A) and a new query set (B)."""
+    work = tmp_path_factory.mktemp("store")
+    corpus = work / "corpus"
+    corpus.mkdir()
+    rows = pq.read_table(small_demo.corpus_path).select(["id", "text"]).slice(0, NUM_DOCS)
+    pq.write_table(rows, corpus / "part.parquet", row_group_size=8)
+    queries_a = [json.loads(line) for line in open(small_demo.queries_path) if line.strip()]
+    # B: new queries (other completions and prompts), never preconditioned before the store was written.
+    queries_b = [{"id": f"new-{i}", "prompt": q["prompt"], "completion": q["completion"][::-1]}
+                 for i, q in enumerate(queries_a[:3])] + [
+        {"id": "new-text", "prompt": rows.column("text")[0].as_py()[:40], "completion": " the"}]
+    path_b = work / "queries-b.jsonl"
+    path_b.write_text("".join(json.dumps(q) + "\n" for q in queries_b))
+    return {"work": work, "corpus": str(corpus), "queries_b": str(path_b), "rows": rows.to_pylist()}
+
+
+def make_cfg(small_demo, inputs, root, run_id, queries=None, source="model", **store) -> AttributeConfig:
+    return AttributeConfig(
+        model=ModelConfig(path=small_demo.model_dir, cache_dir=str(inputs["work"] / "model-cache")),
+        corpus=CorpusConfig(path=inputs["corpus"], docs_per_shard=DOCS_PER_SHARD, window=64),
+        queries=QueriesConfig(path=queries or small_demo.queries_path),
+        storage=StorageConfig(root=root),
+        run=RunConfig(id=run_id),
+        factors=FactorsConfig(damping=1e-3, empirical_fisher=True),
+        score=ScoreConfig(top_k=TOP_K, source=source),
+        store=StoreConfig(**{"enabled": True, "dim": STORE_DIM, "dtype": "float32", **store}),
+        cluster=ClusterConfig(num_workers=1, cpus_per_worker=1, stall_timeout_s=120),
+    )
+
+
+def stages(cfg, names):
+    from pipeline.run import run_stages
+
+    ctx = run_stages(cfg, names)
+    return ctx
+
+
+def forward_counts(ctx) -> list[int]:
+    import ray
+
+    counts = ray.get([w.forward_count.remote() for w in ctx.workers])
+    ctx.workers = []  # dropped, so the next run's workers can be placed
+    return counts
+
+
+@pytest.fixture(scope="module")
+def store_runs(local_ray, small_demo, inputs, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("store-root"))
+    out = {"root": root}
+    written = stages(make_cfg(small_demo, inputs, root, "exact-a"), None)
+    out["exact_a"] = written
+    out["exact_a_forwards"] = forward_counts(written)
+    cfg_b = make_cfg(small_demo, inputs, root, "store-b", queries=inputs["queries_b"], source="store")
+    forward_counts(stages(cfg_b, ["precondition"]))
+    scored = stages(cfg_b, ["score"])
+    out["store_b_counts"] = dict(scored.counts)
+    out["store_b_forwards"] = forward_counts(scored)
+    merged = stages(cfg_b, ["merge"])
+    forward_counts(merged)
+    out["store_b"] = merged
+    out["store_b_manifest"] = merged.storage.read_json(layout.run_manifest(root, "store-b"))
+    out["store_b_table"] = read_table(out["store_b_manifest"]["attribution"])
+    return out
+
+
+def _window_gradients(model, seq):
+    """The summed-NLL gradient of one window per tracked layer, by autograd on that window alone: (d_out, d_in)."""
+    from pipeline.core.tracking import find_tracked_layers, weight_gradient
+
+    model.zero_grad()
+    ids = torch.tensor([seq.input_ids])
+    labels = torch.tensor([seq.labels])
+    logits = model(input_ids=ids).logits.to(torch.float64)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+    loss.backward()
+    modules = dict(model.named_modules())
+    return {n: weight_gradient(modules[n], spec).to(torch.float64)
+            for n, spec in find_tracked_layers(model).items()}
+
+
+def independent_table(root, manifest, small_demo, rows, top_k) -> pa.Table:
+    """The truncated setting computed without the store: autograd gradients, rotated, truncated, dotted."""
+    from pipeline.core.ekfac import EKFACFactors
+    from pipeline.core.queries import QueryGradients
+    from pipeline.core.store import kept_directions
+    from pipeline.core.text import IGNORE, Tokenisation, encode_documents
+    from pipeline.model_io import load_model_and_tokenizer
+    from pipeline.storage import Storage
+    from pipeline.worker import seq_key
+
+    assert IGNORE == -100
+    storage = Storage(root)
+    factors = EKFACFactors.from_bytes(storage.read_bytes(layout.factors_file(root, manifest["factors_id"])))
+    tensors, meta = storage.read_safetensors(layout.query_gradients(root, manifest["queries_id"]))
+    queries = QueryGradients.from_tensors(meta["query_ids"].split("\n"), tensors)
+    model, tok = load_model_and_tokenizer(small_demo.model_dir)
+    model = model.to(torch.float64).eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    tokenisation = Tokenisation(**manifest["corpus"]["tokenisation"])
+    blocks = {}
+    for name in factors.meta.layers:
+        r, c = kept_directions(factors.lambdas[name], STORE_DIM)
+        q_s, q_a = factors.q_s[name][:, r].to(torch.float64), factors.q_a[name][:, c].to(torch.float64)
+        if name in queries.dense:
+            pre = queries.dense[name].to(torch.float64)
+        else:
+            pre = queries.left[name].to(torch.float64) @ queries.right[name].to(torch.float64).mT
+        blocks[name] = (q_s, q_a, q_s.T @ pre @ q_a)  # (Q, k, k)
+    scores, keys, where = [], [], []
+    docs = [(r["id"], r["text"]) for r in rows]
+    for index, start in enumerate(range(0, len(docs), DOCS_PER_SHARD)):
+        seqs, _ = encode_documents(tok, docs[start : start + DOCS_PER_SHARD], 64, tokenisation)
+        for j, seq in enumerate(seqs):
+            grads = _window_gradients(model, seq)
+            total = torch.zeros(len(queries.query_ids), dtype=torch.float64)
+            for name, (q_s, q_a, m) in blocks.items():
+                total += (m * (q_s.T @ grads[name] @ q_a)).sum((1, 2))
+            scores.append(total)
+            keys.append(seq_key(index, j))
+            where.append((seq.doc_id, seq.window))
+    all_scores = torch.stack(scores).numpy()
+    out = {c: [] for c in TABLE_TYPES}
+    for q, qid in enumerate(queries.query_ids):
+        col = all_scores[:, q]
+        for polarity, sign in (("proponent", 1.0), ("opponent", -1.0)):
+            order = sorted(range(len(keys)), key=lambda n: (-sign * col[n], keys[n]))
+            kept = [n for n in order if sign * col[n] > 0][:top_k]
+            for rank, n in enumerate(kept, 1):
+                for c, v in zip(TABLE_TYPES, (qid, polarity, rank, where[n][0], where[n][1], float(col[n]))):
+                    out[c].append(v)
+    return pa.table(out, schema=pa.schema(list(TABLE_TYPES.items())))
+
+
+def test_the_score_pass_writes_one_committed_store_file_per_shard(store_runs):
+    from pipeline.commit import read_file_commit
+    from pipeline.storage import Storage
+
+    root, ctx = store_runs["root"], store_runs["exact_a"]
+    storage = Storage(root)
+    store_id = store_runs["store_b_counts"]["store_id"]
+    for shard in ctx.shards:
+        c = read_file_commit(storage, layout.store_shard(root, store_id, shard.shard_id))
+        assert c is not None and c.shard_id == shard.shard_id and c.num_windows > 0
+    tensors, meta = storage.read_safetensors(layout.store_shard(root, store_id, ctx.shards[0].shard_id))
+    layers = json.loads(meta["layers"])
+    assert tensors["rows"].dtype == torch.float32
+    assert tensors["rows"].shape[1] == sum(o * i for _, o, i in layers)
+    assert all(o <= STORE_DIM and i <= STORE_DIM for _, o, i in layers)
+    assert json.loads(meta["store"])["dim"] == STORE_DIM
+
+
+def test_a_new_query_set_from_the_store_runs_no_forward_pass(store_runs):
+    counts = store_runs["store_b_counts"]
+    assert counts["shards_scored"] == 3 and counts["store_shards_rebuilt"] == 0
+    assert store_runs["store_b_forwards"] == [0]  # the model's worker idled while the store was scored
+    assert store_runs["exact_a_forwards"][0] > 0  # the counter does count (the exact pass ran forwards)
+
+
+def test_a_new_query_set_from_the_store_equals_the_truncated_setting_computed_independently(store_runs, small_demo,
+                                                                                         inputs):
+    manifest = store_runs["store_b_manifest"]
+    want = independent_table(store_runs["root"], manifest, small_demo, inputs["rows"], TOP_K)
+    got = store_runs["store_b_table"]
+    assert set(got.column("query_id").to_pylist()) == {"new-0", "new-1", "new-2", "new-text"}
+    stats = assert_same_ranking(got, want, rtol=1e-4)
+    assert stats["rows"] > 0
+
+
+def test_results_from_the_store_are_keyed_apart_from_exact_ones(store_runs):
+    exact_key = store_runs["exact_a"].results_key
+    store_key = store_runs["store_b"].results_key
+    assert exact_key.store is None and "store" not in exact_key.to_json()
+    assert store_key.store == store_runs["store_b_counts"]["store_id"]
+    assert replace(store_key, store=None).id != store_key.id
+    assert store_runs["store_b_manifest"]["results"]["setting"]["store"] == store_key.store
+
+
+def test_a_store_of_another_dim_or_other_factors_is_refused(store_runs, small_demo, inputs):
+    root = store_runs["root"]
+    other_dim = make_cfg(small_demo, inputs, root, "store-dim", queries=inputs["queries_b"], source="store", dim=8)
+    with pytest.raises(StoreMismatchError) as e:
+        stages(other_dim, ["score"])
+    message = str(e.value)
+    assert "\n" not in message and "store.dim 12 (this run: 8)" in message, message
+    other_factors = replace(other_dim, store=replace(other_dim.store, dim=STORE_DIM),
+                            factors=replace(other_dim.factors, empirical_fisher=False))
+    with pytest.raises(StoreMismatchError) as e:
+        stages(other_factors, ["score"])
+    assert "factors" in str(e.value) and "(this run: 'f-" in str(e.value), str(e.value)
+
+
+def test_a_store_file_failing_verification_or_uncommitted_is_rebuilt(store_runs, small_demo, inputs, caplog):
+    root = store_runs["root"]
+    store_id = store_runs["store_b_counts"]["store_id"]
+    shards = store_runs["exact_a"].shards
+    corrupt = layout.store_shard(root, store_id, shards[0].shard_id)
+    with open(corrupt, "r+b") as f:  # one number changed, size kept
+        f.seek(os.path.getsize(corrupt) - 4)
+        f.write(b"\x00\x00\x80\x7f")
+    os.remove(layout.file_marker(layout.store_shard(root, store_id, shards[2].shard_id)))  # data without marker
+    cfg = make_cfg(small_demo, inputs, root, "store-rebuilt", queries=inputs["queries_b"], source="store")
+    cfg = replace(cfg, score=replace(cfg.score, top_k=3))  # another results key: everything is scored again
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        ctx = stages(cfg, None)
+    forward_counts(ctx)
+    assert ctx.counts["store_shards_rebuilt"] == 2
+    assert any("lacks 2 shard(s)" in r.getMessage() for r in caplog.records)
+    manifest = ctx.storage.read_json(layout.run_manifest(root, "store-rebuilt"))
+    want = independent_table(root, manifest, small_demo, inputs["rows"], 3)
+    assert_same_ranking(read_table(manifest["attribution"]), want, rtol=1e-4)

@@ -104,6 +104,13 @@ class BenchmarkConfig:
     # score.query_rank of every run of ours (null: the attribution default); dense projection-off queries
     # of a real model need (tracked parameters x 4 bytes) each, 318 MB for SmolLM2-135M's MLP layers.
     query_rank: Optional[int] = None
+    # factors.empirical_fisher of ours and of kronfluence (null: the attribution default, sampled labels).
+    # true compares the two implementations without the noise of two different label samples.
+    empirical_fisher: Optional[bool] = None
+
+    def fisher_empirical(self) -> bool:
+        """``empirical_fisher``, else the attribution job's ``factors.empirical_fisher``."""
+        return AttributeConfig().factors.empirical_fisher if self.empirical_fisher is None else bool(self.empirical_fisher)
 
     def validate(self) -> None:
         from pipeline.layout import validate_name
@@ -154,7 +161,7 @@ class BenchmarkConfig:
         spec = self.projection()
         if dim is not None:
             spec = ProjectionSpec(dim, spec.seed, spec.mode)
-        return InfluenceConfig(projection=spec, damping=d.factors.damping, empirical_fisher=d.factors.empirical_fisher,
+        return InfluenceConfig(projection=spec, damping=d.factors.damping, empirical_fisher=self.fisher_empirical(),
                                query_rank=self.score_query_rank())
 
 

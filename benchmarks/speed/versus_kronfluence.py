@@ -50,6 +50,7 @@ def attribute_config(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int, 
     a.projection.mode = spec.mode
     a.projection.dim = spec.dim if dim is None else dim
     a.score.query_rank = cfg.score_query_rank()
+    a.factors.empirical_fisher = cfg.fisher_empirical()
     a.cluster.num_workers = num_workers
     if device.type == "cuda":
         a.cluster.gpus_per_worker = 1.0 / num_workers
@@ -164,7 +165,7 @@ def _kronfluence_point(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int
         started = time.perf_counter()
         scores, parts = kronfluence_pairwise(
             inputs.model, layers, windows, queries, inputs.tokenizer.pad_token_id, damping=defaults.damping,
-            empirical_fisher=defaults.empirical_fisher, precision="float32", device=str(device),
+            empirical_fisher=cfg.fisher_empirical(), precision="float32", device=str(device),
             train_batch_size=cfg.batch_size, query_batch_size=min(n_queries, 32))
         kruns.append((time.perf_counter() - started, parts))
     point["kronfluence"] = {"seconds": statistics.median(k[0] for k in kruns), "runs_s": [k[0] for k in kruns],

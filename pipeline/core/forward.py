@@ -56,12 +56,17 @@ def sequence_losses(
         ).logits
     logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
     targets = batch.labels[:, 1:]
-    if label_mode == "sampled":
-        with torch.no_grad():
-            probs = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1])
-            sampled = torch.multinomial(probs, 1, generator=generator).view_as(targets)
-        targets = torch.where(targets == IGNORE, targets, sampled)
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
-    )
-    return nll.view_as(targets).sum(dim=1)
+    if label_mode == "data":
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+        )
+        return nll.view_as(targets).sum(dim=1)
+    # Sampled labels: one log-softmax serves both the draw and the loss (a softmax over the vocabulary
+    # per token is a few percent of a forward and backward pass at a 49k vocabulary).
+    log_probs = torch.log_softmax(logits, dim=-1)
+    with torch.no_grad():
+        probs = log_probs.detach().float().exp().reshape(-1, logits.shape[-1])
+        sampled = torch.multinomial(probs, 1, generator=generator).view_as(targets)
+    labelled = targets != IGNORE
+    nll = -log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    return torch.where(labelled, nll, 0).sum(dim=1)

@@ -31,6 +31,11 @@ def test_settings_override_every_run_of_ours(tmp_path):
     assert (a.projection.dim, a.projection.mode, a.score.query_rank) == (0, "sketch", 16)
     a = attribute_config(cfg, inputs, 5, str(tmp_path), "r", 64, 1, torch.device("cpu"))
     assert a.projection.dim == 64 and a.score.query_rank == 16
+    assert a.factors.empirical_fisher == AttributeConfig().factors.empirical_fisher  # null: the default
+    flipped = BenchmarkConfig(empirical_fisher=not AttributeConfig().factors.empirical_fisher)
+    assert flipped.influence().empirical_fisher == flipped.empirical_fisher
+    a = attribute_config(flipped, inputs, 5, str(tmp_path), "r", None, 1, torch.device("cpu"))
+    assert a.factors.empirical_fisher == flipped.empirical_fisher
 
 
 @pytest.mark.parametrize("override, message", [

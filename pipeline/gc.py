@@ -12,8 +12,10 @@ so is what its manifest references. A policy that would delete the run
 
 What a kept run references, from its manifest: its factors (``factors/{id}/``,
 their pin), its query gradients (``queries/{id}/``) and its shard results
-(``results/{key}/{shard_id}.parquet`` for the shards it lists). Everything
-else under ``factors/``, ``queries/``, ``results/`` and ``factor_pins/`` goes,
+(``results/{key}/{shard_id}.parquet`` for the shards it lists), and the
+gradient stores of its factors (``store/{id}/``: their blocks of its query
+sets and of the shards it lists). Everything else under ``factors/``,
+``queries/``, ``results/``, ``store/`` and ``factor_pins/`` goes,
 and so do the fitting partials and eigenbases of kept factors (a committed
 factors file is all a rerun reads). While some run is ``running`` its
 references are unknown, so no shared object is deleted (runs only).
@@ -157,6 +159,7 @@ def plan_gc(storage, keep_last: int, keep_days: float, now: dt.datetime | None =
         if storage.read_json(pin_url).get("factors_id") not in factors:
             files.append(pin_url)
     folders += [layout.queries_dir(root, q) for q in _names(storage, "queries") if q not in queries]
+    _plan_stores(storage, factors, queries, {s for _, s in results}, files, folders)
     keys = {k for k, _ in results}
     for key in _names(storage, "results"):
         if key not in keys:
@@ -169,6 +172,27 @@ def plan_gc(storage, keep_last: int, keep_days: float, now: dt.datetime | None =
     folders = [f for f in folders if storage.exists(f)]
     files = [f for f in files if storage.exists(f) or storage.exists(layout.file_marker(f))]
     return GcPlan(kept_ids, deleted, files, folders)
+
+
+def _plan_stores(storage, factors: set[str], queries: set[str], shards: set[str], files: list, folders: list) -> None:
+    """Gradient stores (`pipeline.store`): a store of factors no kept run uses goes whole; in a kept one,
+    the blocks of query sets and the files of shards no kept run references go. A store whose
+    ``key.json`` cannot be read is kept (what it belongs to is unknown)."""
+    root = storage.root
+    for store_id in _names(storage, "store"):
+        try:
+            key = storage.read_json(layout.store_key_file(root, store_id))
+        except FileNotFoundError:
+            log.warning("gc: store %s has no key.json; kept", store_id)
+            continue
+        if key.get("factors") not in factors:
+            folders.append(layout.store_dir(root, store_id))
+            continue
+        for sub, wanted in (("queries", queries), ("shards", shards)):
+            for url in storage.ls(layout.url(layout.store_dir(root, store_id), sub)):
+                name = url.rsplit("/", 1)[-1]
+                if name.endswith(".safetensors") and name[: -len(".safetensors")] not in wanted:
+                    files.append(url)
 
 
 def apply_gc(storage, plan: GcPlan) -> None:

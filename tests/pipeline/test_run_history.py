@@ -267,6 +267,34 @@ def test_gc_dry_run_deletes_nothing_and_apply_keeps_what_kept_runs_reference(tmp
     assert plan_gc(storage, keep_last=1, keep_days=0).deleted_runs == []  # nothing left to delete
 
 
+def test_gc_removes_stores_and_store_files_no_kept_run_uses(tmp_path):
+    storage = Storage(str(tmp_path))
+    three_nights(storage)  # n3 kept: factors f-1, queries q-1, shards s-a and s-c
+    root = storage.root
+
+    def store(store_id, factors, names):
+        storage.write_json(layout.store_key_file(root, store_id), {"factors": factors, "dim": 4})
+        for url in [layout.store_basis(root, store_id)] + names:
+            storage.write_bytes(url, b"s")
+            commit_file(storage, url)
+
+    keep = [layout.store_shard(root, "g-new", s) for s in ("s-a", "s-c")] + [layout.store_queries(root, "g-new", "q-1")]
+    drop = [layout.store_shard(root, "g-new", "s-b"), layout.store_queries(root, "g-new", "q-old")]
+    store("g-new", "f-1", keep + drop)
+    store("g-old", "f-old", [layout.store_shard(root, "g-old", "s-a")])
+    storage.write_bytes(layout.store_basis(root, "g-unknown"), b"s")  # no key.json: whose it is is unknown
+    plan = plan_gc(storage, keep_last=1, keep_days=0)
+    assert layout.store_dir(root, "g-old") in plan.folders and sorted(drop) == sorted(
+        f for f in plan.files if "/store/" in f)
+    apply_gc(storage, plan)
+    assert not os.path.exists(layout.store_dir(root, "g-old"))
+    for url in drop:
+        assert not os.path.exists(url) and not os.path.exists(layout.file_marker(url))
+    for url in keep + [layout.store_basis(root, "g-new"), layout.store_basis(root, "g-unknown")]:
+        assert os.path.exists(url), url
+    assert all(read_file_commit(storage, u) is not None for u in keep)
+
+
 def test_gc_refuses_a_policy_that_would_delete_the_latest_run(tmp_path):
     storage = Storage(str(tmp_path))
     three_nights(storage)

@@ -166,9 +166,10 @@ class ShardWorker:
         def compute():
             tensors, _ = self.storage.read_safetensors(bases_url, committed_checksum(self.storage, bases_url))
             names = list(self.engine.layers)
-            bases = Eigenbases(
-                {n: tensors[f"{n}::Q_A"] for n in names}, {}, {n: tensors[f"{n}::Q_S"] for n in names}, {}, 0
-            )
+            # Cast once to the captured vectors' dtype (LambdaSums.update would on every batch): the same numbers.
+            cast = lambda key: {n: tensors.pop(f"{n}::{key}").to(self.engine.device, self.engine.dtype)  # noqa: E731
+                                for n in names}
+            bases = Eigenbases(cast("Q_A"), {}, cast("Q_S"), {}, 0)
             seqs, _ = self._windows(shard)
             sums = self.engine.lambda_sums(self._batches(seqs, self.spec.fit_batch_size), bases, seed=self._seed(shard))
             recorded = {"shard_id": shard.shard_id, "num_sequences": sums.num_sequences}
@@ -192,7 +193,7 @@ class ShardWorker:
             self.engine.check_query_memory(total or len(queries))
             factors = EKFACFactors.from_bytes(
                 self.storage.read_bytes(factors_url, committed_checksum(self.storage, factors_url))
-            )
+            ).with_bases_in(self.engine.dtype, self.engine.device)  # float32 bases: half the memory
             seqs = self._query_windows(queries)
             grads = self.engine.query_gradients(
                 self._batches(seqs, self.spec.score_batch_size), factors, [q.id for q in queries]

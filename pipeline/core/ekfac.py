@@ -237,6 +237,15 @@ class EKFACFactors:
         lambdas = {n: s / lambda_sums.num_sequences for n, s in lambda_sums.sums.items()}
         return cls(meta, dict(bases.q_a), dict(bases.q_s), lambdas)
 
+    def with_bases_in(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "EKFACFactors":
+        """These factors with ``Q_A``, ``Q_S`` cast once to ``dtype`` (and moved), as ``bases`` casts them per call.
+
+        The same numbers wherever ``bases`` is asked for that dtype; a float32
+        worker then holds half the memory of the float64 bases. ``Lambda`` is unchanged.
+        """
+        cast = lambda d: {n: t.to(device=device or t.device, dtype=dtype) for n, t in d.items()}  # noqa: E731
+        return EKFACFactors(self.meta, cast(self.q_a), cast(self.q_s), self.lambdas)
+
     def damping(self, name: str, damping: float | None) -> float:
         """A fixed ``damping``, or ``0.1 * mean(Lambda)`` of the layer when ``None``."""
         if damping is not None:

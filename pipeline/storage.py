@@ -409,15 +409,15 @@ class Storage:
         self.write_bytes(url, data)
 
     def read_safetensors(
-        self, url: str, expect: Checksum | None = None
+        self, url: str, expect: Checksum | None = None, cast=None
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Read ``(tensors, metadata)`` written by `write_safetensors` (CPU tensors; ``{}`` if no metadata).
 
-        ``expect``: checked as in `read_bytes`.
+        ``expect``: checked as in `read_bytes`; ``cast``: see `tensors_from_bytes`.
         """
         data = self.read_bytes(url, expect)
         try:
-            return tensors_from_bytes(data)
+            return tensors_from_bytes(data, cast)
         except Exception as e:
             raise StorageError(f"{url} is not a readable safetensors file: {e}") from e
 

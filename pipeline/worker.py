@@ -164,7 +164,8 @@ class ShardWorker:
         """Partial eigenvalue-correction sums of one shard in the driver's eigenbases."""
 
         def compute():
-            tensors, _ = self.storage.read_safetensors(bases_url, committed_checksum(self.storage, bases_url))
+            tensors, _ = self.storage.read_safetensors(bases_url, committed_checksum(self.storage, bases_url),
+                                                       cast=lambda name: self.engine.dtype)
             names = list(self.engine.layers)
             # Cast once to the captured vectors' dtype (LambdaSums.update would on every batch): the same numbers.
             cast = lambda key: {n: tensors.pop(f"{n}::{key}").to(self.engine.device, self.engine.dtype)  # noqa: E731
@@ -191,9 +192,9 @@ class ShardWorker:
 
         def compute():
             self.engine.check_query_memory(total or len(queries))
-            factors = EKFACFactors.from_bytes(
-                self.storage.read_bytes(factors_url, committed_checksum(self.storage, factors_url))
-            ).with_bases_in(self.engine.dtype, self.engine.device)  # float32 bases: half the memory
+            factors = EKFACFactors.from_bytes(  # bases in the engine's dtype, converted while parsing
+                self.storage.read_bytes(factors_url, committed_checksum(self.storage, factors_url)), self.engine.dtype
+            ).with_bases_in(self.engine.dtype, self.engine.device)
             seqs = self._query_windows(queries)
             grads = self.engine.query_gradients(
                 self._batches(seqs, self.spec.score_batch_size), factors, [q.id for q in queries]

@@ -318,8 +318,10 @@ class EKFACFactors:
         return tensors_to_bytes(self.to_tensors(), {"meta": json.dumps(self.meta.to_json(), sort_keys=True)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "EKFACFactors":
-        tensors, metadata = tensors_from_bytes(data)
+    def from_bytes(cls, data: bytes, bases_dtype: torch.dtype | None = None) -> "EKFACFactors":
+        """Factors from `to_bytes`; ``bases_dtype``: ``Q_A``, ``Q_S`` converted to it while parsing (see ``with_bases_in``)."""
+        cast = None if bases_dtype is None else (lambda n: bases_dtype if n.endswith(("::Q_A", "::Q_S")) else None)
+        tensors, metadata = tensors_from_bytes(data, cast)
         meta = FactorsMeta.from_json(json.loads(metadata["meta"]))
         q_a = {n: tensors[f"{n}::Q_A"] for n in meta.layers}
         q_s = {n: tensors[f"{n}::Q_S"] for n in meta.layers}

@@ -9,6 +9,8 @@ returns only the tensors).
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -28,10 +30,41 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     return save(cpu, metadata=metadata)
 
 
-def tensors_from_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` from safetensors bytes: CPU tensors, and ``{}`` when the file has no metadata."""
+# The format's dtype names (the safetensors specification) of the tensors this project writes.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def tensors_from_bytes(
+    data: bytes, cast: Callable[[str], torch.dtype | None] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` from safetensors bytes: CPU tensors, and ``{}`` when the file has no metadata.
+
+    ``cast(name)``: the dtype a tensor is wanted in (None: as stored). Each
+    tensor is then converted straight from a view of ``data``, one at a time,
+    so loading float64 factors as float32 holds the bytes and the float32
+    copies, never a float64 copy of every tensor as well.
+    """
     from safetensors.torch import load
 
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
-    return load(data), dict(header.get("__metadata__") or {})
+    metadata = dict(header.get("__metadata__") or {})
+    if cast is None:
+        return load(data), metadata
+    base, view, out = 8 + header_len, memoryview(data), {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, which this reader does not know")
+        stored, (start, end) = _DTYPES[info["dtype"]], info["data_offsets"]
+        with warnings.catch_warnings():  # a view of immutable bytes; it is copied below, never written
+            warnings.simplefilter("ignore", UserWarning)
+            flat = (torch.frombuffer(view[base + start : base + end], dtype=stored) if end > start
+                    else torch.empty(0, dtype=stored))
+        tensor = flat.reshape(info["shape"])
+        wanted = cast(name) or stored
+        out[name] = tensor.to(wanted) if wanted != stored else tensor.clone()
+    return out, metadata

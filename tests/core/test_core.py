@@ -224,3 +224,29 @@ def test_projector_skips_sides_already_small():
     proj = Projector(ProjectionSpec(32), layers)
     name = "transformer.h.0.mlp.c_fc"  # d_in = 16 + bias, d_out = 64
     assert proj.p_in[name] is None and proj.p_out[name].shape == (32, 64)
+
+
+def test_safetensors_cast_while_parsing_equals_load_then_cast():
+    from pipeline.core.serialization import tensors_from_bytes, tensors_to_bytes
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {"a::Q_A": torch.randn(5, 5, generator=gen, dtype=torch.float64),
+               "a::Lambda": torch.rand(3, 5, generator=gen, dtype=torch.float64),
+               "ids": torch.arange(7), "flags": torch.tensor([True, False]), "empty": torch.zeros(0, 4),
+               "half": torch.randn(2, 3, generator=gen).to(torch.bfloat16)}
+    data = tensors_to_bytes(tensors, {"k": "v"})
+    plain, meta = tensors_from_bytes(data)
+    cast, meta_cast = tensors_from_bytes(data, lambda n: torch.float32 if n.endswith("::Q_A") else None)
+    assert meta == meta_cast == {"k": "v"} and set(cast) == set(tensors)
+    assert cast["a::Q_A"].dtype == torch.float32 and torch.equal(cast["a::Q_A"], plain["a::Q_A"].float())
+    for name in tensors.keys() - {"a::Q_A"}:
+        assert cast[name].dtype == tensors[name].dtype and torch.equal(cast[name], tensors[name]), name
+    cast["ids"][0] = 99  # an own copy, not a view of the (immutable) bytes
+    assert tensors_from_bytes(data, lambda n: None)[0]["ids"][0] == 0
+    engine = InfluenceEngine(tiny_model("gpt2"), InfluenceConfig(precision="float64"))
+    fitted = engine.fit(batches_of(random_sequences(4), 4, TINY_PAD))
+    back = EKFACFactors.from_bytes(fitted.to_bytes(), torch.float32)
+    want = fitted.with_bases_in(torch.float32)
+    for name in fitted.lambdas:
+        assert torch.equal(back.q_s[name], want.q_s[name]) and torch.equal(back.q_a[name], want.q_a[name])
+        assert back.lambdas[name].dtype == torch.float64 and torch.equal(back.lambdas[name], fitted.lambdas[name])

@@ -12,9 +12,9 @@ The tracked layers, damping and Fisher kind are the attribution job's
 defaults (``pipeline.config``: all 90 MLP layers), float32. All of them:
 the score is a sum over layers, and with only 9 of them (as in
 tests/core/test_smollm2_reference.py) rank-8 queries kept 0.80-0.93 of the
-top 10 on 32 windows, against 0.96 with all 90 here. About 4 minutes on 2
-cores (the float64 eigendecompositions of 90 layers and the rank-8
-compression of 8 queries are most of it). The model comes from the
+top 10 on 32 windows, against 0.96 with all 90 here (rank 32, the default
+since the third check in docs/figures.md: 0.988). About 4 minutes on 2
+cores (the float64 eigendecompositions of 90 layers are most of it). The model comes from the
 project's shared cache (``build_smollm2``: a 93 MB wheel the first time,
 then reused).
 """

@@ -221,6 +221,27 @@ def local_ray(num_cpus: int = 1) -> Iterator[None]:
             shutdown_ray()
 
 
+@contextlib.contextmanager
+def multi_node_ray(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[object]:
+    """A ``ray.cluster_utils.Cluster`` (a head without CPUs and ``nodes`` worker nodes) in a scratch HOME,
+    joined by this process (the jobs then reuse it); yields the cluster, shut down after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    with scratch_env():
+        shutdown_ray()
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        try:
+            for _ in range(nodes):
+                cluster.add_node(num_cpus=cpus_per_node)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address)
+            yield cluster
+        finally:
+            shutdown_ray()
+            cluster.shutdown()
+
+
 # ---- inputs ---------------------------------------------------------------------------------
 
 

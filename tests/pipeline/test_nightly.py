@@ -1,6 +1,6 @@
 """Nightly re-scoring (issue 8): nights on a growing corpus, results and factors reused, history and latest.json.
 
-Integration tier (local Ray in this process, local storage, the small demo):
+Integration tier (a two-node local Ray cluster, one worker on each node; local storage; the small demo):
 
 - night 1 on corpus A (two files); night 2 on A plus a new file B: only B's
   shard is scored, the factors are reused, and the table equals a from-scratch
@@ -86,7 +86,7 @@ def make_cfg(small_demo, inputs, root: str, run_id: str, model: str | None = Non
         run=RunConfig(id=run_id),
         factors=FactorsConfig(damping=1e-3, empirical_fisher=True, **factors),
         score=ScoreConfig(top_k=5),
-        cluster=ClusterConfig(num_workers=1, cpus_per_worker=1, stall_timeout_s=120),
+        cluster=ClusterConfig(num_workers=2, cpus_per_worker=1, stall_timeout_s=120),  # one per node
     )
 
 
@@ -111,7 +111,15 @@ def committed_units(root: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def nights(local_ray, small_demo, inputs, tmp_path_factory):
+def two_nodes():
+    from tests.helpers import multi_node_ray
+
+    with multi_node_ray(nodes=2, cpus_per_node=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def nights(two_nodes, small_demo, inputs, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("nights-root"))
     out = {"root": root}
     out["n1"] = run(make_cfg(small_demo, inputs, root, "night-1"))
@@ -145,6 +153,13 @@ def test_night_two_scores_only_the_new_file_and_reuses_the_factors(nights):
     assert per_file == {"a.parquet": (2, 0, 2), "b.jsonl": (1, 1, 0), "c.jsonl": (1, 0, 1)}
     assert {p: f["shards_scored"] for p, f in m1["corpus"]["files"].items()} == {"a.parquet": 2, "c.jsonl": 1}
     assert "shards_scored_per_file" not in m2["counts"]
+
+
+def test_the_nights_ran_on_two_nodes(nights, two_nodes):
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    assert len(nodes) == 2  # the head holds no CPU: each of the two workers sat on its own node
 
 
 def test_night_two_equals_a_from_scratch_run_with_the_same_factors(nights, small_demo, inputs, tmp_path):

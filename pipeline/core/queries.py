@@ -139,7 +139,7 @@ def low_rank(matrix: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tens
     """Rank-``r`` approximation of ``(Q, m, n)`` matrices as ``left @ right^T``: ``(Q, m, r)``, ``(Q, n, r)``.
 
     When ``r + RANGE_OVERSAMPLE`` is small against ``min(m, n)`` (the default
-    rank 8 against a 576-wide layer), a seeded randomized range finder
+    rank 32 against a 576-wide layer), a seeded randomized range finder
     (Halko, Martinsson and Tropp 2011, Algorithm 4.4: ``RANGE_POWER_ITERS``
     power iterations, QR between them) finds an orthonormal basis ``B`` of
     ``r + RANGE_OVERSAMPLE`` columns for the range, and the best rank-``r``

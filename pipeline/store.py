@@ -28,11 +28,10 @@ Results scored from the store are keyed apart from exact ones (``ResultsKey.stor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -121,30 +120,6 @@ class StoreShardJob:
 
 
 # ---- writing (inside the score pass, on a ShardWorker) --------------------------------------
-
-
-@contextlib.contextmanager
-def teed_captures(engine, on_capture: Callable[[dict], None] | None) -> Iterator[None]:
-    """While open, every ``engine.capture_batch`` also hands its captured vectors to ``on_capture``.
-
-    The store's blocks come from the score pass's own capture (no second
-    forward or backward); the scoring code is untouched. ``None``: a no-op.
-    """
-    if on_capture is None:
-        yield
-        return
-    original = engine.capture_batch
-
-    def capture(*args, **kwargs):
-        captured, losses = original(*args, **kwargs)
-        on_capture(captured)
-        return captured, losses
-
-    engine.capture_batch = capture
-    try:
-        yield
-    finally:
-        del engine.capture_batch  # the instance attribute; the class's method shows again
 
 
 class StoreWriter:

@@ -50,7 +50,7 @@ from pipeline.shard_result import (
     shard_parquet_bytes,
 )
 from pipeline.storage import Storage
-from pipeline.store import StoreTarget, StoreWriter, read_basis, teed_captures
+from pipeline.store import StoreTarget, StoreWriter, read_basis
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +213,8 @@ class ShardWorker:
         """
 
         def compute():
-            parts = [self._read_queries(u) for u in part_urls]
-            query_ids = [q for p in parts for q in p.query_ids]
-            grads = QueryGradients(
-                query_ids, *({k: torch.cat([getattr(p, attr)[k] for p in parts]) for k in getattr(parts[0], attr)}
-                             for attr in ("dense", "left", "right"))
-            )
-            del parts
+            grads = QueryGradients.concat([self._read_queries(u) for u in part_urls])
+            query_ids = grads.query_ids
             recorded = {"num_queries": len(query_ids), "query_ids": query_ids}
             metadata = {"query_ids": "\n".join(query_ids)}
 
@@ -288,7 +283,7 @@ class ShardWorker:
             # Low-rank queries: token and layer shares come from the scoring pass itself (no second pass).
             kept = KeptBreakdowns(self.spec.token_rows) if queries.left and self.spec.token_rows > 0 else None
             writer = StoreWriter(store, self._store_basis(store)) if store is not None else None
-            with teed_captures(self.engine, writer.add if writer else None):
+            with self.engine.observing_captures(writer.add if writer else None):
                 self._score_windows(shard, seqs, queries, acc, doc_acc, doc_of, nonfinite, kept)
             tokens = sum(len(s.input_ids) for s in seqs)
             if writer is not None:

@@ -17,8 +17,9 @@ never formed at full size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -122,6 +123,20 @@ class InfluenceEngine:
             Projector(config.projection, self.layers, self.device, self.dtype) if config.projection.enabled else None
         )
         self._fingerprint: str | None = None
+        self._capture_observer: Callable[[dict[str, Captured]], None] | None = None
+
+    @contextlib.contextmanager
+    def observing_captures(self, observer: Callable[[dict[str, Captured]], None] | None) -> Iterator[None]:
+        """While open, every ``capture_batch`` also hands its captured vectors to ``observer`` (None: no-op).
+
+        How the gradient store (`pipeline.store`) takes the score pass's own
+        captures: no second forward or backward, the scoring code unchanged.
+        """
+        previous, self._capture_observer = self._capture_observer, observer
+        try:
+            yield
+        finally:
+            self._capture_observer = previous
 
     @property
     def fingerprint(self) -> str:
@@ -150,6 +165,8 @@ class InfluenceEngine:
         with capture.recording(batch.attention_mask):
             losses = sequence_losses(self.model, batch, label_mode, generator, self.config.precision)
         captured = capture.backward(losses.sum())
+        if self._capture_observer is not None:
+            self._capture_observer(captured)
         return captured, losses.detach()
 
     # ---- fitting -------------------------------------------------------------------------
@@ -245,7 +262,7 @@ class InfluenceEngine:
             pre = factors.precondition_captured(name, captured, damping, path)
             if sketch:
                 pre = self.projector.project_matrix(name, pre)
-            finite = torch.isfinite(pre).flatten(1).all(1)
+            finite = _all_finite(pre)
             if rank == 0:
                 return pre, finite
         else:

@@ -51,6 +51,14 @@ class QueryGradients:
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
+    def concat(cls, parts: list["QueryGradients"]) -> "QueryGradients":
+        """The parts' queries, in order, as one set (every part stored the same way: dense or low rank)."""
+        def joined(attr: str) -> dict[str, torch.Tensor]:
+            return {k: torch.cat([getattr(p, attr)[k] for p in parts]) for k in getattr(parts[0], attr)}
+
+        return cls([q for p in parts for q in p.query_ids], joined("dense"), joined("left"), joined("right"))
+
+    @classmethod
     def from_tensors(cls, query_ids: list[str], tensors: dict[str, torch.Tensor]) -> "QueryGradients":
         def pick(suffix):
             return {k[: -len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}

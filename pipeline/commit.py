@@ -66,6 +66,7 @@ class Commit:
     merged_from: str | None = None
     num_docs: int | None = None
     num_windows: int | None = None
+    num_windows_scored: int | None = None  # a shard result: windows scored (fewer when rescoring a shortlist)
     num_tokens: int | None = None
     num_sequences: int | None = None
     num_queries: int | None = None

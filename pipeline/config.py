@@ -169,6 +169,11 @@ class StoreConfig:
     dim: int = 32
     # bfloat16, float16 or float32: the stored numbers (bytes per window: layers * k * k * 2 or 4).
     dtype: str = "bfloat16"
+    # With score.source=store -- 0: the store's (truncated) scores are the answer; m > 0 (>= score.top_k):
+    # two-stage, the store shortlists the m strongest windows and documents per query and polarity in each
+    # shard, then the model scores exactly those windows and every other window of their documents, so a
+    # shard's top-k is exact EK-FAC whenever it lies in the shortlist (results keyed apart from both).
+    rescore: int = 0
 
 
 @dataclass
@@ -278,6 +283,15 @@ class AttributeConfig:
             raise ConfigError(f"store.dtype must be one of {STORE_DTYPES}, got {self.store.dtype!r}")
         if self.store.dim < 1:
             raise ConfigError(f"store.dim must be >= 1, got {self.store.dim}")
+        if self.store.rescore < 0:
+            raise ConfigError(f"store.rescore must be >= 0 (0: no rescoring), got {self.store.rescore}")
+        if self.store.rescore and self.score.source != "store":
+            raise ConfigError("store.rescore rescores the gradient store's shortlist: it needs score.source=store")
+        if 0 < self.store.rescore < self.score.top_k:
+            raise ConfigError(
+                f"store.rescore={self.store.rescore} shortlists fewer windows than score.top_k={self.score.top_k} "
+                "keeps; use store.rescore >= score.top_k"
+            )
         uses_store = self.store.enabled or self.score.source == "store"
         if uses_store and self.projection.dim > 0 and self.projection.mode == "sketch":
             raise ConfigError(

@@ -132,8 +132,9 @@ class RunContext:
         c = self.cfg
         from pipeline.store import store_id_for_results
 
+        store = store_id_for_results(c, self.factors_id)
         return ResultsKey(self.queries_id, c.score.top_k, c.score.batch_size, c.model.precision, TOKEN_ROWS,
-                          store=store_id_for_results(c, self.factors_id))
+                          store=store, rescore=c.store.rescore if store else 0)
 
     def shard_url(self, shard: Shard) -> str:
         """Where the shard's result for this run's scoring lives (shared by runs, `pipeline.results`)."""

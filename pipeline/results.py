@@ -42,11 +42,16 @@ class ResultsKey:
     # The gradient store's id when scored from it (score.source=store: truncated, never reused as exact);
     # None (left out of the JSON, so exact results keep their keys) for the model's pass.
     store: str | None = None
+    # store.rescore: the store's shortlist per query and polarity that the model rescored exactly (two-stage);
+    # 0 (left out of the JSON) for results of one stage.
+    rescore: int = 0
 
     def to_json(self) -> dict:
         d = asdict(self)
         if d["store"] is None:
             del d["store"]
+        if not d["rescore"]:
+            del d["rescore"]
         return d
 
     @property

@@ -27,6 +27,8 @@ reading token rows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -155,16 +157,16 @@ class KeptBreakdowns:
         self.limit = limit
         self.shares: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def update(self, acc: TopK, start: int, per_layer: torch.Tensor, per_token: torch.Tensor) -> None:
-        """``per_layer`` ``(B, Q, L)`` and ``per_token`` ``(B, Q, T)`` of the batch whose first window is ``start``."""
+    def update(self, acc: TopK, locals_: Sequence[int], per_layer: torch.Tensor, per_token: torch.Tensor) -> None:
+        """``per_layer`` ``(B, Q, L)`` and ``per_token`` ``(B, Q, T)`` of the batch of windows ``locals_`` (in order)."""
         wanted = {(key & 0xFFFFFFFF, q) for q in range(per_layer.shape[1]) for *_, key in ranked(acc, q, self.limit)}
-        batch = range(start, start + per_layer.shape[0])
-        new = [(local, q) for local, q in wanted if local in batch and (local, q) not in self.shares]
+        row = {local: b for b, local in enumerate(locals_)}
+        new = [(local, q) for local, q in wanted if local in row and (local, q) not in self.shares]
         if new:
             layers = per_layer.detach().to("cpu", torch.float64)
             tokens = per_token.detach().to("cpu", torch.float64)
             for local, q in new:
-                self.shares[(local, q)] = (layers[local - start, q].clone(), tokens[local - start, q].clone())
+                self.shares[(local, q)] = (layers[row[local], q].clone(), tokens[row[local], q].clone())
         self.shares = {pair: v for pair, v in self.shares.items() if pair in wanted}
 
 

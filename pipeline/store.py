@@ -281,6 +281,24 @@ def _result_rows(acc, doc_acc, num_windows, query_ids, windows, doc_ids, rows, b
     return out.table()
 
 
+def shortlisted(storage: Storage, url: str) -> tuple[set[int], set[int]]:
+    """The local indices of the windows and of the documents in the committed shard result at ``url``.
+
+    What two-stage rescoring (``store.rescore``) gives the model: the store's
+    top ``m`` windows and documents per query and polarity in one shard.
+    """
+    import io
+
+    from pipeline.shard_result import read_shard_result
+
+    data = storage.read_bytes(url, committed_checksum(storage, url))
+    table = read_shard_result(io.BytesIO(data), (WINDOW, DOCUMENT))
+    kinds, keys = table.column("kind").to_pylist(), table.column("seq_key").to_pylist()
+    windows = {k & 0xFFFFFFFF for kind, k in zip(kinds, keys) if kind == WINDOW}
+    documents = {k & 0xFFFFFFFF for kind, k in zip(kinds, keys) if kind == DOCUMENT}
+    return windows, documents
+
+
 # ---- the driver -----------------------------------------------------------------------------
 
 
@@ -389,10 +407,44 @@ def score_from_store(ctx) -> list[Commit]:
     if read_file_commit(storage, blocks_url) is None:
         _tasks(ctx, write_query_blocks_task,
                [(root, _options(ctx), target.basis_url, ctx.queries_url, blocks_url, key.to_json())], "store: queries")
+    rescore = cfg.store.rescore
+    out_url = (lambda s: shortlist_url(ctx, s)) if rescore else ctx.shard_url
     jobs = [(StoreShardJob(root, _options(ctx), key.to_json(), s, target.shard_url(root, s.shard_id), blocks_url,
-                           ctx.shard_url(s), top_k, ctx.queries_id),) for s in todo]
+                           out_url(s), rescore or top_k, ctx.queries_id),) for s in todo]
     log.info("score from store %s: %d shard(s), %d reused", key.id, len(todo), reused)
-    return _tasks(ctx, score_store_shard, jobs, "score: from store")
+    commits = _tasks(ctx, score_store_shard, jobs, "score: shortlist from store" if rescore else "score: from store")
+    if not rescore:
+        return commits
+    return rescore_shortlists(ctx, todo)
+
+
+def shortlist_url(ctx, shard) -> str:
+    """Where two-stage scoring keeps the store's top ``store.rescore`` of a shard: a store result at that top-k."""
+    key = replace(ctx.results_key, rescore=0, top_k=ctx.cfg.store.rescore)
+    return layout.shared_shard_result(ctx.storage.root, key.id, shard.shard_id)
+
+
+def rescore_shortlists(ctx, shards: list) -> list[Commit]:
+    """Two-stage scoring's second stage: the model scores each shard's shortlisted windows exactly.
+
+    Every window of a document that the shortlist names, or holds a window of,
+    is scored (`ShardWorker.score` with ``shortlist``), so a document's score
+    sums all its windows. ``counts.windows_rescored`` / ``windows_in_rescored_shards``
+    say what share of the full pass this cost.
+    """
+    from pipeline.cluster import run_units
+
+    cfg = ctx.cfg
+    calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), cfg.score.top_k, ctx.queries_id, cfg.run.overwrite,
+                        None, shortlist_url(ctx, s))) for s in shards]
+    log.info("rescore: the store's top %d per query and polarity in %d shard(s), exactly with the model",
+             cfg.store.rescore, len(shards))
+    commits = run_units(ctx.workers, calls, "score: rescore shortlist", stall_timeout_s=cfg.cluster.stall_timeout_s)
+    scored = sum(c.num_windows_scored or 0 for c in commits)
+    total = sum(c.num_windows or 0 for c in commits)
+    ctx.counts.update(windows_rescored=scored, windows_in_rescored_shards=total)
+    log.info("rescore: %d of %d windows (%.1f%%) scored with the model", scored, total, 100 * scored / max(total, 1))
+    return commits
 
 
 @dataclass

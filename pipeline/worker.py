@@ -258,13 +258,16 @@ class ShardWorker:
 
     def score(
         self, shard: Shard, queries_url: str, out_url: str, top_k: int, queries_id: str | None = None,
-        replace: bool = False, store: StoreTarget | None = None,
+        replace: bool = False, store: StoreTarget | None = None, shortlist: str | None = None,
     ) -> Commit:
         """Top-k proponents and opponents per query within one shard, committed at ``out_url``.
 
         ``queries_id`` and ``top_k`` are recorded in the commit so the driver can tell a stale result;
         ``replace`` rescores a committed shard (``run.overwrite``). ``store``: the pass also writes the
         shard's gradient store file (`pipeline.store`) unless committed, rescoring the shard to get it.
+        ``shortlist``: a committed shard result (the store's, ``store.rescore``) naming the windows and
+        documents to score: only those windows and every other window of their documents are scored,
+        so every document ranked has all its windows summed.
         """
         store_url = store.shard_url(self.storage.root, shard.shard_id) if store is not None else None
         if store_url is not None and already_committed(self.storage, store_url) is not None:
@@ -277,6 +280,7 @@ class ShardWorker:
             docs = self._documents(shard)
             seqs, skipped = self._encode(docs)
             doc_of = document_indices(docs, seqs)
+            indices = self._selected(shortlist, doc_of, len(docs)) if shortlist is not None else range(len(seqs))
             acc = TopK(len(queries.query_ids), top_k)
             doc_acc = DocumentTopK(shard.index, len(queries.query_ids), top_k)
             nonfinite: list[str] = []
@@ -284,7 +288,7 @@ class ShardWorker:
             kept = KeptBreakdowns(self.spec.token_rows) if queries.left and self.spec.token_rows > 0 else None
             writer = StoreWriter(store, self._store_basis(store)) if store is not None else None
             with self.engine.observing_captures(writer.add if writer else None):
-                self._score_windows(shard, seqs, queries, acc, doc_acc, doc_of, nonfinite, kept)
+                self._score_windows(shard, seqs, queries, acc, doc_acc, doc_of, nonfinite, kept, indices)
             tokens = sum(len(s.input_ids) for s in seqs)
             if writer is not None:
                 writer.commit(self.storage, shard, seqs, docs, doc_of, self.decoder, self.spec.window_len)
@@ -298,6 +302,7 @@ class ShardWorker:
                 "shard_id": shard.shard_id,
                 "num_docs": shard.row_end - shard.row_start,
                 "num_windows": len(seqs),
+                "num_windows_scored": len(indices),
                 "num_tokens": tokens,
                 "num_rows": table.num_rows,  # rows of every kind (windows, documents, tokens, layers)
                 "skipped_docs": skipped[:100],
@@ -318,20 +323,33 @@ class ShardWorker:
             self._basis = (store.basis_url, read_basis(self.storage, store.basis_url, store.key))
         return self._basis[1]
 
-    def _score_windows(self, shard, seqs, queries, acc, doc_acc, doc_of, nonfinite, kept) -> None:
-        """The scoring loop: every window of ``seqs`` in batches, into the window and document accumulators."""
-        for start in range(0, len(seqs), self.spec.score_batch_size):
-            chunk = seqs[start : start + self.spec.score_batch_size]
+    def _selected(self, shortlist: str, doc_of: list[int], num_docs: int) -> list[int]:
+        """The windows to rescore: every window of each document the ``shortlist`` names or holds a window of."""
+        from pipeline.store import shortlisted
+
+        windows, documents = shortlisted(self.storage, shortlist)
+        if max(windows, default=-1) >= len(doc_of) or max(documents, default=-1) >= num_docs:
+            raise ValueError(f"shortlist {shortlist} names windows or documents this shard does not have "
+                             f"({len(doc_of)} windows); was it scored under another tokenisation?")
+        keep = documents | {doc_of[w] for w in windows}
+        return [i for i, d in enumerate(doc_of) if d in keep]
+
+    def _score_windows(self, shard, seqs, queries, acc, doc_acc, doc_of, nonfinite, kept, indices) -> None:
+        """The scoring loop: the windows ``indices`` of ``seqs`` (in order) in batches, into the accumulators."""
+        indices = list(indices)
+        for start in range(0, len(indices), self.spec.score_batch_size):
+            locals_ = indices[start : start + self.spec.score_batch_size]
+            chunk = [seqs[i] for i in locals_]
             batch = collate(chunk, self.pad_id)
             if kept is not None:
                 scores, per_layer, per_token = self.engine.score_breakdown(batch, queries)
             else:
                 scores = self.engine.score_batch(batch, queries)
-            keys = torch.tensor([seq_key(shard.index, start + i) for i in range(len(chunk))], dtype=torch.int64)
+            keys = torch.tensor([seq_key(shard.index, i) for i in locals_], dtype=torch.int64)
             finite = torch.isfinite(scores).all(dim=1).cpu()
             on_cpu = scores.detach().to("cpu", torch.float64)
-            for i in range(len(chunk)):
-                doc_acc.add(doc_of[start + i], on_cpu[i] if finite[i] else None)
+            for i, local in enumerate(locals_):
+                doc_acc.add(doc_of[local], on_cpu[i] if finite[i] else None)
             if not finite.all():
                 # Reported, never scored as zero: these windows are left out of the ranking.
                 bad = [f"{chunk[i].doc_id}#{chunk[i].window}" for i in (~finite).nonzero().flatten().tolist()]
@@ -341,7 +359,7 @@ class ShardWorker:
             if len(keys):
                 acc.update(scores, keys)
             if kept is not None:
-                kept.update(acc, start, per_layer, per_token)
+                kept.update(acc, locals_, per_layer, per_token)
 
     def _result_table(
         self,

@@ -201,7 +201,7 @@ def test_kept_breakdowns_hold_exactly_the_final_top_rows():
     for start in range(0, n, 6):
         end = min(n, start + 6)
         acc.update(scores[start:end], torch.arange(start, end, dtype=torch.int64))
-        kept.update(acc, start, per_layer[start:end], per_token[start:end])
+        kept.update(acc, range(start, end), per_layer[start:end], per_token[start:end])
         assert len(kept.shares) <= 2 * queries * limit
     final = {(key & 0xFFFFFFFF, q) for q in range(queries) for *_, key in ranked(acc, q, limit)}
     assert set(kept.shares) == final and len(final) >= queries

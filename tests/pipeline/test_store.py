@@ -41,7 +41,7 @@ from pipeline.config import (
     StoreConfig,
 )
 from pipeline.store import StoreMismatchError
-from tests.helpers import TABLE_TYPES, assert_same_ranking, read_table
+from tests.helpers import TABLE_TYPES, assert_identical_tables, assert_same_ranking, read_table
 
 pytestmark = pytest.mark.integration
 
@@ -264,3 +264,84 @@ def test_a_store_file_failing_verification_or_uncommitted_is_rebuilt(store_runs,
     manifest = ctx.storage.read_json(layout.run_manifest(root, "store-rebuilt"))
     want = independent_table(root, manifest, small_demo, inputs["rows"], 3)
     assert_same_ranking(read_table(manifest["attribution"]), want, rtol=1e-4)
+
+
+# ---- two-stage: the store's shortlist rescored exactly with the model (store.rescore) ------------------------
+
+ALL = 64  # more than any shard's windows: a top-k that keeps every window with a score of its sign
+
+
+def with_top_k(cfg, top_k):
+    return replace(cfg, score=replace(cfg.score, top_k=top_k))
+
+
+@pytest.fixture(scope="module")
+def rescored(store_runs, small_demo, inputs):
+    """Queries B scored exactly (every window kept), and two-stage with shortlists of TOP_K and of ALL."""
+    root, out = store_runs["root"], {}
+    for name, source, top_k, rescore in (("exact-b-all", "model", ALL, 0), ("rescore-b", "store", TOP_K, TOP_K),
+                                         ("rescore-b-all", "store", ALL, ALL)):
+        cfg = with_top_k(make_cfg(small_demo, inputs, root, name, queries=inputs["queries_b"], source=source,
+                                  rescore=rescore), top_k)
+        ctx = stages(cfg, None)
+        out[name] = {"ctx": ctx, "counts": dict(ctx.counts), "forwards": forward_counts(ctx),
+                     "manifest": ctx.storage.read_json(layout.run_manifest(root, name))}
+        out[name]["table"] = read_table(out[name]["manifest"]["attribution"])
+    return out
+
+
+def _exact_scores(table: pa.Table) -> dict:
+    """``{(query_id, doc_id, window): score}`` from a table that kept every window."""
+    return {(r["query_id"], r["doc_id"], r["window"]): r["score"] for r in table.to_pylist()}
+
+
+def test_two_stage_scores_only_the_shortlisted_documents_with_the_model(rescored):
+    counts = rescored["rescore-b"]["counts"]
+    assert counts["shards_scored"] == 3 and counts["store_shards_rebuilt"] == 0
+    assert 0 < counts["windows_rescored"] < counts["windows_in_rescored_shards"], counts
+    assert rescored["rescore-b"]["forwards"][0] > 0  # the model ran, on the shortlist
+    full = rescored["rescore-b-all"]["counts"]
+    assert full["windows_rescored"] == full["windows_in_rescored_shards"] == counts["windows_in_rescored_shards"]
+    keys = {n: r["manifest"]["results"]["setting"] for n, r in rescored.items()}
+    assert keys["rescore-b"]["rescore"] == TOP_K and keys["rescore-b"]["store"] == counts["store_id"]
+    assert "rescore" not in keys["exact-b-all"] and "store" not in keys["exact-b-all"]
+
+
+def test_two_stage_with_every_window_shortlisted_equals_the_exact_pass(rescored):
+    assert_identical_tables(rescored["rescore-b-all"]["table"], rescored["exact-b-all"]["table"])
+
+
+def test_two_stage_ranks_the_shortlist_by_exact_scores(rescored, store_runs):
+    """Every row's score is the window's exact score, and no shortlisted window beats the last one kept."""
+    from pipeline.storage import Storage
+    from pipeline.store import shortlist_url
+
+    exact = _exact_scores(rescored["exact-b-all"]["table"])
+    got = rescored["rescore-b"]["table"].to_pylist()
+    assert got
+    for r in got:
+        want = exact[(r["query_id"], r["doc_id"], r["window"])]
+        assert r["score"] == pytest.approx(want, rel=1e-4, abs=1e-6 * max(abs(v) for v in exact.values()))
+    ctx = rescored["rescore-b"]["ctx"]
+    shortlisted = set()
+    for shard in ctx.shards:
+        t = pq.read_table(shortlist_url(ctx, shard)).to_pylist()
+        shortlisted |= {(r["doc_id"], r["window"]) for r in t if r["kind"] == "window"}
+    kept = {}
+    for r in got:
+        kept.setdefault((r["query_id"], r["polarity"]), []).append(r)
+    exact_in_top = 0
+    for (query_id, polarity), rows in kept.items():
+        sign = 1.0 if polarity == "proponent" else -1.0
+        assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+        last = min(sign * r["score"] for r in rows)
+        chosen = {(r["doc_id"], r["window"]) for r in rows}
+        for w in shortlisted - chosen:
+            assert sign * exact.get((query_id, *w), 0.0) <= last + 1e-9, (query_id, polarity, w)
+        # Where the exact top-k lies inside the shortlist, two-stage returns exactly it.
+        top = sorted(((sign * s, (d, w)) for (q, d, w), s in exact.items() if q == query_id and sign * s > 0),
+                     reverse=True)[:TOP_K]
+        if {w for _, w in top} <= shortlisted:
+            assert [w for _, w in top] == [(r["doc_id"], r["window"]) for r in rows]
+            exact_in_top += 1
+    assert exact_in_top > 0

@@ -24,6 +24,9 @@ from pipeline.store import StoreKey, StoreMismatchError, read_basis
         (dict(store=StoreConfig(dtype="int8")), "store.dtype"),
         (dict(store=StoreConfig(dim=0)), "store.dim"),
         (dict(store=StoreConfig(enabled=True), projection=ProjectionConfig(dim=8, mode="sketch")), "sketch"),
+        (dict(score=ScoreConfig(source="store"), store=StoreConfig(rescore=-1)), "store.rescore"),
+        (dict(store=StoreConfig(rescore=20)), "score.source=store"),
+        (dict(score=ScoreConfig(source="store", top_k=10), store=StoreConfig(rescore=5)), "score.top_k=10"),
     ],
 )
 def test_bad_store_settings_are_refused_naming_the_key(change, key):
@@ -35,6 +38,7 @@ def test_store_settings_that_make_sense_validate():
     replace(AttributeConfig(), store=StoreConfig(enabled=True, dim=8, dtype="float16")).validate()
     replace(AttributeConfig(), score=ScoreConfig(source="store"),
             projection=ProjectionConfig(dim=16, mode="curvature")).validate()
+    replace(AttributeConfig(), score=ScoreConfig(source="store", top_k=10), store=StoreConfig(rescore=10)).validate()
 
 
 def test_exact_results_keep_their_key_and_store_results_get_another():
@@ -43,6 +47,14 @@ def test_exact_results_keep_their_key_and_store_results_get_another():
     # The key of exact results is what it was before the store existed (its JSON has the same fields).
     assert set(exact.to_json()) == {"queries", "top_k", "batch_size", "precision", "token_rows", "format"}
     assert replace(exact, store="g-abc").id != exact.id
+
+
+def test_two_stage_results_are_keyed_apart_from_the_stores_and_the_exact_ones():
+    exact = ResultsKey("q-1", 10, 8, "fp32", 3)
+    store = replace(exact, store="g-1")
+    two_stage = replace(store, rescore=50)
+    assert "rescore" not in store.to_json() and two_stage.to_json()["rescore"] == 50
+    assert len({exact.id, store.id, two_stage.id}) == 3
 
 
 def test_the_store_id_depends_on_factors_dim_and_dtype():

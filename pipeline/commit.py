@@ -67,6 +67,7 @@ class Commit:
     num_docs: int | None = None
     num_windows: int | None = None
     num_windows_scored: int | None = None  # a shard result: windows scored (fewer when rescoring a shortlist)
+    shortlist: str | None = None  # a two-stage shard result: the digest of the shortlist it rescored
     num_tokens: int | None = None
     num_sequences: int | None = None
     num_queries: int | None = None

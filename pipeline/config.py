@@ -170,9 +170,9 @@ class StoreConfig:
     # bfloat16, float16 or float32: the stored numbers (bytes per window: layers * k * k * 2 or 4).
     dtype: str = "bfloat16"
     # With score.source=store -- 0: the store's (truncated) scores are the answer; m > 0 (>= score.top_k):
-    # two-stage, the store shortlists the m strongest windows and documents per query and polarity in each
-    # shard, then the model scores exactly those windows and every other window of their documents, so a
-    # shard's top-k is exact EK-FAC whenever it lies in the shortlist (results keyed apart from both).
+    # two-stage, the store shortlists its global top m windows and documents per query and polarity, then
+    # the model scores exactly those windows and every other window of their documents, so the top-k is
+    # exact EK-FAC whenever it lies in the shortlist (results keyed apart from both; docs/design.md).
     rescore: int = 0
 
 

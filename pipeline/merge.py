@@ -133,6 +133,12 @@ class RankingFold:
     def documents(self) -> pa.Table:
         return _document_table([] if self._documents is None else [self._documents], self.top_k)
 
+    def document_keys(self) -> list[int]:
+        """The ``seq_key`` of every document in the global top-k (any query, either polarity)."""
+        if self._documents is None:
+            return []
+        return _rank(self._documents, self.top_k, []).column("seq_key").to_pylist()
+
     def _fold(self, running: pa.Table | None, parts: list[pa.Table], carried: list[str]) -> pa.Table | None:
         if not parts:
             return running

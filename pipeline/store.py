@@ -281,22 +281,9 @@ def _result_rows(acc, doc_acc, num_windows, query_ids, windows, doc_ids, rows, b
     return out.table()
 
 
-def shortlisted(storage: Storage, url: str) -> tuple[set[int], set[int]]:
-    """The local indices of the windows and of the documents in the committed shard result at ``url``.
-
-    What two-stage rescoring (``store.rescore``) gives the model: the store's
-    top ``m`` windows and documents per query and polarity in one shard.
-    """
-    import io
-
-    from pipeline.shard_result import read_shard_result
-
-    data = storage.read_bytes(url, committed_checksum(storage, url))
-    table = read_shard_result(io.BytesIO(data), (WINDOW, DOCUMENT))
-    kinds, keys = table.column("kind").to_pylist(), table.column("seq_key").to_pylist()
-    windows = {k & 0xFFFFFFFF for kind, k in zip(kinds, keys) if kind == WINDOW}
-    documents = {k & 0xFFFFFFFF for kind, k in zip(kinds, keys) if kind == DOCUMENT}
-    return windows, documents
+def shortlist_digest(windows, documents) -> str:
+    """What a two-stage shard result was rescored for: its shortlisted window and document indices."""
+    return digest({"windows": sorted(windows), "documents": sorted(documents)})
 
 
 # ---- the driver -----------------------------------------------------------------------------
@@ -366,25 +353,39 @@ def score_from_store(ctx) -> list[Commit]:
     A store written under other factors, ``store.dim`` or ``store.dtype`` is refused (`StoreMismatchError`,
     naming what differs). Shards whose store file is missing or fails verification are named in a WARNING
     and rebuilt by the model's score pass (with the store on), then scored from the store like the rest
-    (``counts.store_shards_rebuilt``).
+    (``counts.store_shards_rebuilt``). With ``store.rescore`` the store's results are a shortlist that the
+    model rescores (`rescore_shortlist`).
     """
+    storage, cfg = ctx.storage, ctx.cfg
+    ctx.counts.update(store_id=store_key(ctx).id, store_shards_rebuilt=0)
+    if cfg.store.rescore:
+        return rescore_shortlist(ctx)
+    todo = [s for s in ctx.shards if not _current(ctx, s)]
+    ctx.counts.update(shards_scored=len(todo), shards_reused=len(ctx.shards) - len(todo))
+    if not todo:
+        return []
+    log.info("score from store %s: %d shard(s), %d reused", ctx.counts["store_id"], len(todo),
+             len(ctx.shards) - len(todo))
+    return _store_results(ctx, todo, ctx.shard_url, cfg.score.top_k, "score: from store")
+
+
+def _current(ctx, shard, shortlist: str | None = None) -> bool:
+    """Whether the shard's result for this run's scoring is committed (for ``shortlist``, when two-stage)."""
+    done = read_file_commit(ctx.storage, ctx.shard_url(shard))
+    current = (done is not None and done.queries_id == ctx.queries_id and done.top_k == ctx.cfg.score.top_k
+               and done.shortlist == shortlist and not ctx.cfg.run.overwrite)
+    if current:
+        log.info("skip committed %s", ctx.shard_url(shard))
+    return current
+
+
+def _store_results(ctx, shards: list, out_url: Callable, top_k: int, desc: str) -> list[Commit]:
+    """The store's top ``top_k`` of each of ``shards`` at ``out_url(shard)``, by Ray tasks without the model."""
     from pipeline.cluster import run_units
 
     storage, root, cfg = ctx.storage, ctx.storage.root, ctx.cfg
     key = store_key(ctx)
-    top_k, overwrite = cfg.score.top_k, cfg.run.overwrite
-    todo, reused = [], 0
-    for shard in ctx.shards:
-        done = read_file_commit(storage, ctx.shard_url(shard))
-        if done is not None and done.queries_id == ctx.queries_id and done.top_k == top_k and not overwrite:
-            log.info("skip committed %s", ctx.shard_url(shard))
-            reused += 1
-        else:
-            todo.append(shard)
-    ctx.counts.update(shards_scored=len(todo), shards_reused=reused, store_id=key.id, store_shards_rebuilt=0)
-    if not todo:
-        return []
-    missing = [s for s in todo if read_file_commit(storage, layout.store_shard(root, key.id, s.shard_id)) is None]
+    missing = [s for s in shards if read_file_commit(storage, layout.store_shard(root, key.id, s.shard_id)) is None]
     if missing and len(missing) == len(ctx.shards):
         others = _other_stores(storage, key)
         where = f"; storage holds store(s) written under other settings: {'; '.join(others[:3])}" if others else ""
@@ -398,7 +399,7 @@ def score_from_store(ctx) -> list[Commit]:
         log.warning("gradient store %s lacks %d shard(s) (missing or failing verification), e.g. %s: rebuilt by the "
                     "model's score pass", key.id, len(missing), [s.shard_id for s in missing[:5]])
         exact = layout.shared_shard_result
-        exact_key = replace(ctx.results_key, store=None).id  # the pass writes exact results, keyed as such
+        exact_key = replace(ctx.results_key, store=None, rescore=0, top_k=top_k).id  # exact results, keyed as such
         calls = [("score", (s, ctx.queries_url, exact(root, exact_key, s.shard_id), top_k, ctx.queries_id, False,
                             target)) for s in missing]
         run_units(ctx.workers, calls, "store: rebuild", stall_timeout_s=cfg.cluster.stall_timeout_s)
@@ -407,15 +408,9 @@ def score_from_store(ctx) -> list[Commit]:
     if read_file_commit(storage, blocks_url) is None:
         _tasks(ctx, write_query_blocks_task,
                [(root, _options(ctx), target.basis_url, ctx.queries_url, blocks_url, key.to_json())], "store: queries")
-    rescore = cfg.store.rescore
-    out_url = (lambda s: shortlist_url(ctx, s)) if rescore else ctx.shard_url
     jobs = [(StoreShardJob(root, _options(ctx), key.to_json(), s, target.shard_url(root, s.shard_id), blocks_url,
-                           out_url(s), rescore or top_k, ctx.queries_id),) for s in todo]
-    log.info("score from store %s: %d shard(s), %d reused", key.id, len(todo), reused)
-    commits = _tasks(ctx, score_store_shard, jobs, "score: shortlist from store" if rescore else "score: from store")
-    if not rescore:
-        return commits
-    return rescore_shortlists(ctx, todo)
+                           out_url(s), top_k, ctx.queries_id),) for s in shards]
+    return _tasks(ctx, score_store_shard, jobs, desc)
 
 
 def shortlist_url(ctx, shard) -> str:
@@ -424,26 +419,71 @@ def shortlist_url(ctx, shard) -> str:
     return layout.shared_shard_result(ctx.storage.root, key.id, shard.shard_id)
 
 
-def rescore_shortlists(ctx, shards: list) -> list[Commit]:
-    """Two-stage scoring's second stage: the model scores each shard's shortlisted windows exactly.
+def global_shortlist(ctx) -> dict[str, tuple[list[int], list[int]]]:
+    """Per shard id: the local indices of its windows and documents in the store's global top ``store.rescore``.
 
-    Every window of a document that the shortlist names, or holds a window of,
-    is scored (`ShardWorker.score` with ``shortlist``), so a document's score
-    sums all its windows. ``counts.windows_rescored`` / ``windows_in_rescored_shards``
-    say what share of the full pass this cost.
+    Folded from every shard's committed store result at top-k ``store.rescore``
+    (`pipeline.merge.RankingFold`, a batch of shards at a time), each rekeyed to
+    its index in this run's listing: the global top ``m`` windows and documents per
+    query and polarity, the same set whichever run scored the shard results.
+    """
+    import io
+
+    from pipeline.merge import RankingFold
+    from pipeline.results import rekey
+    from pipeline.shard_result import read_shard_result
+
+    storage, m = ctx.storage, ctx.cfg.store.rescore
+    fold = RankingFold(m, extra=("seq_key",))
+    for start in range(0, len(ctx.shards), 64):
+        tables = []
+        for shard in ctx.shards[start : start + 64]:
+            url = shortlist_url(ctx, shard)
+            data = storage.read_bytes(url, committed_checksum(storage, url))
+            tables.append(rekey(read_shard_result(io.BytesIO(data), (WINDOW, DOCUMENT)), shard.index))
+        fold.add(tables)
+    by_index: dict[int, tuple[set[int], set[int]]] = {s.index: (set(), set()) for s in ctx.shards}
+    for part, keys in ((0, fold.windows().column("seq_key").to_pylist()), (1, fold.document_keys())):
+        for key in keys:
+            by_index[key >> 32][part].add(key & 0xFFFFFFFF)
+    return {s.shard_id: (sorted(by_index[s.index][0]), sorted(by_index[s.index][1])) for s in ctx.shards}
+
+
+def rescore_shortlist(ctx) -> list[Commit]:
+    """Two-stage scoring (``store.rescore = m``): the store's global top ``m``, rescored exactly by the model.
+
+    1. every shard's store top ``m`` per query and polarity (windows and documents; committed, reused by
+       any run with the same store, queries and ``m``); 2. their global top ``m`` (`global_shortlist`);
+    3. per shard, the model scores every window of each document that the global shortlist names or holds
+       a window of (`ShardWorker.score` with ``shortlist``), so a document's score sums all its windows, and
+       keeps the top-k. A shard's result records its shortlist's digest and is reused only for the same
+       shortlist (a grown corpus changes the global top ``m``). ``counts.windows_rescored`` of
+       ``windows_in_rescored_shards`` is the share of a full pass the model did.
     """
     from pipeline.cluster import run_units
 
-    cfg = ctx.cfg
-    calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), cfg.score.top_k, ctx.queries_id, cfg.run.overwrite,
-                        None, shortlist_url(ctx, s))) for s in shards]
-    log.info("rescore: the store's top %d per query and polarity in %d shard(s), exactly with the model",
-             cfg.store.rescore, len(shards))
+    cfg, storage = ctx.cfg, ctx.storage
+    first = [s for s in ctx.shards if read_file_commit(storage, shortlist_url(ctx, s)) is None]
+    if first:
+        log.info("two-stage: the store's top %d of %d shard(s)", cfg.store.rescore, len(first))
+        _store_results(ctx, first, lambda s: shortlist_url(ctx, s), cfg.store.rescore, "score: shortlist from store")
+    selection = global_shortlist(ctx)
+    digests = {sid: shortlist_digest(*sel) for sid, sel in selection.items()}
+    todo = [s for s in ctx.shards if not _current(ctx, s, digests[s.shard_id])]
+    ctx.counts.update(shards_scored=len(todo), shards_reused=len(ctx.shards) - len(todo),
+                      store_shortlists_scored=len(first))
+    if not todo:
+        return []
+    # replace=True: a committed result for another shortlist (the corpus changed) is replaced, marker last.
+    calls = [("score", (s, ctx.queries_url, ctx.shard_url(s), cfg.score.top_k, ctx.queries_id, True,
+                        None, selection[s.shard_id])) for s in todo]
+    log.info("two-stage: the model rescores the global top %d per query and polarity in %d shard(s)",
+             cfg.store.rescore, len(todo))
     commits = run_units(ctx.workers, calls, "score: rescore shortlist", stall_timeout_s=cfg.cluster.stall_timeout_s)
     scored = sum(c.num_windows_scored or 0 for c in commits)
     total = sum(c.num_windows or 0 for c in commits)
     ctx.counts.update(windows_rescored=scored, windows_in_rescored_shards=total)
-    log.info("rescore: %d of %d windows (%.1f%%) scored with the model", scored, total, 100 * scored / max(total, 1))
+    log.info("two-stage: %d of %d windows (%.1f%%) scored by the model", scored, total, 100 * scored / max(total, 1))
     return commits
 
 

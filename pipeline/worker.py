@@ -50,7 +50,7 @@ from pipeline.shard_result import (
     shard_parquet_bytes,
 )
 from pipeline.storage import Storage
-from pipeline.store import StoreTarget, StoreWriter, read_basis
+from pipeline.store import StoreTarget, StoreWriter, read_basis, shortlist_digest
 
 log = logging.getLogger(__name__)
 
@@ -258,16 +258,17 @@ class ShardWorker:
 
     def score(
         self, shard: Shard, queries_url: str, out_url: str, top_k: int, queries_id: str | None = None,
-        replace: bool = False, store: StoreTarget | None = None, shortlist: str | None = None,
+        replace: bool = False, store: StoreTarget | None = None,
+        shortlist: tuple[list[int], list[int]] | None = None,
     ) -> Commit:
         """Top-k proponents and opponents per query within one shard, committed at ``out_url``.
 
         ``queries_id`` and ``top_k`` are recorded in the commit so the driver can tell a stale result;
         ``replace`` rescores a committed shard (``run.overwrite``). ``store``: the pass also writes the
         shard's gradient store file (`pipeline.store`) unless committed, rescoring the shard to get it.
-        ``shortlist``: a committed shard result (the store's, ``store.rescore``) naming the windows and
-        documents to score: only those windows and every other window of their documents are scored,
-        so every document ranked has all its windows summed.
+        ``shortlist``: ``(windows, documents)``, local indices (two-stage, ``store.rescore``): only every
+        window of each document named, or holding a window named, is scored, so every document ranked
+        has all its windows summed; the commit records the shortlist's digest.
         """
         store_url = store.shard_url(self.storage.root, shard.shard_id) if store is not None else None
         if store_url is not None and already_committed(self.storage, store_url) is not None:
@@ -280,7 +281,7 @@ class ShardWorker:
             docs = self._documents(shard)
             seqs, skipped = self._encode(docs)
             doc_of = document_indices(docs, seqs)
-            indices = self._selected(shortlist, doc_of, len(docs)) if shortlist is not None else range(len(seqs))
+            indices = range(len(seqs)) if shortlist is None else self._selected(shortlist, doc_of, len(docs))
             acc = TopK(len(queries.query_ids), top_k)
             doc_acc = DocumentTopK(shard.index, len(queries.query_ids), top_k)
             nonfinite: list[str] = []
@@ -312,6 +313,7 @@ class ShardWorker:
                 "seconds": round(time.perf_counter() - started, 3),
                 "top_k": top_k,
                 "queries_id": queries_id,
+                "shortlist": None if shortlist is None else shortlist_digest(*shortlist),
             }
             return write, recorded
 
@@ -323,15 +325,14 @@ class ShardWorker:
             self._basis = (store.basis_url, read_basis(self.storage, store.basis_url, store.key))
         return self._basis[1]
 
-    def _selected(self, shortlist: str, doc_of: list[int], num_docs: int) -> list[int]:
+    @staticmethod
+    def _selected(shortlist: tuple[list[int], list[int]], doc_of: list[int], num_docs: int) -> list[int]:
         """The windows to rescore: every window of each document the ``shortlist`` names or holds a window of."""
-        from pipeline.store import shortlisted
-
-        windows, documents = shortlisted(self.storage, shortlist)
+        windows, documents = shortlist
         if max(windows, default=-1) >= len(doc_of) or max(documents, default=-1) >= num_docs:
-            raise ValueError(f"shortlist {shortlist} names windows or documents this shard does not have "
-                             f"({len(doc_of)} windows); was it scored under another tokenisation?")
-        keep = documents | {doc_of[w] for w in windows}
+            raise ValueError(f"the shortlist names windows or documents this shard does not have ({len(doc_of)} "
+                             f"windows, {num_docs} documents); was it scored under another tokenisation?")
+        keep = set(documents) | {doc_of[w] for w in windows}
         return [i for i, d in enumerate(doc_of) if d in keep]
 
     def _score_windows(self, shard, seqs, queries, acc, doc_acc, doc_of, nonfinite, kept, indices) -> None:

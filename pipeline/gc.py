@@ -12,7 +12,8 @@ so is what its manifest references. A policy that would delete the run
 
 What a kept run references, from its manifest: its factors (``factors/{id}/``,
 their pin), its query gradients (``queries/{id}/``) and its shard results
-(``results/{key}/{shard_id}.parquet`` for the shards it lists), and the
+(``results/{key}/{shard_id}.parquet`` for the shards it lists; for a
+two-stage run also its shortlists under ``results.shortlist_key``), and the
 gradient stores of its factors (``store/{id}/``: their blocks of its query
 sets and of the shards it lists). Everything else under ``factors/``,
 ``queries/``, ``results/``, ``store/`` and ``factor_pins/`` goes,
@@ -116,9 +117,10 @@ def _references(storage, run_ids: list[str]) -> tuple[set[str], set[str], set[tu
             continue
         factors.add(m["factors_id"])
         queries.add(m["queries_id"])
-        key = (m.get("results") or {}).get("key")
-        if key:
-            results |= {(key, s) for s in m["shards"]}
+        for name in ("key", "shortlist_key"):  # shortlist_key: two-stage runs' first stage
+            key = (m.get("results") or {}).get(name)
+            if key:
+                results |= {(key, s) for s in m["shards"]}
     return factors, queries, results
 
 

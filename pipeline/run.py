@@ -306,6 +306,10 @@ def write_manifest(ctx: RunContext, table_url: str) -> dict:
         "results": {"key": ctx.results_key.id, "setting": ctx.results_key.to_json(),
                     "url": layout.results_dir(ctx.storage.root, ctx.results_key.id)},
     }
+    if ctx.results_key.rescore:  # two-stage: the store's shortlists too (kept by gc with the run)
+        from pipeline.store import shortlist_key
+
+        manifest["results"]["shortlist_key"] = shortlist_key(ctx).id
     # Per file: its shards, and how many were scored by this run (the others reused committed results).
     manifest["corpus"]["files"] = corpus_files_json(ctx.files, ctx.shards, ctx.counts.get("shards_scored_per_file", {}))
     root = ctx.storage.root

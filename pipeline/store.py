@@ -413,10 +413,14 @@ def _store_results(ctx, shards: list, out_url: Callable, top_k: int, desc: str) 
     return _tasks(ctx, score_store_shard, jobs, desc)
 
 
+def shortlist_key(ctx):
+    """The results key of two-stage's first stage: the store's results at top-k ``store.rescore``."""
+    return replace(ctx.results_key, rescore=0, top_k=ctx.cfg.store.rescore)
+
+
 def shortlist_url(ctx, shard) -> str:
     """Where two-stage scoring keeps the store's top ``store.rescore`` of a shard: a store result at that top-k."""
-    key = replace(ctx.results_key, rescore=0, top_k=ctx.cfg.store.rescore)
-    return layout.shared_shard_result(ctx.storage.root, key.id, shard.shard_id)
+    return layout.shared_shard_result(ctx.storage.root, shortlist_key(ctx).id, shard.shard_id)
 
 
 def global_shortlist(ctx) -> dict[str, tuple[list[int], list[int]]]:

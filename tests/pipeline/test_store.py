@@ -331,6 +331,14 @@ def test_two_stage_scores_only_the_shortlisted_documents_with_the_model(rescored
     keys = {n: r["manifest"]["results"]["setting"] for n, r in rescored.items() if n != "again"}
     assert keys["rescore-b"]["rescore"] == TOP_K and keys["rescore-b"]["store"] == counts["store_id"]
     assert "rescore" not in keys["exact-b-all"] and "store" not in keys["exact-b-all"]
+    # The manifest names the shortlists' results too, so gc keeps them with the run.
+    from pipeline.gc import _references
+    from pipeline.store import shortlist_key
+
+    ctx = rescored["rescore-b"]["ctx"]
+    assert rescored["rescore-b"]["manifest"]["results"]["shortlist_key"] == shortlist_key(ctx).id
+    _, _, referenced = _references(ctx.storage, ["rescore-b"])
+    assert {(shortlist_key(ctx).id, s.shard_id) for s in ctx.shards} <= referenced
 
 
 def test_two_stage_with_every_window_shortlisted_equals_the_exact_pass(rescored):

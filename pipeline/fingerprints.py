@@ -7,8 +7,10 @@ file's result under the *identity* the filesystem reports without reading
 the file: its size and ETag on object storage, its size, inode and
 modification time (ns) on a local disk. A file whose identity is unchanged
 is taken from the cache; any other is read and hashed again. The identity is
-only a cache key: shard ids still hash the content (an object re-uploaded
-with the same bytes gets a new ETag, is re-hashed, and keeps its ids).
+only a cache key: shard ids still hash the content. An object re-uploaded
+with the same bytes in one part keeps its ETag (S3's is the MD5 of the bytes)
+and is taken from the cache; one whose ETag changes with the same bytes (a
+multipart upload, another store's version tag) is re-hashed and keeps its ids.
 
 One JSON object per corpus path at
 ``{storage.root}/corpus_fingerprints/{digest of corpus.path}.json``. It also

@@ -82,7 +82,9 @@ def exit_on_error():
     Yields a `FailureLog` the job points at storage once it knows the run.
     Any other exception raised on the driver, a plain ``ValueError`` included,
     is a bug and keeps its traceback (set HYDRA_FULL_ERROR=1 to see it unabridged).
+    Also quiets the storage libraries' INFO logs (`quiet_libraries`).
     """
+    quiet_libraries()
     failure_log = FailureLog()
     try:
         yield failure_log
@@ -99,6 +101,17 @@ def exit_on_error():
             log.error("the remote traceback is in %s", where)
             log.error("%s", line)
         sys.exit(status)
+
+
+# Libraries whose INFO lines (e.g. "Found credentials in environment variables.") would land between a
+# job's printed results: Hydra's job logging sends INFO of every logger to stdout.
+QUIET_LOGGERS = ("aiobotocore", "botocore", "s3fs", "fsspec", "urllib3")
+
+
+def quiet_libraries() -> None:
+    """Warnings and errors only from the storage libraries (`QUIET_LOGGERS`); the pipeline's own INFO stays."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # The name the jobs used when only bad input ended them this way.

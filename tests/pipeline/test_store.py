@@ -10,6 +10,11 @@ Integration tier (local Ray in this process, local storage, the small demo):
   and dotted with the queries' preconditioned gradients in the same block
   (float32 store, so the comparison is tight);
 - results from the store are keyed apart from exact ones;
+- with every direction kept (``projection=curvature`` dim 8, ``store.dim`` 12)
+  the store's table equals the full pass of that projected setting;
+- two-stage (``store.rescore``): the store's global top m rescored exactly by
+  the model (every row's score exact, shortlisted windows of the exact top-k
+  kept; with every window shortlisted, the full pass bit for bit);
 - a store of another ``store.dim`` or other factors is refused naming it;
 - a store file that fails verification, or lacks its marker, is reported
   and rebuilt by the model's pass, and the table is still right.
@@ -34,6 +39,7 @@ from pipeline.config import (
     CorpusConfig,
     FactorsConfig,
     ModelConfig,
+    ProjectionConfig,
     QueriesConfig,
     RunConfig,
     ScoreConfig,
@@ -264,6 +270,28 @@ def test_a_store_file_failing_verification_or_uncommitted_is_rebuilt(store_runs,
     manifest = ctx.storage.read_json(layout.run_manifest(root, "store-rebuilt"))
     want = independent_table(root, manifest, small_demo, inputs["rows"], 3)
     assert_same_ranking(read_table(manifest["attribution"]), want, rtol=1e-4)
+
+
+def test_a_store_keeping_every_direction_equals_the_full_pass_of_that_projected_setting(local_ray, small_demo, inputs,
+                                                                                       tmp_path):
+    """projection=curvature dim 8 and store.dim 12: every direction is kept, so the store is that setting exactly."""
+    root = str(tmp_path / "root")
+    projection = ProjectionConfig(dim=8, mode="curvature")
+
+    def cfg(run_id, source):
+        c = make_cfg(small_demo, inputs, root, run_id, queries=inputs["queries_b"], source=source)
+        return replace(c, projection=projection)
+
+    full = stages(cfg("full-pass", "model"), None)
+    forward_counts(full)
+    forward_counts(stages(cfg("from-store", "store"), ["precondition"]))  # reused: the same queries and factors
+    scored = stages(cfg("from-store", "store"), ["score"])
+    assert forward_counts(scored) == [0] and scored.counts["shards_scored"] == 3
+    merged = stages(cfg("from-store", "store"), ["merge"])
+    forward_counts(merged)
+    want = read_table(full.storage.read_json(layout.run_manifest(root, "full-pass"))["attribution"])
+    got = read_table(merged.storage.read_json(layout.run_manifest(root, "from-store"))["attribution"])
+    assert assert_same_ranking(got, want, rtol=1e-4)["rows"] > 0
 
 
 # ---- two-stage: the store's shortlist rescored exactly with the model (store.rescore) ------------------------

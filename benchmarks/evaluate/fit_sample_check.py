@@ -1,0 +1,107 @@
+"""What fitting on a sample costs in fidelity, on the speed benchmark's SmolLM2 inputs.
+
+The factors are fitted on every window (the reference), with the
+eigenvalue correction on a share of the windows (``factors.lambda_sample``),
+and with both passes on a share (``factors.sample_shards``, as a share of
+windows here); each fit's scores with the attribution job's default setting
+(projection off, rank-``score.query_rank`` queries) are compared with the
+reference fit's and with exact EK-FAC (the full fit, dense queries): top-10
+overlap and Spearman, mean over queries. Samples are
+every n-th batch of 8 windows, as the pipeline spreads its shards. Same
+inputs as ``benchmarks.evaluate.rank_check`` (pretrained SmolLM2-135M, the
+planted-facts recipe's documents, empirical Fisher, in process). A fit's cost
+in capture passes over the windows is ``cov + lambda`` shares (plus the
+eigendecompositions, the same for every fit).
+
+    python -m benchmarks.evaluate.fit_sample_check --windows 96 --queries 16 --shares 0.5 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from benchmarks.evaluate.scoring import agreement
+from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
+from benchmarks.speed.inputs import encode_inputs, prepare_inputs
+from pipeline.config import AttributeConfig
+from pipeline.core.ekfac import EKFACFactors, eigendecompose
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine
+from pipeline.core.text import batches_of
+
+
+def every(batches: list, share: float) -> list:
+    """``share`` of ``batches``, evenly spread (at least one)."""
+    step = max(1, round(1 / share))
+    return batches[::step]
+
+
+def scores_with(engine: InfluenceEngine, factors: EKFACFactors, train: list, queries: list, ids: list[str]) -> np.ndarray:
+    grads = engine.query_gradients(queries, factors, ids)
+    out = [engine.score_batch(b, grads).detach().to(torch.float64).cpu() for b in train]
+    return torch.cat(out).numpy()
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--windows", type=int, default=96)
+    parser.add_argument("--queries", type=int, default=16)
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--n-docs", type=int, default=128)
+    parser.add_argument("--window", type=int, default=128)
+    args = parser.parse_args(argv)
+    cfg = BenchmarkConfig(model=BenchModelConfig(preset="smollm2"), n_docs=args.n_docs, window=args.window,
+                          query_counts=[args.queries])
+    d = AttributeConfig()
+    with tempfile.TemporaryDirectory() as work:
+        inputs = prepare_inputs(cfg, work)
+        train, queries = encode_inputs(inputs, args.window, args.queries)
+    train = train[: args.windows]
+    pad = inputs.tokenizer.pad_token_id
+    batches, q_batches = batches_of(train, 8, pad), batches_of(queries, 8, pad)
+    ids = [q.doc_id for q in queries]
+    print(f"{len(train)} windows, {sum(len(t.input_ids) for t in train)} tokens, {len(queries)} queries, "
+          f"query rank {d.score.query_rank}")
+    engine = InfluenceEngine(inputs.model, InfluenceConfig(modules=d.model.modules, damping=d.factors.damping,
+                                                           empirical_fisher=True, query_rank=d.score.query_rank))
+    started = time.perf_counter()
+    full_cov = engine.covariance_sums(batches, seed=0)
+    full_bases = eigendecompose(full_cov)
+    fits = {"full": EKFACFactors.from_parts(engine.factors_meta(), full_bases,
+                                            engine.lambda_sums(batches, full_bases, seed=0))}
+    cost = {"full": (1.0, 1.0)}
+    for share in args.shares:
+        part = every(batches, share)
+        fits[f"lambda {share}"] = EKFACFactors.from_parts(engine.factors_meta(), full_bases,
+                                                          engine.lambda_sums(part, full_bases, seed=0))
+        cost[f"lambda {share}"] = (1.0, len(part) / len(batches))
+        bases = eigendecompose(engine.covariance_sums(part, seed=0))
+        fits[f"both {share}"] = EKFACFactors.from_parts(engine.factors_meta(), bases,
+                                                        engine.lambda_sums(part, bases, seed=0))
+        cost[f"both {share}"] = (len(part) / len(batches), len(part) / len(batches))
+    print(f"fitted in {time.perf_counter() - started:.0f} s")
+    scores = {name: scores_with(engine, factors, batches, q_batches, ids) for name, factors in fits.items()}
+    # Exact EK-FAC: the full fit with dense preconditioned queries (what the default is held to).
+    engine.config = replace(engine.config, query_rank=0)
+    exact = scores_with(engine, fits["full"], batches, q_batches, ids)
+    out = {}
+    for name in fits:
+        cov, lam = cost[name]
+        out[name] = {"capture_passes": round(cov + lam, 3),
+                     "vs_full_fit": agreement(scores[name], scores["full"], 10),
+                     "vs_exact": agreement(scores[name], exact, 10)}
+        print(f"{name}: capture passes {cov:.2f} + {lam:.2f}; top-10 overlap with the full fit (same rank) "
+              f"{out[name]['vs_full_fit']['topk_overlap']:.3f} (Spearman {out[name]['vs_full_fit']['spearman']:.3f}),"
+              f" with exact EK-FAC {out[name]['vs_exact']['topk_overlap']:.3f} "
+              f"(Spearman {out[name]['vs_exact']['spearman']:.3f})")
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return out
+
+
+if __name__ == "__main__":
+    main()

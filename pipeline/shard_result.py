@@ -158,7 +158,7 @@ class KeptBreakdowns:
         self.shares: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, acc: TopK, locals_: Sequence[int], per_layer: torch.Tensor, per_token: torch.Tensor) -> None:
-        """``per_layer`` ``(B, Q, L)`` and ``per_token`` ``(B, Q, T)`` of the batch of windows ``locals_`` (in order)."""
+        """``per_layer`` ``(B, Q, L)``, ``per_token`` ``(B, Q, T)`` of the batch of windows ``locals_`` (in order)."""
         wanted = {(key & 0xFFFFFFFF, q) for q in range(per_layer.shape[1]) for *_, key in ranked(acc, q, self.limit)}
         row = {local: b for b, local in enumerate(locals_)}
         new = [(local, q) for local, q in wanted if local in row and (local, q) not in self.shares]

@@ -41,7 +41,9 @@ def every(batches: list, share: float) -> list:
     return batches[::step]
 
 
-def scores_with(engine: InfluenceEngine, factors: EKFACFactors, train: list, queries: list, ids: list[str]) -> np.ndarray:
+def scores_with(engine: InfluenceEngine, factors: EKFACFactors, train: list, queries: list,
+                ids: list[str]) -> np.ndarray:
+    """``(windows, queries)`` scores of ``train`` batches against ``queries`` preconditioned with ``factors``."""
     grads = engine.query_gradients(queries, factors, ids)
     out = [engine.score_batch(b, grads).detach().to(torch.float64).cpu() for b in train]
     return torch.cat(out).numpy()

@@ -1,6 +1,6 @@
 """The gradient store (issue 8, item 4): written by the score pass, a new query set answered from it without a model.
 
-Integration tier (local Ray in this process, local storage, the small demo):
+Integration tier (local Ray in this process, local storage but for one test on the moto S3 server, the small demo):
 
 - a score pass with ``store.enabled`` writes one committed store file per shard;
 - a new query set with ``score.source=store`` is answered by Ray tasks, and
@@ -16,6 +16,7 @@ Integration tier (local Ray in this process, local storage, the small demo):
   the model (every row's score exact, shortlisted windows of the exact top-k
   kept; with every window shortlisted, the full pass bit for bit);
 - a store of another ``store.dim`` or other factors is refused naming it;
+- on the moto S3 server the store answers with the same table as on local storage;
 - a store file that fails verification, or lacks its marker, is reported
   and rebuilt by the model's pass, and the table is still right.
 """
@@ -292,6 +293,31 @@ def test_a_store_keeping_every_direction_equals_the_full_pass_of_that_projected_
     want = read_table(full.storage.read_json(layout.run_manifest(root, "full-pass"))["attribution"])
     got = read_table(merged.storage.read_json(layout.run_manifest(root, "from-store"))["attribution"])
     assert assert_same_ranking(got, want, rtol=1e-4)["rows"] > 0
+
+
+def test_the_store_on_s3_answers_as_on_local_storage(store_runs, small_demo, inputs, s3_server, s3_env):
+    """storage.root on the moto S3 server (endpoint and credentials as storage.options: Ray started before)."""
+    import s3fs
+
+    options = {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
+    root = f"{s3_env}/attribution"
+
+    def cfg(run_id, queries=None, source="model"):
+        c = make_cfg(small_demo, inputs, root, run_id, queries=queries, source=source)
+        return replace(c, storage=replace(c.storage, options=options))
+
+    forward_counts(stages(cfg("exact-a"), None))  # writes the store on S3
+    b = cfg("store-b", queries=inputs["queries_b"], source="store")
+    forward_counts(stages(b, ["precondition"]))
+    scored = stages(b, ["score"])
+    assert forward_counts(scored) == [0] and scored.counts["shards_scored"] == 3
+    merged = stages(b, ["merge"])
+    forward_counts(merged)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing")
+    assert fs.ls(f"{s3_env[len('s3://'):]}/attribution/store/{scored.counts['store_id']}/shards")
+    manifest = merged.storage.read_json(layout.run_manifest(root, "store-b"))
+    assert manifest["results"]["key"] == store_runs["store_b_manifest"]["results"]["key"]
+    assert_identical_tables(read_table(manifest["attribution"], filesystem=fs), store_runs["store_b_table"])
 
 
 # ---- two-stage: the store's shortlist rescored exactly with the model (store.rescore) ------------------------

@@ -116,13 +116,24 @@ class QueryGradients:
             return torch.cat(out, 1)
         left, right = self.left[name], self.right[name]  # (Q, k_out, r), (Q, k_in, r)
         rank = left.shape[-1]
-        step = max(1, SCORING_CHUNK_ELEMENTS // max(1, batch * tokens * rank))
+        # Only the real tokens are multiplied (padding's vectors are zero); their sums go back in place.
+        real = captured.real_tokens()
+        g_rows, a_rows = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
+        if real is not None:
+            g_rows, a_rows = g_rows[real], a_rows[real]
+        rows = g_rows.shape[0]
+        step = max(1, SCORING_CHUNK_ELEMENTS // max(1, rows * rank))
         for q0 in range(0, left.shape[0], step):
             lq, rq = left[q0 : q0 + step], right[q0 : q0 + step]
             q = lq.shape[0]
-            prod = (g @ lq.permute(1, 0, 2).reshape(lq.shape[1], q * rank)) * (
-                a @ rq.permute(1, 0, 2).reshape(rq.shape[1], q * rank))  # (B, T, q*r)
-            out.append(prod.reshape(batch, tokens, q, rank).sum(-1).transpose(1, 2))
+            prod = (g_rows @ lq.permute(1, 0, 2).reshape(lq.shape[1], q * rank)) * (
+                a_rows @ rq.permute(1, 0, 2).reshape(rq.shape[1], q * rank))  # (rows, q*r)
+            sums = prod.reshape(rows, q, rank).sum(-1)  # (rows, q)
+            if real is not None:
+                placed = sums.new_zeros(batch * tokens, q)
+                placed[real] = sums
+                sums = placed
+            out.append(sums.reshape(batch, tokens, q).transpose(1, 2))
         return torch.cat(out, 1)
 
 

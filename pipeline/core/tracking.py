@@ -113,10 +113,23 @@ class Captured:
     ``a``: ``(batch, tokens, d_in')`` layer inputs (with the bias column,
     transformed); ``g``: ``(batch, tokens, d_out')`` gradients of the summed
     loss w.r.t. the layer outputs (transformed). Masked positions are zero.
+    ``mask``: ``(batch, tokens)``, True = real token, when the batch was
+    recorded with one; per-token products can then skip the padding
+    (``real_tokens``), whose vectors are zero and add nothing.
     """
 
     a: torch.Tensor
     g: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def real_tokens(self) -> torch.Tensor | None:
+        """Flat indices (into ``batch * tokens``) of the real tokens, or None when no position is padding."""
+        if self.mask is None:
+            return None
+        flat = self.mask.reshape(-1)
+        if bool(flat.all()):
+            return None
+        return flat.nonzero().squeeze(1)
 
 
 class LayerCapture:
@@ -191,6 +204,7 @@ class LayerCapture:
                 "tracked weights require grad"
             )
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        mask = None if self._mask is None else self._mask.to(torch.bool)
         captured: dict[str, Captured] = {}
         for name, out, grad in zip(names, outputs, grads):
             g = torch.zeros_like(out) if grad is None else grad
@@ -198,7 +212,7 @@ class LayerCapture:
             if self._mask is not None:
                 g = g * self._mask.unsqueeze(-1).to(g.dtype)
             transform = self.transform_out.get(name)
-            captured[name] = Captured(self._inputs[name], transform(g) if transform is not None else g)
+            captured[name] = Captured(self._inputs[name], transform(g) if transform is not None else g, mask)
         self._inputs.clear()
         self._outputs.clear()
         return captured

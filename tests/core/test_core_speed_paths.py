@@ -1,6 +1,8 @@
 """Exact EK-FAC at speed: the cheaper paths chosen by shape equal the plain ones (float64).
 
 Rotation (Lambda pass, query preconditioning): per token vs per sequence.
+Covariance products: blocked symmetric Gram vs ``x^T x``; padding skipped
+vs every position multiplied.
 Low-rank scoring: per token vs through the per-sequence gradient. Query
 gradients: layer by layer and batch by batch vs all at once. Memory checked
 before query gradients are formed. Lambda fitted on a subset of shards.
@@ -15,7 +17,16 @@ import torch
 
 from pipeline.config import AttributeConfig, ConfigError
 from pipeline.core import queries as queries_module
-from pipeline.core.ekfac import LambdaSums, eigendecompose, per_sequence_gradients, rotated_gradients, rotation_path
+from pipeline.core import ekfac as ekfac_module
+from pipeline.core.ekfac import (
+    CovarianceSums,
+    LambdaSums,
+    eigendecompose,
+    gram,
+    per_sequence_gradients,
+    rotated_gradients,
+    rotation_path,
+)
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryMemoryError
 from pipeline.core.queries import low_rank, scoring_path
 from pipeline.core.projection import ProjectionSpec
@@ -185,6 +196,40 @@ def test_low_rank_scoring_at_full_rank_equals_dense_on_both_paths(projection, ch
             torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="scoring path"):
         low.layer_scores(name, captured[name], path="diagonal")
+
+
+@pytest.mark.parametrize("width", [5, 13, 16])
+def test_blocked_gram_equals_the_plain_product_and_is_exactly_symmetric(width, monkeypatch):
+    x = torch.randn(7, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    monkeypatch.setattr(ekfac_module, "GRAM_MIN_WIDTH", 8)  # 13 and 16 take the blocked path (uneven, even)
+    got = gram(x)
+    torch.testing.assert_close(got, x.T @ x, rtol=TOL, atol=TOL)
+    assert torch.equal(got, got.T)
+
+
+def test_padding_is_skipped_and_every_sum_is_unchanged():
+    """Covariances, Lambda's per-token rotation and low-rank token scores multiply real tokens only.
+
+    Each equals the same sum over every position (padding's vectors are zero) computed without the mask.
+    """
+    engine, factors = fitted("llama", ProjectionSpec(0), 3)
+    batch = collate(random_sequences(4, seed=13), pad_id=TINY_PAD)
+    assert not bool(batch.attention_mask.bool().all())  # the batch has padding
+    captured, _ = engine.capture_batch(batch, projected=True)
+    sums = CovarianceSums.zeros(engine.space_dims(False))
+    sums.update(captured, batch.attention_mask)
+    queries = engine.query_gradients(batches_of(random_queries(3), 3, TINY_PAD), factors, ["a", "b", "c"])
+    for name, c in captured.items():
+        assert c.real_tokens() is not None and len(c.real_tokens()) == int(batch.attention_mask.sum())
+        everywhere = Captured(c.a, c.g)  # no mask: every position multiplied
+        torch.testing.assert_close(sums.a_sum[name], torch.einsum("bti,btj->ij", c.a, c.a), rtol=TOL, atol=TOL)
+        torch.testing.assert_close(sums.s_sum[name], torch.einsum("bto,btp->op", c.g, c.g), rtol=TOL, atol=TOL)
+        q_s, q_a = factors.bases(name, c.g)
+        torch.testing.assert_close(rotated_gradients(c, q_s, q_a, "token"),
+                                   rotated_gradients(everywhere, q_s, q_a, "token"), rtol=TOL, atol=TOL)
+        got = queries.token_scores(name, c)
+        torch.testing.assert_close(got, queries.token_scores(name, everywhere), rtol=TOL, atol=TOL)
+        assert torch.all(got.transpose(1, 2)[~batch.attention_mask.bool()] == 0)  # padding scores exactly zero
 
 
 @pytest.mark.parametrize("rank", [0, 4])

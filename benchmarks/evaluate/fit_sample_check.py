@@ -1,4 +1,4 @@
-"""What fitting on a sample costs in fidelity, on the speed benchmark's SmolLM2 inputs.
+"""What fitting on a sample costs in fidelity, on the speed benchmark's SmolLM2 inputs or the planted facts.
 
 The factors are fitted on every window (the reference), with the
 eigenvalue correction on a share of the windows (``factors.lambda_sample``),
@@ -13,7 +13,15 @@ planted-facts recipe's documents, empirical Fisher, in process). A fit's cost
 in capture passes over the windows is ``cov + lambda`` shares (plus the
 eigendecompositions, the same for every fit).
 
+``--data facts`` takes the inputs of tests/eval/test_smollm2_default_fidelity.py
+instead: the pretrained model, the planted-facts recipe with its own seed
+(``--seed``: 8 facts, 2 copies each, 32 filler documents, windows of 64
+tokens; 48 windows) and its 8 fact queries (``--n-docs`` and ``--window``
+are the benchmark's only). ``--lambda-only`` skips the "both passes on a
+share" fits.
+
     python -m benchmarks.evaluate.fit_sample_check --windows 96 --queries 16 --shares 0.5 0.25
+    python -m benchmarks.evaluate.fit_sample_check --data facts --seed 13 --queries 8 --shares 0.5 0.25 --lambda-only
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import argparse
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,13 +41,44 @@ from benchmarks.speed.inputs import encode_inputs, prepare_inputs
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import EKFACFactors, eigendecompose
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
-from pipeline.core.text import batches_of
+from pipeline.core.text import TokenWindow, batches_of, encode_documents, encode_query, resolve_tokenisation
+
+FACTS_WINDOW = 64
 
 
 def every(batches: list, share: float) -> list:
     """``share`` of ``batches``, evenly spread (at least one)."""
     step = max(1, round(1 / share))
     return batches[::step]
+
+
+def benchmark_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, int, list, list]:
+    """``(model, pad id, windows, queries)``: the speed benchmark's SmolLM2 inputs (as ``rank_check``)."""
+    cfg = BenchmarkConfig(model=BenchModelConfig(preset="smollm2"), n_docs=args.n_docs, window=args.window,
+                          query_counts=[args.queries])
+    with tempfile.TemporaryDirectory() as work:
+        inputs = prepare_inputs(cfg, work)
+        train, queries = encode_inputs(inputs, args.window, args.queries)
+    return inputs.model, inputs.tokenizer.pad_token_id, train, queries
+
+
+def facts_inputs(seed: int) -> tuple[torch.nn.Module, int, list[TokenWindow], list[TokenWindow]]:
+    """``(model, pad id, windows, queries)``: tests/eval/test_smollm2_default_fidelity.py's inputs, recipe ``seed``."""
+    from benchmarks.smollm2_facts import FactsSpec, make_corpus
+    from pipeline import pretrained
+    from pipeline.model_io import load_model_and_tokenizer
+
+    repo = Path(__file__).resolve().parents[2]
+    model, tok = load_model_and_tokenizer(pretrained.build_smollm2(repo / pretrained.DEFAULT_CACHE_DIR))
+    spec = FactsSpec(n_facts=8, copies_per_fact=2, n_filler_docs=32, window=FACTS_WINDOW, seed=seed)
+    docs, facts = make_corpus(spec, tok)
+    tokenisation = resolve_tokenisation(tok, None, None)
+    train, skipped = encode_documents(tok, [(d["id"], d["text"]) for d in docs], FACTS_WINDOW, tokenisation)
+    if skipped:
+        print(f"skipped {len(skipped)} empty documents")
+    queries = [encode_query(tok, f["fact_id"], f["prompt"], f["completion"], FACTS_WINDOW, tokenisation)
+               for f in facts]
+    return model, tok.pad_token_id, train, queries
 
 
 def scores_with(engine: InfluenceEngine, factors: EKFACFactors, train: list, queries: list,
@@ -56,21 +96,23 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--shares", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--n-docs", type=int, default=128)
     parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--data", choices=["benchmark", "facts"], default="benchmark")
+    parser.add_argument("--seed", type=int, default=13, help="the planted-facts recipe's seed (--data facts)")
+    parser.add_argument("--lambda-only", action="store_true", help='skip the "both passes on a share" fits')
     args = parser.parse_args(argv)
-    cfg = BenchmarkConfig(model=BenchModelConfig(preset="smollm2"), n_docs=args.n_docs, window=args.window,
-                          query_counts=[args.queries])
     d = AttributeConfig()
-    with tempfile.TemporaryDirectory() as work:
-        inputs = prepare_inputs(cfg, work)
-        train, queries = encode_inputs(inputs, args.window, args.queries)
+    if args.data == "facts":
+        model, pad, train, queries = facts_inputs(args.seed)
+        queries = queries[: args.queries]
+    else:
+        model, pad, train, queries = benchmark_inputs(args)
     train = train[: args.windows]
-    pad = inputs.tokenizer.pad_token_id
     batches, q_batches = batches_of(train, 8, pad), batches_of(queries, 8, pad)
     ids = [q.doc_id for q in queries]
     print(f"{len(train)} windows, {sum(len(t.input_ids) for t in train)} tokens, {len(queries)} queries, "
           f"query rank {d.score.query_rank}")
-    engine = InfluenceEngine(inputs.model, InfluenceConfig(modules=d.model.modules, damping=d.factors.damping,
-                                                           empirical_fisher=True, query_rank=d.score.query_rank))
+    engine = InfluenceEngine(model, InfluenceConfig(modules=d.model.modules, damping=d.factors.damping,
+                                                    empirical_fisher=True, query_rank=d.score.query_rank))
     started = time.perf_counter()
     full_cov = engine.covariance_sums(batches, seed=0)
     full_bases = eigendecompose(full_cov)
@@ -82,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         fits[f"lambda {share}"] = EKFACFactors.from_parts(engine.factors_meta(), full_bases,
                                                           engine.lambda_sums(part, full_bases, seed=0))
         cost[f"lambda {share}"] = (1.0, len(part) / len(batches))
+        if args.lambda_only:
+            continue
         bases = eigendecompose(engine.covariance_sums(part, seed=0))
         fits[f"both {share}"] = EKFACFactors.from_parts(engine.factors_meta(), bases,
                                                         engine.lambda_sums(part, bases, seed=0))

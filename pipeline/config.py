@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from pipeline.core.influence import PRECISIONS, InfluenceConfig
+from pipeline.core.influence import PRECISIONS, PRODUCT_DTYPES, InfluenceConfig
 from pipeline.core.projection import MODES, ProjectionSpec
 from pipeline.core.tracking import DEFAULT_MODULES
 from pipeline.errors import ConfigError
@@ -116,8 +116,9 @@ class FactorsConfig:
     batch_size: int = 8
     # Fraction (0, 1] of the fitting shards (evenly spread) whose windows fit the eigenvalue correction
     # (Lambda pass), as kronfluence's lambda_max_examples; 1.0 = all. Enters the factors id when < 1.
-    # On SmolLM2-135M 0.5 / 0.25 kept 0.956 / 0.950 of exact EK-FAC's top 10 (all: 0.969) at 1.5 / 1.25
-    # capture passes instead of 2 (docs/figures.md, "Fitting on a sample").
+    # On SmolLM2-135M with 96 windows 0.5 / 0.25 kept 0.956 / 0.950 of exact EK-FAC's top 10 (all: 0.969) at
+    # 1.5 / 1.25 capture passes instead of 2; with 48 windows, Lambda on 24 or 16 of them moved a tenth of the
+    # top 10: what counts is the number of windows fitting Lambda (docs/figures.md, "Fitting on a sample").
     lambda_sample: float = 1.0
     # Factors are pinned per model, tracked layers, Fisher, space, window and tokenisation, and reused as the
     # corpus grows (docs/design.md#nightly-runs). true: refit on the current sample.
@@ -149,6 +150,13 @@ class ScoreConfig:
     # 0.975; rank 8: 0.950, 0.963, 0.875; rank 16: -, 0.988, 0.938), at 1/45 of dense queries' memory
     # (docs/figures.md, "Real model" and "Rank on the benchmark's data").
     query_rank: int = 32
+    # float32 or bfloat16: the dtype of the two large per-token products per layer with which low-rank queries
+    # score a window (their inputs rounded, results multiplied and summed in float32). bfloat16 uses matrix
+    # units (AMX on recent Xeons, GPU tensor cores): on SmolLM2-135M, 100 rank-32 queries, it scored at 1.09x
+    # the ceiling against 0.76x, with the same top-10 overlap with exact EK-FAC (0.975; scores within 5e-5 of
+    # the largest) (docs/figures.md, "Scoring products in bfloat16"). Workers without fast bfloat16 (older
+    # CPUs, GPUs before compute capability 8.0) multiply in float32 instead, as bfloat16 would be slower there.
+    product_dtype: str = "bfloat16"
     # Where the score stage gets the corpus's gradients -- model: a forward and backward pass per window
     # (exact); store: the gradient store a score pass wrote with store.enabled=true, read by Ray tasks with
     # no model (truncated EK-FAC, results keyed apart from exact ones; pipeline/store.py).
@@ -249,6 +257,8 @@ class AttributeConfig:
             (self.corpus.docs_per_shard >= 1, f"corpus.docs_per_shard must be >= 1, got {self.corpus.docs_per_shard}"),
             (self.score.top_k >= 1, f"score.top_k must be >= 1, got {self.score.top_k}"),
             (self.score.batch_size >= 1, f"score.batch_size must be >= 1, got {self.score.batch_size}"),
+            (self.score.product_dtype in PRODUCT_DTYPES,
+             f"score.product_dtype must be one of {PRODUCT_DTYPES}, got {self.score.product_dtype!r}"),
             (self.factors.batch_size >= 1, f"factors.batch_size must be >= 1, got {self.factors.batch_size}"),
             (self.factors.sample_shards >= 0, f"factors.sample_shards must be >= 0, got {self.factors.sample_shards}"),
             (0 <= self.factors.refit_below_share <= 1,
@@ -310,6 +320,7 @@ class AttributeConfig:
             empirical_fisher=self.factors.empirical_fisher,
             precision=self.model.precision,
             query_rank=self.score.query_rank,
+            product_dtype=self.score.product_dtype,
             seed=self.run.seed,
         )
 

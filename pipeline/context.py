@@ -134,7 +134,8 @@ class RunContext:
 
         store = store_id_for_results(c, self.factors_id)
         return ResultsKey(self.queries_id, c.score.top_k, c.score.batch_size, c.model.precision, TOKEN_ROWS,
-                          store=store, rescore=c.store.rescore if store else 0)
+                          store=store, rescore=c.store.rescore if store else 0,
+                          product_dtype=c.score.product_dtype if c.model.precision != "float64" else "float32")
 
     def shard_url(self, shard: Shard) -> str:
         """Where the shard's result for this run's scoring lives (shared by runs, `pipeline.results`)."""

@@ -11,7 +11,7 @@ from typing import Optional
 
 from benchmarks.common import DemoWorldConfig
 from pipeline.config import AttributeConfig, StorageConfig, store_schema, to_typed
-from pipeline.core.influence import InfluenceConfig
+from pipeline.core.influence import PRODUCT_DTYPES, InfluenceConfig
 from pipeline.core.projection import MODES, ProjectionSpec
 from pipeline.errors import ConfigError
 
@@ -107,6 +107,14 @@ class BenchmarkConfig:
     # factors.empirical_fisher of ours and of kronfluence (null: the attribution default, sampled labels).
     # true compares the two implementations without the noise of two different label samples.
     empirical_fisher: Optional[bool] = None
+    # score.product_dtype of every run of ours (null: the attribution default): float32 or bfloat16.
+    product_dtype: Optional[str] = None
+    # factors.lambda_sample of our pipeline runs (null: the attribution default).
+    lambda_sample: Optional[float] = None
+
+    def score_product_dtype(self) -> str:
+        """``product_dtype``, else the attribution job's ``score.product_dtype``."""
+        return AttributeConfig().score.product_dtype if self.product_dtype is None else str(self.product_dtype)
 
     def fisher_empirical(self) -> bool:
         """``empirical_fisher``, else the attribution job's ``factors.empirical_fisher``."""
@@ -124,6 +132,10 @@ class BenchmarkConfig:
             raise ConfigError(f"projection_dim must be >= 0 (0: off) or null, got {self.projection_dim}")
         if self.query_rank is not None and self.query_rank < 0:
             raise ConfigError(f"query_rank must be >= 0 (0: dense) or null, got {self.query_rank}")
+        if self.product_dtype is not None and self.product_dtype not in PRODUCT_DTYPES:
+            raise ConfigError(f"product_dtype must be one of {PRODUCT_DTYPES} or null, got {self.product_dtype!r}")
+        if self.lambda_sample is not None and not 0 < self.lambda_sample <= 1:
+            raise ConfigError(f"lambda_sample must be in (0, 1] or null, got {self.lambda_sample}")
         if self.ours not in OURS:
             raise ConfigError(f"ours must be one of {OURS}, got {self.ours!r}")
         checks = [
@@ -162,7 +174,7 @@ class BenchmarkConfig:
         if dim is not None:
             spec = ProjectionSpec(dim, spec.seed, spec.mode)
         return InfluenceConfig(projection=spec, damping=d.factors.damping, empirical_fisher=self.fisher_empirical(),
-                               query_rank=self.score_query_rank())
+                               query_rank=self.score_query_rank(), product_dtype=self.score_product_dtype())
 
 
 def register_configs() -> None:

@@ -50,6 +50,9 @@ def attribute_config(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int, 
     a.projection.mode = spec.mode
     a.projection.dim = spec.dim if dim is None else dim
     a.score.query_rank = cfg.score_query_rank()
+    a.score.product_dtype = cfg.score_product_dtype()
+    if cfg.lambda_sample is not None:
+        a.factors.lambda_sample = float(cfg.lambda_sample)
     a.factors.empirical_fisher = cfg.fisher_empirical()
     a.cluster.num_workers = num_workers
     if device.type == "cuda":

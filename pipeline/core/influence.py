@@ -48,6 +48,7 @@ from pipeline.core.tracking import (
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "float64", "bf16")
+PRODUCT_DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_QUERY_BYTES = 8 * 2**30
 
 
@@ -73,6 +74,12 @@ class InfluenceConfig:
         ``bf16`` (autocast on CUDA; captured vectors stay float32).
     query_rank: 0 keeps preconditioned query gradients dense; ``r > 0``
         compresses each to rank ``r`` per layer (truncated SVD).
+    product_dtype: ``float32`` (default here; the attribution job's default
+        is ``bfloat16``) or ``bfloat16``: with low-rank queries scored per
+        token, the two large products per layer take their inputs rounded to
+        bfloat16 (``QueryGradients.token_scores``); ignored at
+        ``precision=float64`` and on devices without fast bfloat16
+        (``fast_bfloat16``).
     max_query_bytes: memory budget of the stored query gradients (all
         queries, all layers); ``query_gradients`` raises ``QueryMemoryError``
         before forming them when they would need more.
@@ -85,6 +92,7 @@ class InfluenceConfig:
     empirical_fisher: bool = False
     precision: str = "float32"
     query_rank: int = 0
+    product_dtype: str = "float32"
     max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES
     seed: int = 0
 
@@ -93,6 +101,8 @@ class InfluenceConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.damping is not None and not self.damping >= 0:
             raise ValueError(f"factors.damping must be >= 0 or null, got {self.damping}")
+        if self.product_dtype not in PRODUCT_DTYPES:
+            raise ValueError(f"score.product_dtype must be one of {PRODUCT_DTYPES}, got {self.product_dtype!r}")
         if self.query_rank < 0:
             raise ValueError(f"query_rank must be >= 0, got {self.query_rank}")
         if self.max_query_bytes <= 0:
@@ -117,6 +127,15 @@ class InfluenceEngine:
         if config.precision == "float64":
             self.model = self.model.to(torch.float64)
         self.dtype = torch.float64 if config.precision == "float64" else torch.float32
+        # The dtype of the low-rank scoring products (None: the captured vectors' own). bfloat16 only where the
+        # device multiplies it fast; elsewhere it would be slower than float32, so float32 is used (logged).
+        self.products = None
+        if config.product_dtype == "bfloat16" and self.dtype == torch.float32:
+            if fast_bfloat16(self.device):
+                self.products = torch.bfloat16
+            else:
+                log.info("score.product_dtype=bfloat16: %s has no bfloat16 matrix instructions; "
+                         "scoring products in float32", self.device)
         self.layers = find_tracked_layers(self.model, config.modules)
         prepare_model(self.model, self.layers)
         self.projector = (
@@ -327,7 +346,7 @@ class InfluenceEngine:
         of the ranking and counts them in the shard's commit.
         """
         captured, _ = self.capture_batch(batch, projected=True, label_mode="data")
-        layer_scores = [queries.layer_scores(name, captured[name]) for name in self.layers]
+        layer_scores = [queries.layer_scores(name, captured[name], products=self.products) for name in self.layers]
         total = torch.stack(layer_scores, -1).sum(-1)
         return (total, torch.stack(layer_scores, -1)) if per_layer else total
 
@@ -345,7 +364,7 @@ class InfluenceEngine:
         per_token = None
         per_layer = []
         for name in self.layers:
-            tokens = queries.token_scores(name, captured.pop(name))  # (B, Q, T)
+            tokens = queries.token_scores(name, captured.pop(name), self.products)  # (B, Q, T)
             per_layer.append(tokens.sum(-1))
             per_token = tokens if per_token is None else per_token + tokens
         layers = torch.stack(per_layer, -1)
@@ -354,7 +373,21 @@ class InfluenceEngine:
     def token_scores(self, batch: Batch, queries: QueryGradients) -> torch.Tensor:
         """Per-token, per-layer scores ``(batch, Q, layers, tokens)``; they sum to ``score_batch``."""
         captured, _ = self.capture_batch(batch, projected=True, label_mode="data")
-        return torch.stack([queries.token_scores(name, captured[name]) for name in self.layers], 2)
+        return torch.stack([queries.token_scores(name, captured[name], self.products) for name in self.layers], 2)
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware.
+
+    CUDA: bfloat16 tensor cores (compute capability 8.0 and later, not emulation). CPU: AMX tiles or
+    AVX512-BF16 (torch's CPU feature probes; False where this torch has none).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+    return False
 
 
 def _all_finite(x: torch.Tensor) -> torch.Tensor:

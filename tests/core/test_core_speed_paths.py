@@ -232,6 +232,33 @@ def test_padding_is_skipped_and_every_sum_is_unchanged():
         assert torch.all(got.transpose(1, 2)[~batch.attention_mask.bool()] == 0)  # padding scores exactly zero
 
 
+def test_bfloat16_products_round_only_the_two_products_and_stay_close():
+    """``product_dtype=bfloat16``: low-rank token scores within bfloat16's rounding of the float32 ones.
+
+    Not equal (the inputs are rounded), close (relative 1e-2 of the largest score), and float64 references
+    ignore the setting.
+    """
+    engine, factors = fitted("llama", ProjectionSpec(0), 3)
+    queries = engine.query_gradients(batches_of(random_queries(3), 3, TINY_PAD), factors, ["a", "b", "c"])
+    batch = collate(random_sequences(4, seed=13), pad_id=TINY_PAD)
+    assert InfluenceEngine(engine.model, replace(engine.config, product_dtype="bfloat16")).products is None
+    captured, _ = engine.capture_batch(batch, projected=True)
+    q32 = queries.to("cpu", torch.float32)
+    for name, c in captured.items():
+        c32 = Captured(c.a.float(), c.g.float(), c.mask)
+        plain = q32.token_scores(name, c32)
+        rounded = q32.token_scores(name, c32, torch.bfloat16)
+        assert rounded.dtype == torch.float32 and not torch.equal(rounded, plain)
+        scale = plain.abs().max()
+        torch.testing.assert_close(rounded, plain, rtol=0, atol=1e-2 * float(scale))
+        torch.testing.assert_close(q32.layer_scores(name, c32, "token", torch.bfloat16), rounded.sum(-1))
+        # The sequence path keeps float32 (rounding the summed G is not measured on a real model).
+        sequence = q32.layer_scores(name, c32, "sequence", torch.bfloat16)
+        assert torch.equal(sequence, q32.layer_scores(name, c32, "sequence"))
+    with pytest.raises(ValueError, match="product_dtype"):
+        InfluenceConfig(product_dtype="float16")
+
+
 @pytest.mark.parametrize("rank", [0, 4])
 def test_query_memory_is_checked_before_anything_is_formed(rank, monkeypatch):
     engine, factors = fitted("gpt2", ProjectionSpec(0), rank)

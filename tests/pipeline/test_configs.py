@@ -187,6 +187,7 @@ def test_contract_keys_keep_their_names():
         ("corpus.window=1", "corpus.window"),
         ("corpus.docs_per_shard=0", "corpus.docs_per_shard"),
         ("score.batch_size=0", "score.batch_size"),
+        ("score.product_dtype=float16", "score.product_dtype"),
         ("model.precision=fp8", "model.precision"),
         ("model.precision=bf16", "model.precision"),
         ("run.id=../x", "run.id"),

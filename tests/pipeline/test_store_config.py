@@ -49,6 +49,13 @@ def test_exact_results_keep_their_key_and_store_results_get_another():
     assert replace(exact, store="g-abc").id != exact.id
 
 
+def test_bfloat16_products_key_results_apart_and_float32_keeps_the_key():
+    exact = ResultsKey("q-1", 10, 8, "float32", 5)
+    assert replace(exact, product_dtype="float32").id == exact.id  # left out of the JSON
+    assert replace(exact, product_dtype="bfloat16").to_json()["product_dtype"] == "bfloat16"
+    assert replace(exact, product_dtype="bfloat16").id != exact.id
+
+
 def test_two_stage_results_are_keyed_apart_from_the_stores_and_the_exact_ones():
     exact = ResultsKey("q-1", 10, 8, "fp32", 3)
     store = replace(exact, store="g-1")

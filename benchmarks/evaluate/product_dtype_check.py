@@ -1,0 +1,121 @@
+"""What bfloat16 scoring products cost in fidelity and gain in speed, on the speed benchmark's SmolLM2 inputs.
+
+With low-rank queries scored per token, the score pass's extra work is two
+products per layer, ``g_t . L`` and ``a_t . R`` (``QueryGradients.token_scores``).
+``score.product_dtype=bfloat16`` rounds their inputs to bfloat16 (matrix
+units: AMX on recent Xeons, tensor cores on GPUs). This fits exact EK-FAC on
+the first ``--windows`` windows (empirical Fisher, the attribution job's
+tracked layers and damping), preconditions ``--queries`` queries at the
+default rank and dense (exact EK-FAC), and reports, for float32 and bfloat16
+products: top-10 overlap and Spearman against exact EK-FAC (mean over
+queries), and the score pass's time over ``--timed-batches`` batches of 8
+windows against ``--timed-queries`` queries (the queries repeated to that
+count), side by side with the ceiling (plain forward + backward with every
+weight's gradient), medians of ``--repeats`` alternating repeats.
+
+    python -m benchmarks.evaluate.product_dtype_check --windows 64 --queries 16 --timed-queries 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from benchmarks.evaluate.scoring import agreement
+from benchmarks.evaluate.sweep import ceiling_seconds
+from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
+from benchmarks.speed.inputs import encode_inputs, prepare_inputs
+from pipeline.config import AttributeConfig
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine
+from pipeline.core.queries import QueryGradients
+from pipeline.core.text import batches_of
+
+DTYPES = ("float32", "bfloat16")
+
+
+def scores_of(engine: InfluenceEngine, batches: list, queries: QueryGradients) -> np.ndarray:
+    return torch.cat([engine.score_batch(b, queries).detach().to(torch.float64).cpu() for b in batches]).numpy()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--queries", type=int, default=16)
+    parser.add_argument("--timed-queries", type=int, default=100)
+    parser.add_argument("--timed-batches", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--n-docs", type=int, default=128)
+    parser.add_argument("--window", type=int, default=128)
+    args = parser.parse_args(argv)
+    cfg = BenchmarkConfig(model=BenchModelConfig(preset="smollm2"), n_docs=args.n_docs, window=args.window,
+                          query_counts=[args.queries])
+    d = AttributeConfig()
+    with tempfile.TemporaryDirectory() as work:
+        inputs = prepare_inputs(cfg, work)
+        train, queries = encode_inputs(inputs, args.window, args.queries)
+    train = train[: args.windows]
+    pad = inputs.tokenizer.pad_token_id
+    batches, q_batches = batches_of(train, 8, pad), batches_of(queries, 8, pad)
+    ids = [q.doc_id for q in queries]
+    tokens = sum(len(t.input_ids) for t in train)
+    print(f"{len(train)} windows, {tokens} tokens, {len(queries)} queries, query rank {d.score.query_rank}, "
+          f"threads {torch.get_num_threads()}")
+    base = InfluenceConfig(modules=d.model.modules, damping=d.factors.damping, empirical_fisher=True,
+                           query_rank=d.score.query_rank)
+    engines = {dt: InfluenceEngine(inputs.model, replace(base, product_dtype=dt)) for dt in DTYPES}
+    started = time.perf_counter()
+    factors = engines["float32"].fit(batches)
+    print(f"fitted in {time.perf_counter() - started:.0f} s")
+    low = engines["float32"].query_gradients(q_batches, factors, ids)
+    scores = {dt: scores_of(engines[dt], batches, low) for dt in DTYPES}
+    exact_engine = InfluenceEngine(inputs.model, replace(base, query_rank=0))
+    exact = scores_of(exact_engine, batches, exact_engine.query_gradients(q_batches, factors, ids))
+    out: dict = {}
+    for dt in DTYPES:
+        out[dt] = {"vs_exact": agreement(scores[dt], exact, 10)}
+        print(f"products {dt}: top-10 overlap with exact EK-FAC {out[dt]['vs_exact']['topk_overlap']:.3f} "
+              f"(Spearman {out[dt]['vs_exact']['spearman']:.4f}, worst query {out[dt]['vs_exact']['spearman_min']:.4f})")
+    out["bfloat16"]["vs_float32"] = agreement(scores["bfloat16"], scores["float32"], 10)
+    rel = np.abs(scores["bfloat16"] - scores["float32"]).max() / np.abs(scores["float32"]).max()
+    print(f"bfloat16 vs float32 products: top-10 overlap {out['bfloat16']['vs_float32']['topk_overlap']:.3f}, "
+          f"largest difference {rel:.2e} of the largest score")
+
+    # Speed: the same batches and the queries repeated to --timed-queries, each dtype and the ceiling in turn.
+    reps = -(-args.timed_queries // len(ids))
+    timed_q = QueryGradients.concat([low] * reps)
+    timed_q = QueryGradients(timed_q.query_ids[: args.timed_queries],
+                             left={n: t[: args.timed_queries] for n, t in timed_q.left.items()},
+                             right={n: t[: args.timed_queries] for n, t in timed_q.right.items()})
+    timed = batches[: args.timed_batches]
+    timed_tokens = int(sum(int(b.attention_mask.sum()) for b in timed))
+    seconds: dict[str, list[float]] = {"ceiling": [], **{dt: [] for dt in DTYPES}}
+    for dt in DTYPES:
+        engines[dt].score_batch(timed[0], timed_q)  # warm-up
+    for _ in range(args.repeats):
+        seconds["ceiling"].append(ceiling_seconds(inputs.model, timed, torch.device("cpu")))
+        for dt in DTYPES:
+            t0 = time.perf_counter()
+            for b in timed:
+                engines[dt].score_batch(b, timed_q)
+            seconds[dt].append(time.perf_counter() - t0)
+    ceiling = statistics.median(seconds["ceiling"])
+    print(f"timed: {len(timed)} batches, {timed_tokens} tokens, {args.timed_queries} queries; ceiling "
+          f"{timed_tokens / ceiling:.0f} tokens/s (median of {args.repeats})")
+    for dt in DTYPES:
+        s = statistics.median(seconds[dt])
+        out[dt]["tokens_per_s"] = timed_tokens / s
+        out[dt]["ceiling_ratio"] = ceiling / s
+        print(f"products {dt}: score {timed_tokens / s:.0f} tokens/s, {ceiling / s:.2f}x the ceiling "
+              f"(runs {', '.join(f'{x:.1f}' for x in seconds[dt])} s)")
+    out["ceiling_tokens_per_s"] = timed_tokens / ceiling
+    return out
+
+
+if __name__ == "__main__":
+    main()

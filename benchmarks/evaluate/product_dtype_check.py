@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
     out: dict = {}
     for dt in DTYPES:
         out[dt] = {"vs_exact": agreement(scores[dt], exact, 10)}
-        print(f"products {dt}: top-10 overlap with exact EK-FAC {out[dt]['vs_exact']['topk_overlap']:.3f} "
-              f"(Spearman {out[dt]['vs_exact']['spearman']:.4f}, worst query {out[dt]['vs_exact']['spearman_min']:.4f})")
+        a = out[dt]["vs_exact"]
+        print(f"products {dt}: top-10 overlap with exact EK-FAC {a['topk_overlap']:.3f} "
+              f"(Spearman {a['spearman']:.4f}, worst query {a['spearman_min']:.4f})")
     out["bfloat16"]["vs_float32"] = agreement(scores["bfloat16"], scores["float32"], 10)
     rel = np.abs(scores["bfloat16"] - scores["float32"]).max() / np.abs(scores["float32"]).max()
     print(f"bfloat16 vs float32 products: top-10 overlap {out['bfloat16']['vs_float32']['topk_overlap']:.3f}, "

@@ -53,6 +53,8 @@ class FactorsKey:
     lambda_shards: tuple[str, ...] | None = None
     # BOS/EOS around every document (corpus.add_bos/add_eos, resolved): they change every window's tokens.
     tokenisation: Tokenisation = _PLAIN
+    # factors.product_dtype: "float32" (left out of the JSON, so earlier ids stay) or "bfloat16".
+    products: str = "float32"
 
     @classmethod
     def of(
@@ -72,6 +74,7 @@ class FactorsKey:
             shards=tuple(shard_ids),
             lambda_shards=None if lambda_shards == tuple(shard_ids) else lambda_shards,
             tokenisation=tokenisation,
+            products="float32" if influence.precision == "float64" else influence.fit_product_dtype,
         )
 
     def to_json(self) -> dict:
@@ -86,6 +89,7 @@ class FactorsKey:
             "shards": list(self.shards),
             **({} if self.lambda_shards is None else {"lambda_shards": list(self.lambda_shards)}),
             **_tokenisation_json(self.tokenisation),
+            **({} if self.products == "float32" else {"products": self.products}),
         }
 
     @classmethod
@@ -93,7 +97,7 @@ class FactorsKey:
         projection = None if d["projection"] is None else ProjectionSpec(**d["projection"])
         lambda_shards = tuple(d["lambda_shards"]) if "lambda_shards" in d else None
         return cls(d["model"], d["modules"], d["fisher"], d["space"], projection, d["window"], d["seed"],
-                   tuple(d["shards"]), lambda_shards, _tokenisation_of(d))
+                   tuple(d["shards"]), lambda_shards, _tokenisation_of(d), d.get("products", "float32"))
 
     @property
     def id(self) -> str:

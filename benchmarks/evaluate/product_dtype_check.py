@@ -13,6 +13,11 @@ windows against ``--timed-queries`` queries (the queries repeated to that
 count), side by side with the ceiling (plain forward + backward with every
 weight's gradient), medians of ``--repeats`` alternating repeats.
 
+The fit's products (``factors.product_dtype``: the covariances and Lambda's
+rotation) are checked the same way: a second fit with bfloat16 products,
+scored with the default setting against the same exact EK-FAC, and both
+fits' two capture passes timed over the timed batches.
+
     python -m benchmarks.evaluate.product_dtype_check --windows 64 --queries 16 --timed-queries 100
 """
 
@@ -32,6 +37,7 @@ from benchmarks.evaluate.sweep import ceiling_seconds
 from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
 from benchmarks.speed.inputs import encode_inputs, prepare_inputs
 from pipeline.config import AttributeConfig
+from pipeline.core.ekfac import eigendecompose
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.queries import QueryGradients
 from pipeline.core.text import batches_of
@@ -69,9 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
     base = InfluenceConfig(modules=d.model.modules, damping=d.factors.damping, empirical_fisher=True,
                            query_rank=d.score.query_rank)
     engines = {dt: InfluenceEngine(inputs.model, replace(base, product_dtype=dt)) for dt in DTYPES}
+    fitters = {dt: InfluenceEngine(inputs.model, replace(base, fit_product_dtype=dt)) for dt in DTYPES}
     started = time.perf_counter()
-    factors = engines["float32"].fit(batches)
+    factors = fitters["float32"].fit(batches)
     print(f"fitted in {time.perf_counter() - started:.0f} s")
+    started = time.perf_counter()
+    factors16 = fitters["bfloat16"].fit(batches)
+    print(f"fitted with bfloat16 products in {time.perf_counter() - started:.0f} s")
     low = engines["float32"].query_gradients(q_batches, factors, ids)
     scores = {dt: scores_of(engines[dt], batches, low) for dt in DTYPES}
     exact_engine = InfluenceEngine(inputs.model, replace(base, query_rank=0))
@@ -86,6 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
     rel = np.abs(scores["bfloat16"] - scores["float32"]).max() / np.abs(scores["float32"]).max()
     print(f"bfloat16 vs float32 products: top-10 overlap {out['bfloat16']['vs_float32']['topk_overlap']:.3f}, "
           f"largest difference {rel:.2e} of the largest score")
+    # The default setting (bfloat16 scoring products) on the factors fitted with bfloat16 products.
+    fit16 = scores_of(engines["bfloat16"], batches, engines["float32"].query_gradients(q_batches, factors16, ids))
+    out["fit_bfloat16"] = {"vs_exact": agreement(fit16, exact, 10),
+                           "vs_fit_float32": agreement(fit16, scores["bfloat16"], 10)}
+    a = out["fit_bfloat16"]
+    print(f"fit with bfloat16 products, scored with bfloat16 products: top-10 overlap with exact EK-FAC "
+          f"{a['vs_exact']['topk_overlap']:.3f} (Spearman {a['vs_exact']['spearman']:.4f}, worst query "
+          f"{a['vs_exact']['spearman_min']:.4f}); with the float32 fit's {a['vs_fit_float32']['topk_overlap']:.3f}")
 
     # Speed: the same batches and the queries repeated to --timed-queries, each dtype and the ceiling in turn.
     reps = -(-args.timed_queries // len(ids))
@@ -95,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
                              right={n: t[: args.timed_queries] for n, t in timed_q.right.items()})
     timed = batches[: args.timed_batches]
     timed_tokens = int(sum(int(b.attention_mask.sum()) for b in timed))
-    seconds: dict[str, list[float]] = {"ceiling": [], **{dt: [] for dt in DTYPES}}
+    seconds: dict[str, list[float]] = {"ceiling": []}
+    seconds.update({dt: [] for dt in DTYPES} | {f"fit {dt}": [] for dt in DTYPES})
+    bases = eigendecompose(fitters["float32"].covariance_sums(timed))  # the basis the timed Lambda pass uses
     for dt in DTYPES:
         engines[dt].score_batch(timed[0], timed_q)  # warm-up
     for _ in range(args.repeats):
@@ -105,6 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
             for b in timed:
                 engines[dt].score_batch(b, timed_q)
             seconds[dt].append(time.perf_counter() - t0)
+        for dt in DTYPES:  # the fit's two capture passes (covariances, then Lambda in the fitted basis)
+            t0 = time.perf_counter()
+            fitters[dt].covariance_sums(timed)
+            fitters[dt].lambda_sums(timed, bases)
+            seconds[f"fit {dt}"].append(time.perf_counter() - t0)
     ceiling = statistics.median(seconds["ceiling"])
     print(f"timed: {len(timed)} batches, {timed_tokens} tokens, {args.timed_queries} queries; ceiling "
           f"{timed_tokens / ceiling:.0f} tokens/s (median of {args.repeats})")
@@ -114,6 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
         out[dt]["ceiling_ratio"] = ceiling / s
         print(f"products {dt}: score {timed_tokens / s:.0f} tokens/s, {ceiling / s:.2f}x the ceiling "
               f"(runs {', '.join(f'{x:.1f}' for x in seconds[dt])} s)")
+    for dt in DTYPES:
+        s = statistics.median(seconds[f"fit {dt}"])
+        out[f"fit_{dt}_ceiling_passes"] = s / ceiling
+        print(f"fit products {dt}: the two capture passes take {s / ceiling:.2f} ceiling passes "
+              f"(runs {', '.join(f'{x:.1f}' for x in seconds[f'fit {dt}'])} s)")
     out["ceiling_tokens_per_s"] = timed_tokens / ceiling
     return out
 

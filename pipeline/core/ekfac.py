@@ -72,11 +72,13 @@ class CovarianceSums:
             {n: torch.zeros(d_out, d_out, dtype=f64, device=device) for n, (d_out, d_in) in dims.items()},
         )
 
-    def update(self, captured: dict[str, Captured], mask: torch.Tensor) -> None:
+    def update(self, captured: dict[str, Captured], mask: torch.Tensor, products: torch.dtype | None = None) -> None:
         """Add one batch; ``mask``: ``(batch, tokens)``. Masked vectors are already zero.
 
         Padding adds nothing, so only the real tokens enter the products
         (``mask`` picks them; a capture's own mask is the same one).
+        ``products`` (e.g. ``torch.bfloat16``): the vectors are rounded to it
+        for the products (matrix units), the batch's sums added in float64.
         """
         self.num_tokens += int(mask.sum())
         flat = mask.reshape(-1).to(torch.bool)
@@ -86,6 +88,8 @@ class CovarianceSums:
             g = c.g.reshape(-1, c.g.shape[-1])
             if real is not None:
                 a, g = a[real], g[real]
+            if products is not None:
+                a, g = a.to(products), g.to(products)
             # Sum in the capture dtype per batch; accumulate across batches in float64.
             self.a_sum[name] += gram(a).to(torch.float64)
             self.s_sum[name] += gram(g).to(torch.float64)
@@ -201,14 +205,23 @@ class LambdaSums:
         return cls({n: torch.zeros(d_out, d_in, dtype=torch.float64, device=device) for n, (d_out, d_in) in dims.items()})
 
     def update(
-        self, captured: dict[str, Captured], bases: Eigenbases, num_sequences: int, path: str | None = None
+        self, captured: dict[str, Captured], bases: Eigenbases, num_sequences: int, path: str | None = None,
+        products: torch.dtype | None = None,
     ) -> None:
-        """Add one batch of ``num_sequences`` sequences (``path``: see ``rotated_gradients``)."""
+        """Add one batch of ``num_sequences`` sequences (``path``: see ``rotated_gradients``).
+
+        ``products`` (e.g. ``torch.bfloat16``): the rotation's products take
+        their inputs in that dtype; the rotated gradients are squared and
+        summed in the vectors' dtype, accumulated in float64.
+        """
         self.num_sequences += num_sequences
         for name, c in captured.items():
-            q_a = bases.q_a[name].to(device=c.a.device, dtype=c.a.dtype)
-            q_s = bases.q_s[name].to(device=c.g.device, dtype=c.g.dtype)
-            rotated = rotated_gradients(c, q_s, q_a, path)
+            dtype = c.a.dtype if products is None else products
+            q_a = bases.q_a[name].to(device=c.a.device, dtype=dtype)
+            q_s = bases.q_s[name].to(device=c.g.device, dtype=dtype)
+            if products is not None:
+                c = Captured(c.a.to(products), c.g.to(products), c.mask)
+            rotated = rotated_gradients(c, q_s, q_a, path).to(captured[name].a.dtype)
             self.sums[name] += (rotated**2).sum(0).to(torch.float64)
 
     def __add__(self, other: "LambdaSums") -> "LambdaSums":

@@ -80,6 +80,10 @@ class InfluenceConfig:
         bfloat16 (``QueryGradients.token_scores``); ignored at
         ``precision=float64`` and on devices without fast bfloat16
         (``fast_bfloat16``).
+    fit_product_dtype: the same for the fit's per-token products (the
+        covariances ``a a^T``, ``g g^T`` and Lambda's rotation into the
+        eigenbasis); ``float32`` by default, ``bfloat16`` is
+        ``factors.product_dtype``.
     max_query_bytes: memory budget of the stored query gradients (all
         queries, all layers); ``query_gradients`` raises ``QueryMemoryError``
         before forming them when they would need more.
@@ -93,6 +97,7 @@ class InfluenceConfig:
     precision: str = "float32"
     query_rank: int = 0
     product_dtype: str = "float32"
+    fit_product_dtype: str = "float32"
     max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES
     seed: int = 0
 
@@ -103,6 +108,8 @@ class InfluenceConfig:
             raise ValueError(f"factors.damping must be >= 0 or null, got {self.damping}")
         if self.product_dtype not in PRODUCT_DTYPES:
             raise ValueError(f"score.product_dtype must be one of {PRODUCT_DTYPES}, got {self.product_dtype!r}")
+        if self.fit_product_dtype not in PRODUCT_DTYPES:
+            raise ValueError(f"factors.product_dtype must be one of {PRODUCT_DTYPES}, got {self.fit_product_dtype!r}")
         if self.query_rank < 0:
             raise ValueError(f"query_rank must be >= 0, got {self.query_rank}")
         if self.max_query_bytes <= 0:
@@ -129,13 +136,8 @@ class InfluenceEngine:
         self.dtype = torch.float64 if config.precision == "float64" else torch.float32
         # The dtype of the low-rank scoring products (None: the captured vectors' own). bfloat16 only where the
         # device multiplies it fast; elsewhere it would be slower than float32, so float32 is used (logged).
-        self.products = None
-        if config.product_dtype == "bfloat16" and self.dtype == torch.float32:
-            if fast_bfloat16(self.device):
-                self.products = torch.bfloat16
-            else:
-                log.info("score.product_dtype=bfloat16: %s has no bfloat16 matrix instructions; "
-                         "scoring products in float32", self.device)
+        self.products = self._products(config.product_dtype, "score.product_dtype")
+        self.fit_products = self._products(config.fit_product_dtype, "factors.product_dtype")
         self.layers = find_tracked_layers(self.model, config.modules)
         prepare_model(self.model, self.layers)
         self.projector = (
@@ -143,6 +145,15 @@ class InfluenceEngine:
         )
         self._fingerprint: str | None = None
         self._capture_observer: Callable[[dict[str, Captured]], None] | None = None
+
+    def _products(self, name: str, key: str) -> torch.dtype | None:
+        """``torch.bfloat16`` for ``name == "bfloat16"`` on float32 captures and a device with fast bfloat16."""
+        if name != "bfloat16" or self.dtype != torch.float32:
+            return None
+        if not fast_bfloat16(self.device):
+            log.info("%s=bfloat16: %s has no bfloat16 matrix instructions; multiplying in float32", key, self.device)
+            return None
+        return torch.bfloat16
 
     @contextlib.contextmanager
     def observing_captures(self, observer: Callable[[dict[str, Captured]], None] | None) -> Iterator[None]:
@@ -204,7 +215,7 @@ class InfluenceEngine:
         gen = self._generator(self.config.seed if seed is None else seed)
         for batch in batches:
             captured, _ = self.capture_batch(batch, projected, self._label_mode, gen)
-            sums.update(captured, batch.attention_mask.to(self.device))
+            sums.update(captured, batch.attention_mask.to(self.device), self.fit_products)
         return sums
 
     def lambda_sums(self, batches: Iterable[Batch], bases: Eigenbases, seed: int | None = None) -> LambdaSums:
@@ -214,7 +225,7 @@ class InfluenceEngine:
         gen = self._generator((self.config.seed if seed is None else seed) + 1)
         for batch in batches:
             captured, _ = self.capture_batch(batch, projected, self._label_mode, gen)
-            sums.update(captured, bases, batch.input_ids.shape[0])
+            sums.update(captured, bases, batch.input_ids.shape[0], products=self.fit_products)
         return sums
 
     def factors_meta(self) -> FactorsMeta:

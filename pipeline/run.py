@@ -38,6 +38,7 @@ from pipeline.commit import (
     read_dir_commit,
     read_file_commit,
 )
+from pipeline import heap
 from pipeline.config import STAGES, AttributeConfig, ConfigError
 from pipeline.context import RunContext, check_before_workers, lambda_subset, prepare, worker_spec
 from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
@@ -78,8 +79,12 @@ def _fit(ctx: RunContext) -> str:
     cov = None
     for u, c in zip(cov_urls, cov_commits):
         part = CovarianceSums.from_tensors(storage.read_safetensors(u, c.checksum)[0])
-        cov = part if cov is None else cov + part
+        if cov is None:
+            cov = part
+        else:
+            cov += part  # in place: one sum alive, not two
     bases = eigendecompose(cov)
+    del cov, part
     bases_url = layout.eigenbases(root, fid)
     if not already_committed(storage, bases_url):
         tensors = {f"{n}::Q_A": bases.q_a[n] for n in bases.q_a}
@@ -93,7 +98,10 @@ def _fit(ctx: RunContext) -> str:
     lam = None
     for u, c in zip(lam_urls, lam_commits):
         part = LambdaSums.from_tensors(storage.read_safetensors(u, c.checksum)[0])
-        lam = part if lam is None else lam + part
+        if lam is None:
+            lam = part
+        else:
+            lam += part
     inf = ctx.cfg.influence()
     meta = FactorsMeta(
         model_fingerprint=ctx.model_fp,
@@ -323,6 +331,7 @@ def write_manifest(ctx: RunContext, table_url: str) -> dict:
 def _timed(ctx: RunContext, name: str, fn):
     started = time.perf_counter()
     result = fn(ctx)
+    heap.release()  # the stage's temporaries go back to the OS before the workers' next stage
     ctx.timings[f"{name}_s"] = round(time.perf_counter() - started, 3)
     log.info("stage %s: %.2fs", name, ctx.timings[f"{name}_s"])
     return result

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
+from pipeline import heap
 from pipeline.core.forward import sequence_losses
 from pipeline.core.ekfac import Eigenbases, EKFACFactors
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
@@ -145,6 +146,8 @@ class ShardWorker:
             return done
         write, recorded = compute()
         write(out_url)
+        del write  # the unit's data, held by the closure
+        heap.release()
         return commit_file(self.storage, out_url, **recorded)
 
     # ---- fitting --------------------------------------------------------------------------

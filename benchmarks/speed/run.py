@@ -12,6 +12,7 @@ under ``notes``; nothing is estimated.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 from benchmarks.common import clean_json, machine_info, resolve_device, torch_threads
+from benchmarks.evaluate.sweep import _malloc_trim
 from benchmarks.speed.config import BenchmarkConfig
 from benchmarks.speed.inputs import prepare_inputs
 from benchmarks.speed.memory import memory
@@ -72,6 +74,10 @@ def _run_benchmark(cfg: BenchmarkConfig) -> dict:
         result["score_tokens_per_s_dim0"] = tp["score"]["dim=0"]["tokens_per_s"]
         result["score_to_ceiling_ratio_dim0"] = tp["score"]["dim=0"]["ratio_to_ceiling"]
 
+        # The throughput phase's buffers go back to the OS before the Ray workers start (on a 24 GiB machine
+        # a driver still holding them crowded the workers out: Ray's memory monitor killed them).
+        gc.collect()
+        _malloc_trim()
         log.info("3: against kronfluence")
         vk = versus_kronfluence(cfg, inputs, device, work, notes)
         result["versus_kronfluence"] = vk

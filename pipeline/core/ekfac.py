@@ -29,6 +29,14 @@ def _add_dicts(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> dict[s
     return {k: x[k] + y[k].to(x[k].device) for k in x}
 
 
+def _add_dicts_(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> None:
+    """``x += y`` tensor by tensor, in place (no second copy of the sums)."""
+    if x.keys() != y.keys():
+        raise FactorMismatchError(f"partial sums over different layers: {sorted(x)} vs {sorted(y)}")
+    for k in x:
+        x[k] += y[k].to(x[k].device)
+
+
 # Gram matrices at least this wide are computed block row by block row on and above the diagonal
 # and mirrored (``gram``): GRAM_BLOCKS blocks do (GRAM_BLOCKS + 1) / (2 GRAM_BLOCKS) of the products.
 GRAM_MIN_WIDTH = 1024
@@ -98,6 +106,12 @@ class CovarianceSums:
         return CovarianceSums(
             _add_dicts(self.a_sum, other.a_sum), _add_dicts(self.s_sum, other.s_sum), self.num_tokens + other.num_tokens
         )
+
+    def __iadd__(self, other: "CovarianceSums") -> "CovarianceSums":
+        _add_dicts_(self.a_sum, other.a_sum)
+        _add_dicts_(self.s_sum, other.s_sum)
+        self.num_tokens += other.num_tokens
+        return self
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"{n}::A_sum": t for n, t in self.a_sum.items()}
@@ -226,6 +240,11 @@ class LambdaSums:
 
     def __add__(self, other: "LambdaSums") -> "LambdaSums":
         return LambdaSums(_add_dicts(self.sums, other.sums), self.num_sequences + other.num_sequences)
+
+    def __iadd__(self, other: "LambdaSums") -> "LambdaSums":
+        _add_dicts_(self.sums, other.sums)
+        self.num_sequences += other.num_sequences
+        return self
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"{n}::Lambda_sum": t for n, t in self.sums.items()}

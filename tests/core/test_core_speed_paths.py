@@ -332,6 +332,25 @@ def test_lambda_sample_is_a_deterministic_subset_that_enters_the_factors_id():
         run_context(0.0).lambda_shards
 
 
+def test_partial_sums_add_in_place_as_they_add():
+    """The driver folds shard partials with ``+=`` (one sum alive): the same numbers as ``+``, bit for bit."""
+    engine = InfluenceEngine(tiny_model("gpt2"), InfluenceConfig(precision="float64", empirical_fisher=True))
+    parts = [engine.covariance_sums(batches_of(random_sequences(4, seed=s), 2, TINY_PAD)) for s in (21, 22, 23)]
+    expected = parts[0] + parts[1] + parts[2]
+    bases = eigendecompose(expected)
+    lams = [engine.lambda_sums(batches_of(random_sequences(4, seed=s), 2, TINY_PAD), bases) for s in (21, 22)]
+    lam_expected = lams[0] + lams[1]
+    folded, lam = parts[0], lams[0]
+    folded += parts[1]
+    folded += parts[2]
+    lam += lams[1]
+    assert folded.num_tokens == expected.num_tokens and lam.num_sequences == 8
+    for name in engine.layers:
+        assert torch.equal(folded.a_sum[name], expected.a_sum[name])
+        assert torch.equal(folded.s_sum[name], expected.s_sum[name])
+        assert torch.equal(lam.sums[name], lam_expected.sums[name])
+
+
 def test_lambda_on_fewer_batches_is_the_core_view_of_lambda_sample():
     """In the core a sample is just fewer batches; all of them gives the one-go fit."""
     engine = InfluenceEngine(tiny_model("neox"), InfluenceConfig(precision="float64", empirical_fisher=True))

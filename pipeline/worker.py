@@ -167,11 +167,13 @@ class ShardWorker:
         """Partial eigenvalue-correction sums of one shard in the driver's eigenbases."""
 
         def compute():
+            # Cast once, while parsing, to the dtype the rotation multiplies in (the captured vectors', or
+            # factors.product_dtype's): LambdaSums.update would on every batch.
+            dtype = self.engine.fit_products or self.engine.dtype
             tensors, _ = self.storage.read_safetensors(bases_url, committed_checksum(self.storage, bases_url),
-                                                       cast=lambda name: self.engine.dtype)
+                                                       cast=lambda name: dtype)
             names = list(self.engine.layers)
-            # Cast once to the captured vectors' dtype (LambdaSums.update would on every batch): the same numbers.
-            cast = lambda key: {n: tensors.pop(f"{n}::{key}").to(self.engine.device, self.engine.dtype)  # noqa: E731
+            cast = lambda key: {n: tensors.pop(f"{n}::{key}").to(self.engine.device, dtype)  # noqa: E731
                                 for n in names}
             bases = Eigenbases(cast("Q_A"), {}, cast("Q_S"), {}, 0)
             seqs, _ = self._windows(shard)

@@ -223,6 +223,10 @@ class InfluenceEngine:
         projected = self.config.factor_space == "projected"
         sums = LambdaSums.zeros(self.space_dims(projected), self.device)
         gen = self._generator((self.config.seed if seed is None else seed) + 1)
+        # The bases in the dtype the rotation multiplies in, once (not per batch in LambdaSums.update).
+        dtype = self.fit_products or self.dtype
+        bases = Eigenbases({n: q.to(self.device, dtype) for n, q in bases.q_a.items()}, bases.l_a,
+                           {n: q.to(self.device, dtype) for n, q in bases.q_s.items()}, bases.l_s, bases.num_tokens)
         for batch in batches:
             captured, _ = self.capture_batch(batch, projected, self._label_mode, gen)
             sums.update(captured, bases, batch.input_ids.shape[0], products=self.fit_products)

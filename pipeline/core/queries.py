@@ -119,7 +119,7 @@ class QueryGradients:
             q = min(step, left.shape[0] - q0)
             cols = slice(q0 * rank, (q0 + q) * rank)
             # <L R^T, G> = sum_{o,r} (G R)[o, r] L[o, r]
-            gr = (grads @ r_all[:, cols]).to(dtype).reshape(batch, -1, q * rank)  # (B, k_out, q*r)
+            gr = (grads @ r_all[:, cols]).reshape(batch, -1, q * rank)  # (B, k_out, q*r)
             out.append((gr * l_all[:, cols]).reshape(batch, -1, q, rank).sum(dim=(1, 3)))
         return torch.cat(out, 1)
 

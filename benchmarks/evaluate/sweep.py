@@ -28,8 +28,6 @@ pass.
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import logging
 import threading
 import time
@@ -40,6 +38,7 @@ import numpy as np
 import torch
 
 from benchmarks.evaluate.scoring import SharedCaptureScorer, agreement, projected_size
+from pipeline import heap
 from pipeline.core.ekfac import EKFACFactors, eigendecompose
 from pipeline.core.forward import sequence_losses
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
@@ -81,8 +80,8 @@ def sweep_settings(modes: list[str], dims: list[int], ranks: list[int], seed: in
 class RssSampler:
     """Peak resident set size of this process while in the ``with`` block, sampled every ``interval`` s.
 
-    Before starting, freed heap memory is handed back to the OS (glibc
-    ``malloc_trim``) so an earlier setting's freed buffers do not count.
+    Before starting, freed heap memory is handed back to the OS
+    (``pipeline.heap.release``: glibc ``malloc_trim``) so an earlier setting's freed buffers do not count.
     """
 
     def __init__(self, interval: float = 0.02):
@@ -101,8 +100,7 @@ class RssSampler:
             self.peak_mib = max(self.peak_mib, self._rss())
 
     def __enter__(self) -> "RssSampler":
-        gc.collect()
-        _malloc_trim()
+        heap.release()
         self.start_mib = self.peak_mib = self._rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -112,13 +110,6 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak_mib = max(self.peak_mib, self._rss())
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: the peak may then include freed memory, which only overstates it
-        pass
 
 
 def ceiling_seconds(model: torch.nn.Module, batches: list[Batch], device: torch.device) -> float:

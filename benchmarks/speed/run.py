@@ -12,7 +12,6 @@ under ``notes``; nothing is estimated.
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import logging
 import os
 import shutil
@@ -22,7 +21,6 @@ from dataclasses import asdict
 from typing import Any
 
 from benchmarks.common import clean_json, machine_info, resolve_device, torch_threads
-from benchmarks.evaluate.sweep import _malloc_trim
 from benchmarks.speed.config import BenchmarkConfig
 from benchmarks.speed.inputs import prepare_inputs
 from benchmarks.speed.memory import memory
@@ -30,7 +28,7 @@ from benchmarks.speed.merge import merge_benchmark
 from benchmarks.speed.scaling import scaling
 from benchmarks.speed.throughput import throughput
 from benchmarks.speed.versus_kronfluence import versus_kronfluence
-from pipeline import layout
+from pipeline import heap, layout
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +74,7 @@ def _run_benchmark(cfg: BenchmarkConfig) -> dict:
 
         # The throughput phase's buffers go back to the OS before the Ray workers start (on a 24 GiB machine
         # a driver still holding them crowded the workers out: Ray's memory monitor killed them).
-        gc.collect()
-        _malloc_trim()
+        heap.release()
         log.info("3: against kronfluence")
         vk = versus_kronfluence(cfg, inputs, device, work, notes)
         result["versus_kronfluence"] = vk

@@ -41,7 +41,9 @@ from pipeline.commit import (
 from pipeline import heap
 from pipeline.config import STAGES, AttributeConfig, ConfigError
 from pipeline.context import RunContext, check_before_workers, lambda_subset, prepare, worker_spec
-from pipeline.core.ekfac import CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose
+from pipeline.core.ekfac import (
+    CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose, partial_sums_dtype,
+)
 from pipeline.core.tracking import LayerSpec
 from pipeline.corpus import corpus_files_json
 from pipeline.identity import digest
@@ -78,7 +80,7 @@ def _fit(ctx: RunContext) -> str:
                             "fit: covariances", stall_timeout_s=stall)
     cov = None
     for u, c in zip(cov_urls, cov_commits):
-        part = CovarianceSums.from_tensors(storage.read_safetensors(u, c.checksum)[0])
+        part = CovarianceSums.from_tensors(storage.read_safetensors(u, c.checksum, cast=partial_sums_dtype)[0])
         if cov is None:
             cov = part
         else:
@@ -97,7 +99,7 @@ def _fit(ctx: RunContext) -> str:
                             "fit: eigenvalues", stall_timeout_s=stall)
     lam = None
     for u, c in zip(lam_urls, lam_commits):
-        part = LambdaSums.from_tensors(storage.read_safetensors(u, c.checksum)[0])
+        part = LambdaSums.from_tensors(storage.read_safetensors(u, c.checksum, cast=partial_sums_dtype)[0])
         if lam is None:
             lam = part
         else:

@@ -159,7 +159,7 @@ class ShardWorker:
             seqs, skipped = self._windows(shard)
             sums = self.engine.covariance_sums(self._batches(seqs, self.spec.fit_batch_size), seed=self._seed(shard))
             recorded = {"shard_id": shard.shard_id, "num_tokens": sums.num_tokens, "num_skipped_docs": len(skipped)}
-            return lambda url: self.storage.write_safetensors(url, sums.to_tensors()), recorded
+            return lambda url: self.storage.write_safetensors(url, sums.to_tensors(self.engine.dtype)), recorded
 
         return self._unit(out_url, compute)
 
@@ -179,7 +179,7 @@ class ShardWorker:
             seqs, _ = self._windows(shard)
             sums = self.engine.lambda_sums(self._batches(seqs, self.spec.fit_batch_size), bases, seed=self._seed(shard))
             recorded = {"shard_id": shard.shard_id, "num_sequences": sums.num_sequences}
-            return lambda url: self.storage.write_safetensors(url, sums.to_tensors()), recorded
+            return lambda url: self.storage.write_safetensors(url, sums.to_tensors(self.engine.dtype)), recorded
 
         return self._unit(out_url, compute)
 

@@ -63,6 +63,18 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def partial_sums_dtype(name: str) -> torch.dtype | None:
+    """The dtype a stored partial sum (``::A_sum``, ``::S_sum``, ``::Lambda_sum``) is summed in: float64.
+
+    A shard's partial sums are stored in the dtype of the vectors they were
+    made from (float32 in production: half the bytes of float64, and rounding
+    them, relative 6e-8, is below that of the products themselves; float64
+    for references); the driver adds them in float64. Pass as ``cast`` when
+    reading them.
+    """
+    return torch.float64 if name.endswith(("::A_sum", "::S_sum", "::Lambda_sum")) else None
+
+
 @dataclass
 class CovarianceSums:
     """``A_sum = sum a a^T`` and ``S_sum = sum g g^T`` over unmasked tokens (float64)."""
@@ -113,9 +125,10 @@ class CovarianceSums:
         self.num_tokens += other.num_tokens
         return self
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"{n}::A_sum": t for n, t in self.a_sum.items()}
-        out.update({f"{n}::S_sum": t for n, t in self.s_sum.items()})
+    def to_tensors(self, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+        """The sums as named tensors, in ``dtype`` (see ``PARTIAL_SUMS``)."""
+        out = {f"{n}::A_sum": t.to(dtype) for n, t in self.a_sum.items()}
+        out.update({f"{n}::S_sum": t.to(dtype) for n, t in self.s_sum.items()})
         out["::num_tokens"] = torch.tensor([self.num_tokens], dtype=torch.int64)
         return out
 
@@ -246,8 +259,9 @@ class LambdaSums:
         self.num_sequences += other.num_sequences
         return self
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"{n}::Lambda_sum": t for n, t in self.sums.items()}
+    def to_tensors(self, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+        """The sums as named tensors, in ``dtype`` (see ``PARTIAL_SUMS``)."""
+        out = {f"{n}::Lambda_sum": t.to(dtype) for n, t in self.sums.items()}
         out["::num_sequences"] = torch.tensor([self.num_sequences], dtype=torch.int64)
         return out
 

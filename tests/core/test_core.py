@@ -226,6 +226,32 @@ def test_projector_skips_sides_already_small():
     assert proj.p_in[name] is None and proj.p_out[name].shape == (32, 64)
 
 
+def test_safetensors_writer_is_read_back_by_the_library(tmp_path):
+    """Our writer's bytes are what the ``safetensors`` library reads: every tensor, dtype, shape and the metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load, save
+
+    from pipeline.core.serialization import tensors_to_bytes
+
+    gen = torch.Generator().manual_seed(4)
+    tensors = {"b::S_sum": torch.randn(7, 7, generator=gen, dtype=torch.float64), "a": torch.randn(3, generator=gen),
+               "ids": torch.arange(5, dtype=torch.int32), "flags": torch.tensor([True, False, True]),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "odd": torch.arange(3, dtype=torch.uint8),
+               "half": torch.randn(2, 3, generator=gen).to(torch.bfloat16),
+               "view": torch.randn(4, 6, generator=gen)[:, ::2]}  # not contiguous: written as its values
+    data = tensors_to_bytes(tensors, {"meta": '{"x": 1}'})
+    back = load(bytes(data))
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape and torch.equal(back[name], t), name
+    (tmp_path / "x.safetensors").write_bytes(data)
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as f:
+        assert f.metadata() == {"meta": '{"x": 1}'} and set(f.keys()) == set(tensors)
+    assert bytes(tensors_to_bytes({"a": tensors["a"]})) == save({"a": tensors["a"]})  # the reference's own layout
+    with pytest.raises(TypeError, match="'k': 1"):
+        tensors_to_bytes(tensors, {"k": 1})
+
+
 def test_safetensors_cast_while_parsing_equals_load_then_cast():
     from pipeline.core.serialization import tensors_from_bytes, tensors_to_bytes
 

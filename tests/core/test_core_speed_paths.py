@@ -176,6 +176,32 @@ def test_low_rank_on_wide_layers_uses_the_range_finder_near_the_truncated_svd():
         torch.testing.assert_close(left @ right.transpose(1, 2), exact_rank, rtol=1e-9, atol=1e-12)
 
 
+def test_orthonormal_spans_the_columns_and_falls_back_to_householder_when_ill_conditioned(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    calls = []
+    householder = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda y: calls.append(y.shape) or householder(y))
+    u, _ = householder(torch.randn(3, 60, 12, generator=gen, dtype=torch.float64))
+    v, _ = householder(torch.randn(3, 12, 12, generator=gen, dtype=torch.float64))
+    cases = {
+        "well conditioned": (torch.randn(3, 60, 12, generator=gen), False),
+        "condition 1e4": (((u * torch.logspace(0, -4, 12, dtype=torch.float64)) @ v).float(), False),
+        "rank 5 of 12": (torch.randn(3, 60, 5, generator=gen) @ torch.randn(3, 5, 12, generator=gen), True),
+        "zero": (torch.zeros(2, 30, 4), True),
+    }
+    for case, (y, falls_back) in cases.items():
+        calls.clear()
+        q = queries_module.orthonormal(y)
+        assert q.dtype == y.dtype and q.shape == y.shape, case
+        assert bool(calls) == falls_back, case  # a mutation of the condition check fails one of these
+        if falls_back:
+            continue
+        eye = torch.eye(y.shape[-1])
+        torch.testing.assert_close(q.mT @ q, eye.expand_as(q.mT @ q), atol=1e-5, rtol=0)
+        # the same column space as Householder's basis: projecting y onto it changes nothing
+        torch.testing.assert_close(q @ (q.mT @ y), y, atol=1e-5 * float(y.abs().max()), rtol=0)
+
+
 @pytest.mark.parametrize("projection", PROJECTIONS)
 @pytest.mark.parametrize("chunk", [queries_module.SCORING_CHUNK_ELEMENTS, 1])
 def test_low_rank_scoring_at_full_rank_equals_dense_on_both_paths(projection, chunk, monkeypatch):

@@ -151,11 +151,12 @@ class ScoreConfig:
     # Results kept per query and polarity (proponents and opponents).
     top_k: int = 10
     batch_size: int = 8
-    # 0: dense preconditioned query gradients; r > 0: rank-r per layer (the paper's recipe). 32: the lowest
-    # rank keeping >= 0.95 of exact EK-FAC's top 10 on all three SmolLM2-135M data sets measured (1.000, 0.988,
-    # 0.975; rank 8: 0.950, 0.963, 0.875; rank 16: -, 0.988, 0.938), at 1/45 of dense queries' memory
-    # (docs/figures.md, "Real model" and "Rank on the benchmark's data").
-    query_rank: int = 32
+    # 0: dense preconditioned query gradients; r > 0: rank-r per layer (the paper's recipe). 24: the lowest
+    # rank keeping >= 0.95 of exact EK-FAC's top 10 on all three SmolLM2-135M data sets measured (rank 8 kept
+    # 0.950 and 0.963 of the first two, rank 16 0.988 of the second; on the third, rank 16 / 24 / 32 kept
+    # 0.938 / 0.962 / 0.975 and scored at 1.09x / 1.10x / 1.03x the ceiling side by side), at 1/60 of dense
+    # queries' memory (docs/figures.md, "Real model" and "Rank on the benchmark's data").
+    query_rank: int = 24
     # float32 or bfloat16: the dtype of the two large per-token products per layer with which low-rank queries
     # score a window (their inputs rounded, results multiplied and summed in float32). bfloat16 uses matrix
     # units (AMX on recent Xeons, GPU tensor cores): on SmolLM2-135M, 100 rank-32 queries, it scored at 1.09x

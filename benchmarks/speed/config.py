@@ -77,7 +77,7 @@ class BenchmarkConfig:
     throughput_queries: int = 10
     warmup: int = 1
     repeats: int = 3
-    # Query counts of the comparison with kronfluence.
+    # Query counts of the comparison with kronfluence; [] leaves that phase out (throughput and the rest only).
     query_counts: list[int] = field(default_factory=lambda: [10, 100])
     kronfluence: bool = True
     # Also time ours with projection off (dim 0) in the kronfluence comparison.

@@ -75,10 +75,13 @@ def _run_benchmark(cfg: BenchmarkConfig) -> dict:
         # The throughput phase's buffers go back to the OS before the Ray workers start (on a 24 GiB machine
         # a driver still holding them crowded the workers out: Ray's memory monitor killed them).
         heap.release()
-        log.info("3: against kronfluence")
-        vk = versus_kronfluence(cfg, inputs, device, work, notes)
-        result["versus_kronfluence"] = vk
-        result.update(_headline_versus_kronfluence(vk["by_queries"], default_key))
+        if cfg.query_counts:
+            log.info("3: against kronfluence")
+            vk = versus_kronfluence(cfg, inputs, device, work, notes)
+            result["versus_kronfluence"] = vk
+            result.update(_headline_versus_kronfluence(vk["by_queries"], default_key))
+        else:
+            notes["versus_kronfluence"] = "disabled by config (query_counts=[])"
 
         result["rss_ratio_10x"] = None
         if cfg.memory.enabled:

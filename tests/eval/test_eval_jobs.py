@@ -201,6 +201,20 @@ def test_benchmark_job_smoke(tmp_path, demo_cache):
     assert not any(Path(tmp_path, "work").iterdir())  # scratch removed
 
 
+def test_benchmark_without_query_counts_measures_throughput_only(tmp_path, demo_cache):
+    """``query_counts=[]`` leaves the comparison with kronfluence out (it once crashed after the throughput phase)."""
+    from benchmarks.speed.config import to_config
+    from benchmarks.speed.run import run_benchmark
+
+    cfg = to_config(compose("benchmark", TINY_BENCHMARK + [
+        f"storage.root={tmp_path}", f"demo.cache_dir={demo_cache}", f"work_dir={tmp_path / 'work'}",
+        "name=throughput", "query_counts=[]", "scaling=false", "memory.enabled=false", "merge.enabled=false"]))
+    run_benchmark(cfg)
+    written = json.loads(Path(tmp_path, "benchmarks", "throughput.json").read_text())
+    assert written["score_to_ceiling_ratio"] > 0 and "versus_kronfluence" in written["notes"]
+    assert "ours_seconds" not in written and "versus_kronfluence" not in written
+
+
 # ---- integration: every section ------------------------------------------------------------
 
 

@@ -35,26 +35,30 @@ class QueryGradients:
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     left: dict[str, torch.Tensor] = field(default_factory=dict)
     right: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Low-rank factors in the layout the token path multiplies by, ``(k, Q * r)`` per layer and dtype:
-    # float32 ones share memory with ``left``/``right``; others (``products``) are copies made once.
+    # Low-rank factors in the layout the products multiply by, ``(k, Q * r)`` per layer and dtype, made on first
+    # use (``flat``): a chunk of queries is then a column block, multiplied without a copy.
     _flat: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def __post_init__(self):
-        # Each factor becomes a view of one (k, Q * r) matrix, so that a chunk of queries is a column
-        # block of it: the token path multiplies by it without a copy (one copy here instead of one per batch).
-        for side in ("left", "right"):
-            factors = getattr(self, side)
-            for name, t in factors.items():
-                q, k, r = t.shape
-                flat = t.permute(1, 0, 2).reshape(k, q * r).contiguous()
-                factors[name] = flat.view(k, q, r).permute(1, 0, 2)
-                self._flat[(side, name, t.dtype)] = flat
-
     def flat(self, side: str, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """``(k, Q * r)`` factors of one side (``left``/``right``) and layer, in ``dtype`` (cached)."""
+        """``(k, Q * r)`` factors of one side (``left``/``right``) and layer, in ``dtype`` (made once, cached).
+
+        One strided copy from the stored ``(Q, k, r)``, converting on the way.
+        In the factors' own dtype the factors then become views of it (one
+        copy in memory, not two); in another (``products``) it is an extra
+        copy. Made lazily, so preconditioning and joining, which only store
+        the factors, never pay for it, and a worker scoring with bfloat16
+        products makes only the bfloat16 one.
+        """
         key = (side, name, dtype)
         if key not in self._flat:
-            self._flat[key] = self.flat(side, name, getattr(self, side)[name].dtype).to(dtype)
+            factors = getattr(self, side)
+            t = factors[name]
+            q, k, r = t.shape
+            flat = torch.empty(k, q * r, dtype=dtype, device=t.device)
+            flat.view(k, q, r).copy_(t.permute(1, 0, 2))
+            if dtype == t.dtype:
+                factors[name] = flat.view(k, q, r).permute(1, 0, 2)
+            self._flat[key] = flat
         return self._flat[key]
 
     @property

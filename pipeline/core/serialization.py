@@ -16,7 +16,7 @@ import torch
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytearray:
-    """Safetensors bytes of ``tensors`` (any shapes and dtypes; moved to the CPU, made contiguous).
+    """Safetensors bytes of ``tensors`` (any shapes, strides and dtypes; moved to the CPU).
 
     ``metadata`` is a flat str -> str dict stored in the header; a ``TypeError``
     names the first entry that is not (encode structured values with ``json.dumps``).
@@ -29,7 +29,7 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     for k, v in (metadata or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"safetensors metadata must map str to str; {k!r}: {v!r} is not (json.dumps it first)")
-    cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    cpu = {name: t.detach().cpu() for name, t in tensors.items()}  # strided ones are copied in place below
     names = sorted(cpu, key=lambda n: (-cpu[n].element_size(), n))
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     end = 0
@@ -48,8 +48,9 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     for name in names:
         start, stop = header[name]["data_offsets"]
         if stop > start:
-            target = torch.frombuffer(out, dtype=torch.uint8, count=stop - start, offset=base + start)
-            target.copy_(cpu[name].reshape(-1).view(torch.uint8))
+            t = cpu[name]
+            target = torch.frombuffer(out, dtype=t.dtype, count=t.numel(), offset=base + start)  # aligned: see order
+            target.view(t.shape).copy_(t)
     return out
 
 

@@ -126,7 +126,7 @@ class CovarianceSums:
         return self
 
     def to_tensors(self, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
-        """The sums as named tensors, in ``dtype`` (see ``PARTIAL_SUMS``)."""
+        """The sums as named tensors, in ``dtype`` (see ``partial_sums_dtype``)."""
         out = {f"{n}::A_sum": t.to(dtype) for n, t in self.a_sum.items()}
         out.update({f"{n}::S_sum": t.to(dtype) for n, t in self.s_sum.items()})
         out["::num_tokens"] = torch.tensor([self.num_tokens], dtype=torch.int64)
@@ -260,7 +260,7 @@ class LambdaSums:
         return self
 
     def to_tensors(self, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
-        """The sums as named tensors, in ``dtype`` (see ``PARTIAL_SUMS``)."""
+        """The sums as named tensors, in ``dtype`` (see ``partial_sums_dtype``)."""
         out = {f"{n}::Lambda_sum": t.to(dtype) for n, t in self.sums.items()}
         out["::num_sequences"] = torch.tensor([self.num_sequences], dtype=torch.int64)
         return out

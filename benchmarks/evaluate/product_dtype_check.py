@@ -32,7 +32,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from benchmarks.evaluate.scoring import agreement
+from benchmarks.evaluate.scoring import agreement, repeated_queries
 from benchmarks.evaluate.sweep import ceiling_seconds
 from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
 from benchmarks.speed.inputs import encode_inputs, prepare_inputs
@@ -106,11 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{a['vs_exact']['spearman_min']:.4f}); with the float32 fit's {a['vs_fit_float32']['topk_overlap']:.3f}")
 
     # Speed: the same batches and the queries repeated to --timed-queries, each dtype and the ceiling in turn.
-    reps = -(-args.timed_queries // len(ids))
-    timed_q = QueryGradients.concat([low] * reps)
-    timed_q = QueryGradients(timed_q.query_ids[: args.timed_queries],
-                             left={n: t[: args.timed_queries] for n, t in timed_q.left.items()},
-                             right={n: t[: args.timed_queries] for n, t in timed_q.right.items()})
+    timed_q = repeated_queries(low, args.timed_queries)
     timed = batches[: args.timed_batches]
     timed_tokens = int(sum(int(b.attention_mask.sum()) for b in timed))
     seconds: dict[str, list[float]] = {"ceiling": []}

@@ -29,14 +29,13 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.evaluate.scoring import agreement
+from benchmarks.evaluate.scoring import agreement, repeated_queries
 from benchmarks.evaluate.sweep import Setting, ceiling_seconds, fidelity_scores
 from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
 from benchmarks.speed.inputs import encode_inputs, prepare_inputs
 from pipeline.config import AttributeConfig
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
-from pipeline.core.queries import QueryGradients
 from pipeline.core.text import batches_of
 
 
@@ -84,11 +83,7 @@ def time_ranks(model, base: InfluenceConfig, factors, timed: list, q_batches: li
     engines, timed_q = {}, {}
     for r in args.ranks:
         engines[r] = InfluenceEngine(model, replace(base, query_rank=r, product_dtype=d.score.product_dtype))
-        low = engines[r].query_gradients(q_batches, factors, ids)
-        repeated = QueryGradients.concat([low] * -(-args.timed_queries // len(ids)))
-        timed_q[r] = QueryGradients(repeated.query_ids[: args.timed_queries],
-                                    left={n: t[: args.timed_queries] for n, t in repeated.left.items()},
-                                    right={n: t[: args.timed_queries] for n, t in repeated.right.items()})
+        timed_q[r] = repeated_queries(engines[r].query_gradients(q_batches, factors, ids), args.timed_queries)
         engines[r].score_batch(timed[0], timed_q[r])  # warm-up
     tokens = int(sum(int(b.attention_mask.sum()) for b in timed))
     seconds: dict = {"ceiling": []} | {r: [] for r in args.ranks}

@@ -225,6 +225,13 @@ def _average_dicts(runs: list[dict]):
     return first
 
 
+def repeated_queries(queries: QueryGradients, count: int) -> QueryGradients:
+    """Low-rank ``queries`` repeated (in order) to exactly ``count`` queries: timing at a query count."""
+    reps = QueryGradients.concat([queries] * -(-count // len(queries.query_ids)))
+    return QueryGradients(reps.query_ids[:count], left={n: t[:count] for n, t in reps.left.items()},
+                          right={n: t[:count] for n, t in reps.right.items()})
+
+
 def agreement(scores: np.ndarray, reference: np.ndarray, k: int) -> dict:
     """Mean over queries of Spearman and top-k overlap (proponents) of ``(N, Q)`` against a reference."""
     q = scores.shape[1]

@@ -105,3 +105,15 @@ def test_evaluate_config_smollm2_keys_are_validated(override, message):
             setattr(cfg, key, value)
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+def test_repeated_queries_cycle_to_the_count():
+    from benchmarks.evaluate.scoring import repeated_queries
+    from pipeline.core.queries import QueryGradients
+
+    left = {"l": torch.arange(3 * 4 * 2, dtype=torch.float32).reshape(3, 4, 2)}
+    right = {"l": -torch.arange(3 * 5 * 2, dtype=torch.float32).reshape(3, 5, 2)}
+    out = repeated_queries(QueryGradients(["a", "b", "c"], left=left, right=right), 7)
+    assert out.query_ids == ["a", "b", "c", "a", "b", "c", "a"]
+    order = [0, 1, 2, 0, 1, 2, 0]
+    assert torch.equal(out.left["l"], left["l"][order]) and torch.equal(out.right["l"], right["l"][order])

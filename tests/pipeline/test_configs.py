@@ -86,7 +86,7 @@ def test_defaults_are_the_embedded_demo():
     assert cfg.uses_demo
     assert cfg.cluster.address == "" and cfg.storage.root == "outputs/attribution"
     assert cfg.run.id == "demo" and cfg.score.top_k >= 1
-    # Projection off with rank-32 queries: the rule's choice on SmolLM2-135M (docs/figures.md).
+    # Projection off with rank-24 queries: the rule's choice on SmolLM2-135M (docs/figures.md).
     assert cfg.projection.dim == 0 and cfg.score.query_rank == 24
     assert cfg.factors.damping is None and cfg.factors.empirical_fisher is False
     # The default options choose nothing but what the schema holds.

@@ -154,7 +154,7 @@ class ScoreConfig:
     # 0: dense preconditioned query gradients; r > 0: rank-r per layer (the paper's recipe). 24: the lowest
     # rank keeping >= 0.95 of exact EK-FAC's top 10 on all three SmolLM2-135M data sets measured (rank 8 kept
     # 0.950 and 0.963 of the first two, rank 16 0.988 of the second; on the third, rank 16 / 24 / 32 kept
-    # 0.938 / 0.962 / 0.975 and scored at 1.09x / 1.10x / 1.03x the ceiling side by side), at 1/60 of dense
+    # 0.938 / 0.962 / 0.975 and scored at 1.09x / 1.10x / 1.03x the ceiling side by side), at 1/17 of dense
     # queries' memory (docs/figures.md, "Real model" and "Rank on the benchmark's data").
     query_rank: int = 24
     # float32 or bfloat16: the dtype of the two large per-token products per layer with which low-rank queries

@@ -55,6 +55,11 @@ class FactorsKey:
     tokenisation: Tokenisation = _PLAIN
     # factors.product_dtype: "float32" (left out of the JSON, so earlier ids stay) or "bfloat16".
     products: str = "float32"
+    # factors.eigh_dtype: "float64" (left out of the JSON, so earlier ids stay) or "float32".
+    eigh: str = "float64"
+    # model.precision: "float32" (left out of the JSON) or another (float64 references, bf16 autocast): the
+    # captured vectors differ, so factors fitted at one precision are not reused at another.
+    precision: str = "float32"
 
     @classmethod
     def of(
@@ -75,6 +80,8 @@ class FactorsKey:
             lambda_shards=None if lambda_shards == tuple(shard_ids) else lambda_shards,
             tokenisation=tokenisation,
             products="float32" if influence.precision == "float64" else influence.fit_product_dtype,
+            eigh="float64" if influence.precision == "float64" else influence.eigh_dtype,
+            precision=influence.precision,
         )
 
     def to_json(self) -> dict:
@@ -90,6 +97,8 @@ class FactorsKey:
             **({} if self.lambda_shards is None else {"lambda_shards": list(self.lambda_shards)}),
             **_tokenisation_json(self.tokenisation),
             **({} if self.products == "float32" else {"products": self.products}),
+            **({} if self.eigh == "float64" else {"eigh": self.eigh}),
+            **({} if self.precision == "float32" else {"precision": self.precision}),
         }
 
     @classmethod
@@ -97,7 +106,8 @@ class FactorsKey:
         projection = None if d["projection"] is None else ProjectionSpec(**d["projection"])
         lambda_shards = tuple(d["lambda_shards"]) if "lambda_shards" in d else None
         return cls(d["model"], d["modules"], d["fisher"], d["space"], projection, d["window"], d["seed"],
-                   tuple(d["shards"]), lambda_shards, _tokenisation_of(d), d.get("products", "float32"))
+                   tuple(d["shards"]), lambda_shards, _tokenisation_of(d), d.get("products", "float32"),
+                   d.get("eigh", "float64"), d.get("precision", "float32"))
 
     @property
     def id(self) -> str:

@@ -87,12 +87,17 @@ def _fit(ctx: RunContext) -> str:
             cov = part
         else:
             cov += part  # in place: one sum alive, not two
-    bases = eigendecompose(cov)
+    inf = ctx.cfg.influence()
+    eigh_dtype = torch.float64 if inf.precision == "float64" else getattr(torch, inf.eigh_dtype)
+    started = time.perf_counter()
+    bases = eigendecompose(cov, eigh_dtype)
+    log.info("fit: %d eigendecompositions in %s in %.1f s", 2 * len(bases.q_a), str(eigh_dtype)[6:],
+             time.perf_counter() - started)
     del cov, part
     bases_url = layout.eigenbases(root, fid)
     if not already_committed(storage, bases_url):
         # In the dtype the workers rotate in (they cast while parsing): float32 halves the file every
-        # Lambda unit reads; the factors file keeps the float64 bases.
+        # Lambda unit reads; the factors file keeps the bases as decomposed (factors.eigh_dtype).
         dtype = torch.float64 if ctx.cfg.model.precision == "float64" else torch.float32
         tensors = {f"{n}::Q_A": bases.q_a[n].to(dtype) for n in bases.q_a}
         tensors.update({f"{n}::Q_S": bases.q_s[n].to(dtype) for n in bases.q_s})
@@ -109,7 +114,6 @@ def _fit(ctx: RunContext) -> str:
             lam = part
         else:
             lam += part
-    inf = ctx.cfg.influence()
     meta = FactorsMeta(
         model_fingerprint=ctx.model_fp,
         modules_pattern=inf.modules,

@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import uuid
@@ -286,14 +287,37 @@ class Storage:
         path = self._path(url)
         with self._io("reading", url, reading=True):
             data = self.fs.cat_file(path)
-        if expect is not None:
-            why = expect.mismatch(Checksum.of(data))
-            if why is not None:
-                raise CorruptUnitError(
-                    f"{url} does not match its commit marker ({why}): it was changed after it was committed; "
-                    "rerun the stage that writes it to recompute it"
-                )
+        self._verify(url, data, expect)
         return data
+
+    def read_buffer(self, url: str, expect: Checksum | None = None) -> bytes | mmap.mmap:
+        """As `read_bytes`, but a local file is memory-mapped (read-only) instead of copied into memory.
+
+        For large files that are parsed once and copied out (safetensors partial
+        sums, bases, factors): the page cache is read in place, not copied into a
+        fresh buffer first. Safe because local writers replace files atomically
+        (`write_bytes`), so a mapped file's content never changes under it.
+        """
+        if not self.is_local:
+            return self.read_bytes(url, expect)
+        path = self._path(url)
+        with self._io("reading", url, reading=True), open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self._verify(url, data, expect)
+        return data
+
+    @staticmethod
+    def _verify(url: str, data, expect: Checksum | None) -> None:
+        """Raise `CorruptUnitError` naming ``url`` unless ``data`` matches ``expect`` (None: no check)."""
+        if expect is None:
+            return
+        why = expect.mismatch(Checksum.of(data))
+        if why is not None:
+            raise CorruptUnitError(
+                f"{url} does not match its commit marker ({why}): it was changed after it was committed; "
+                "rerun the stage that writes it to recompute it"
+            )
 
     def checksum(self, url: str) -> Checksum:
         """Size and SHA-256 of the stored file at ``url``, read in chunks (one download, bounded memory)."""
@@ -416,7 +440,7 @@ class Storage:
 
         ``expect``: checked as in `read_bytes`; ``cast``: see `tensors_from_bytes`.
         """
-        data = self.read_bytes(url, expect)
+        data = self.read_buffer(url, expect)
         try:
             return tensors_from_bytes(data, cast)
         except Exception as e:

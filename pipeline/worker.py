@@ -198,7 +198,7 @@ class ShardWorker:
         def compute():
             self.engine.check_query_memory(total or len(queries))
             factors = EKFACFactors.from_bytes(  # bases in the engine's dtype, converted while parsing
-                self.storage.read_bytes(factors_url, committed_checksum(self.storage, factors_url)), self.engine.dtype
+                self.storage.read_buffer(factors_url, committed_checksum(self.storage, factors_url)), self.engine.dtype
             ).with_bases_in(self.engine.dtype, self.engine.device)
             seqs = self._query_windows(queries)
             grads = self.engine.query_gradients(

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.core.ekfac import (
+    EIGH_DTYPES,
     CovarianceSums,
     EKFACFactors,
     Eigenbases,
@@ -84,6 +85,9 @@ class InfluenceConfig:
         covariances ``a a^T``, ``g g^T`` and Lambda's rotation into the
         eigenbasis); ``float32`` by default, ``bfloat16`` is
         ``factors.product_dtype``.
+    eigh_dtype: ``float64`` (default here, the reference) or ``float32``
+        (``factors.eigh_dtype``): the dtype the fit eigendecomposes ``A`` and
+        ``S`` in (``eigendecompose``); float64 at ``precision=float64``.
     max_query_bytes: memory budget of the stored query gradients (all
         queries, all layers); ``query_gradients`` raises ``QueryMemoryError``
         before forming them when they would need more.
@@ -98,6 +102,7 @@ class InfluenceConfig:
     query_rank: int = 0
     product_dtype: str = "float32"
     fit_product_dtype: str = "float32"
+    eigh_dtype: str = "float64"
     max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES
     seed: int = 0
 
@@ -110,6 +115,8 @@ class InfluenceConfig:
             raise ValueError(f"score.product_dtype must be one of {PRODUCT_DTYPES}, got {self.product_dtype!r}")
         if self.fit_product_dtype not in PRODUCT_DTYPES:
             raise ValueError(f"factors.product_dtype must be one of {PRODUCT_DTYPES}, got {self.fit_product_dtype!r}")
+        if self.eigh_dtype not in EIGH_DTYPES:
+            raise ValueError(f"factors.eigh_dtype must be one of {EIGH_DTYPES}, got {self.eigh_dtype!r}")
         if self.query_rank < 0:
             raise ValueError(f"query_rank must be >= 0, got {self.query_rank}")
         if self.max_query_bytes <= 0:
@@ -138,6 +145,8 @@ class InfluenceEngine:
         # device multiplies it fast; elsewhere it would be slower than float32, so float32 is used (logged).
         self.products = self._products(config.product_dtype, "score.product_dtype")
         self.fit_products = self._products(config.fit_product_dtype, "factors.product_dtype")
+        # The dtype the fit eigendecomposes in: the config's, float64 when everything else is.
+        self.eigh_dtype = torch.float64 if config.precision == "float64" else getattr(torch, config.eigh_dtype)
         self.layers = find_tracked_layers(self.model, config.modules)
         prepare_model(self.model, self.layers)
         self.projector = (
@@ -245,7 +254,7 @@ class InfluenceEngine:
 
     def fit(self, batches: list[Batch]) -> EKFACFactors:
         """Both passes in this process (the pipeline distributes them instead)."""
-        bases = eigendecompose(self.covariance_sums(batches))
+        bases = eigendecompose(self.covariance_sums(batches), self.eigh_dtype)
         return EKFACFactors.from_parts(self.factors_meta(), bases, self.lambda_sums(batches, bases))
 
     def check_factors(self, factors: EKFACFactors) -> None:

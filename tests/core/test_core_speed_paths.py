@@ -304,6 +304,40 @@ def test_bfloat16_fit_products_stay_close_to_the_float32_fit():
     assert reference.fit_products is None
 
 
+def test_float32_eigendecompositions_give_orthonormal_bases_and_the_float64_scores():
+    """``eigh_dtype=float32``: bases orthonormal and diagonalising to float32's rounding; scores as float64's."""
+    model = tiny_model("llama")
+    config = InfluenceConfig(empirical_fisher=True, damping=1e-3)
+    train = batches_of(random_sequences(8, seed=16), 4, TINY_PAD)
+    plain, rounded = InfluenceEngine(model, config), InfluenceEngine(model, replace(config, eigh_dtype="float32"))
+    assert (plain.eigh_dtype, rounded.eigh_dtype) == (torch.float64, torch.float32)
+    cov = plain.covariance_sums(train)
+    b64, b32 = eigendecompose(cov), eigendecompose(cov, torch.float32)
+    for name in plain.layers:
+        for q, total, lam in [(b32.q_a[name], cov.a_sum[name], b64.l_a[name]),
+                              (b32.q_s[name], cov.s_sum[name], b64.l_s[name])]:
+            assert q.dtype == torch.float32
+            q = q.double()
+            eye = torch.eye(q.shape[0], dtype=torch.float64)
+            torch.testing.assert_close(q.T @ q, eye, rtol=0, atol=1e-5)
+            rotated = q.T @ (total / cov.num_tokens) @ q
+            off = rotated - torch.diag(torch.diagonal(rotated))
+            assert float(off.abs().max()) < 1e-5 * float(lam.abs().max())
+            torch.testing.assert_close(torch.diagonal(rotated).sort().values, lam, rtol=0,
+                                       atol=1e-5 * float(lam.abs().max()))
+    queries = batches_of(random_queries(3), 3, TINY_PAD)
+    f64, f32 = plain.fit(train), rounded.fit(train)
+    assert next(iter(f32.q_a.values())).dtype == torch.float32
+    want = torch.cat([plain.score_batch(b, plain.query_gradients(queries, f64, ["a", "b", "c"])) for b in train])
+    got = torch.cat([plain.score_batch(b, plain.query_gradients(queries, f32, ["a", "b", "c"])) for b in train])
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * float(want.abs().max()))
+    reference = InfluenceEngine(model, replace(config, eigh_dtype="float32", precision="float64"))
+    assert reference.eigh_dtype == torch.float64
+    with pytest.raises(ValueError, match="eigh_dtype"):
+        InfluenceConfig(eigh_dtype="bfloat16")
+
+
 @pytest.mark.parametrize("rank", [0, 4])
 def test_query_memory_is_checked_before_anything_is_formed(rank, monkeypatch):
     engine, factors = fitted("gpt2", ProjectionSpec(0), rank)

@@ -69,10 +69,10 @@ def test_default_top10_overlap_with_exact_ekfac_on_smollm2(smollm2_dir, one_torc
     queries = [encode_query(tok, f["fact_id"], f["prompt"], f["completion"], 64, tokenisation) for f in facts]
     assert len(queries) == 8
     default = configured_default()
-    # Exact EK-FAC: projection off, dense query gradients, every product in float32. Both fits sample the
+    # Exact EK-FAC: projection off, dense query gradients, every product in float32, float64 eigenbases. Both fits sample the
     # same labels (same seed, same model), so they differ only by the setting.
     exact = replace(default, projection=ProjectionSpec(0), query_rank=0, product_dtype="float32",
-                    fit_product_dtype="float32")
+                    fit_product_dtype="float32", eigh_dtype="float64")
     pad, ids = tok.pad_token_id, [q.doc_id for q in queries]
     train_b, query_b = batches_of(train, 8, pad), batches_of(queries, 8, pad)
     want = scores_of(InfluenceEngine(model, exact), train_b, query_b, ids)
@@ -80,7 +80,7 @@ def test_default_top10_overlap_with_exact_ekfac_on_smollm2(smollm2_dir, one_torc
     assert np.isfinite(want).all() and np.isfinite(got_scores).all()
     got = agreement(got_scores, want, TOP_K)
     setting = (f"projection {default.projection.dim} ({default.projection.mode}), query rank {default.query_rank}, "
-               f"products {default.product_dtype} / fit {default.fit_product_dtype}")
+               f"products {default.product_dtype} / fit {default.fit_product_dtype}, eigh {default.eigh_dtype}")
     print(f"SmolLM2, {default.modules}, {len(train)} windows x {len(queries)} queries, {setting}: "
           f"top-{TOP_K} overlap {got['topk_overlap']:.3f}, Spearman {got['spearman']:.3f} "
           f"(worst query {got['spearman_min']:.3f})")

@@ -41,7 +41,7 @@ def test_the_id_is_the_hash_of_the_keys_json_and_round_trips(key):
     "change",
     [{"model": "other"}, {"modules": ".*attn.*"}, {"fisher": "empirical"}, {"space": "full"},
      {"projection": ProjectionSpec(8, 3, "curvature")}, {"window": 32}, {"seed": 8}, {"shards": ("s-1",)},
-     {"products": "bfloat16"}],
+     {"products": "bfloat16"}, {"eigh": "float32"}, {"precision": "float64"}],
 )
 def test_every_input_of_the_factors_key_changes_the_id(change):
     assert set(change) <= {f.name for f in fields(FactorsKey)}
@@ -75,3 +75,16 @@ def test_the_factors_metadata_stores_the_key_its_id_hashes():
     stored = FactorsMeta.from_json(meta.to_json()).extra
     assert stored["factors_id"] == key.id
     assert FactorsKey.from_json(stored["key"]) == key
+
+
+def test_float32_eigendecompositions_and_precision_enter_the_factors_id():
+    plain = factors_key()
+    assert "eigh" not in plain.to_json() and "precision" not in plain.to_json()  # the ids of earlier factors
+    f32 = factors_key(replace(CURVATURE, eigh_dtype="float32"))
+    assert f32.eigh == "float32" and f32.id != plain.id
+    assert FactorsKey.from_json(f32.to_json()) == f32
+    # float64 references decompose in float64 whatever the setting says, and are not reused at float32
+    f64 = factors_key(replace(CURVATURE, precision="float64"))
+    assert factors_key(replace(CURVATURE, eigh_dtype="float32", precision="float64")).id == f64.id
+    assert f64.to_json()["precision"] == "float64" and f64.id != plain.id
+    assert FactorsKey.from_json(f64.to_json()) == f64

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import uuid
 
@@ -29,7 +30,7 @@ from pipeline.commit import (
     uncommit_dir,
     uncommit_file,
 )
-from pipeline.errors import StorageError
+from pipeline.errors import CorruptUnitError, StorageError
 from pipeline.layout import validate_name
 from pipeline.storage import Storage
 
@@ -298,6 +299,27 @@ def test_safetensors_round_trip(storage):
     assert storage.read_safetensors(url)[1] == {}
     with pytest.raises(TypeError, match="str to str"):
         storage.write_safetensors(url, {"x": torch.zeros(2)}, metadata={"k": 8})
+
+
+def test_read_buffer_maps_local_files_and_checks_them_as_read_bytes_does(storage):
+    """``read_buffer``: the same content as ``read_bytes`` (memory-mapped when local), checked the same way."""
+    tensors = {"a": torch.randn(64, 32), "b": torch.randn(7, dtype=torch.float64)}
+    url = layout.factors_file(storage.root, "f2")
+    storage.write_safetensors(url, tensors)
+    checksum = storage.checksum(url)
+    data = storage.read_buffer(url, checksum)
+    assert isinstance(data, mmap.mmap) == storage.is_local
+    assert bytes(data) == storage.read_bytes(url, checksum)
+    back, _ = storage.read_safetensors(url, checksum, cast=lambda n: torch.float64)
+    assert all(back[n].dtype == torch.float64 and torch.equal(back[n], t.double()) for n, t in tensors.items())
+    empty = layout.factors_file(storage.root, "f3")
+    storage.write_bytes(empty, b"")
+    assert storage.read_buffer(empty, storage.checksum(empty)) == b""
+    storage.write_safetensors(url, {"a": torch.zeros(64, 32)})  # replaced after its commit was recorded
+    with pytest.raises(CorruptUnitError, match="does not match its commit marker"):
+        storage.read_buffer(url, checksum)
+    with pytest.raises(FileNotFoundError, match="factors/nope"):
+        storage.read_buffer(layout.factors_file(storage.root, "nope"))
 
 
 def test_reading_missing_names_the_url(storage):

@@ -122,7 +122,8 @@ class FactorsConfig:
     # top 10: what counts is the number of windows fitting Lambda (docs/figures.md, "Fitting on a sample").
     lambda_sample: float = 1.0
     # float32 or bfloat16: the dtype of the fit's per-token products (the covariances a a^T and g g^T, and
-    # Lambda's rotation into the eigenbasis), their sums accumulated in float64. As score.product_dtype:
+    # Lambda's rotation into the eigenbasis; on CPU their outputs are bfloat16 too), each shard's sums
+    # accumulated in float32 and the shards' added in float64. As score.product_dtype:
     # workers without fast bfloat16 multiply in float32. Enters the factors id when not float32. On
     # SmolLM2-135M bfloat16 cut the two capture passes from 2.93 to 2.33 ceiling passes and kept the float32
     # fit's top 10 (overlap 1.000; 0.975 with exact EK-FAC either way) (docs/figures.md, "Products in bfloat16").

@@ -220,7 +220,7 @@ class InfluenceEngine:
     def covariance_sums(self, batches: Iterable[Batch], seed: int | None = None) -> CovarianceSums:
         """First pass: ``A`` and ``S`` sums over the batches (one shard's partial result)."""
         projected = self.config.factor_space == "projected"
-        sums = CovarianceSums.zeros(self.space_dims(projected), self.device)
+        sums = CovarianceSums.zeros(self.space_dims(projected), self.device, self.dtype)
         gen = self._generator(self.config.seed if seed is None else seed)
         for batch in batches:
             captured, _ = self.capture_batch(batch, projected, self._label_mode, gen)
@@ -230,7 +230,7 @@ class InfluenceEngine:
     def lambda_sums(self, batches: Iterable[Batch], bases: Eigenbases, seed: int | None = None) -> LambdaSums:
         """Second pass: eigenvalue-correction sums in the fitted eigenbases."""
         projected = self.config.factor_space == "projected"
-        sums = LambdaSums.zeros(self.space_dims(projected), self.device)
+        sums = LambdaSums.zeros(self.space_dims(projected), self.device, self.dtype)
         gen = self._generator((self.config.seed if seed is None else seed) + 1)
         # The bases in the dtype the rotation multiplies in, once (not per batch in LambdaSums.update).
         dtype = self.fit_products or self.dtype

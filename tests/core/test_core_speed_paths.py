@@ -304,6 +304,29 @@ def test_bfloat16_fit_products_stay_close_to_the_float32_fit():
     assert reference.fit_products is None
 
 
+def test_a_shards_sums_accumulate_in_the_engines_dtype():
+    """float32 engines keep a shard's sums in float32 (half the memory), within float32 rounding of float64's."""
+    model = tiny_model("llama")
+    config = InfluenceConfig(empirical_fisher=True)
+    train = batches_of(random_sequences(12, seed=17), 2, TINY_PAD)  # 6 batches
+    plain, reference = InfluenceEngine(model, config), InfluenceEngine(model, replace(config, precision="float64"))
+    cov32 = plain.covariance_sums(train)
+    cov64 = CovarianceSums.zeros(plain.space_dims(False), dtype=torch.float64)
+    for batch in train:  # the same float32 products, accumulated in float64
+        captured, _ = plain.capture_batch(batch, False, "data", None)
+        cov64.update(captured, batch.attention_mask)
+    bases = eigendecompose(cov64)
+    lam32 = plain.lambda_sums(train, bases)
+    assert reference.covariance_sums(train[:1]).a_sum[next(iter(plain.layers))].dtype == torch.float64
+    for name in plain.layers:
+        for x32, x64 in [(cov32.a_sum[name], cov64.a_sum[name]), (cov32.s_sum[name], cov64.s_sum[name])]:
+            assert x32.dtype == torch.float32
+            torch.testing.assert_close(x32.double(), x64, rtol=0, atol=1e-6 * float(x64.abs().max()))
+        assert lam32.sums[name].dtype == torch.float32
+    tensors = cov32.to_tensors(torch.float32)
+    assert all(t.dtype == torch.float32 for k, t in tensors.items() if k != "::num_tokens")
+
+
 def test_float32_eigendecompositions_give_orthonormal_bases_and_the_float64_scores():
     """``eigh_dtype=float32``: bases orthonormal and diagonalising to float32's rounding; scores as float64's."""
     model = tiny_model("llama")
@@ -320,7 +343,7 @@ def test_float32_eigendecompositions_give_orthonormal_bases_and_the_float64_scor
             q = q.double()
             eye = torch.eye(q.shape[0], dtype=torch.float64)
             torch.testing.assert_close(q.T @ q, eye, rtol=0, atol=1e-5)
-            rotated = q.T @ (total / cov.num_tokens) @ q
+            rotated = q.T @ (total.double() / cov.num_tokens) @ q
             off = rotated - torch.diag(torch.diagonal(rotated))
             assert float(off.abs().max()) < 1e-5 * float(lam.abs().max())
             torch.testing.assert_close(torch.diagonal(rotated).sort().values, lam, rtol=0,

@@ -133,7 +133,9 @@ class FactorsConfig:
     # is given, so float32's rounding only moves the basis slightly off the eigenvectors. On SmolLM2-135M (90
     # MLP layers) float32 took 15.0 s against 31.3 s, kept 0.994 of the float64 bases' top 10, and the default
     # setting 0.956 of exact EK-FAC's (0.962 with float64 bases) (docs/figures.md, "Eigendecompositions in
-    # float32"). Enters the factors id when not float64.
+    # float32"). float32 bases make scores depend on the order the fit's sums were added in (sharding) by up to
+    # about 2e-4 of a query's largest score (the demo, pipeline against one process); float64 to ~1e-10.
+    # Enters the factors id when not float64.
     eigh_dtype: str = "float32"
     # Factors are pinned per model, tracked layers, Fisher, space, window and tokenisation, and reused as the
     # corpus grows (docs/design.md#nightly-runs). true: refit on the current sample.

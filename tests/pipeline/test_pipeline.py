@@ -150,7 +150,9 @@ def make_cfg(inputs, cluster, run_id: str, dim: int | None = None, overwrite: bo
         queries=QueriesConfig(path=f"s3://{b}/queries/queries.jsonl"),
         storage=StorageConfig(root=inputs["root"]),
         run=RunConfig(id=run_id, overwrite=overwrite),
-        factors=FactorsConfig(damping=DAMPING, empirical_fisher=True),
+        # float64 bases: float32 ones (the default) of sums added in another order (per shard, then across
+        # shards, against all at once in one process) moved scores by up to 1.9e-4 of the query's largest.
+        factors=FactorsConfig(damping=DAMPING, empirical_fisher=True, eigh_dtype="float64"),
         projection=ProjectionConfig() if dim is None else ProjectionConfig(dim=dim),
         # float32 scoring products: with bfloat16 (the default) a product's input near a rounding boundary in
         # one process and not in the other moves a score by up to 4e-3 of it, above the comparisons' 1e-4.

@@ -134,7 +134,7 @@ class FactorsConfig:
     # MLP layers) float32 took 15.0 s against 31.3 s, kept 0.994 of the float64 bases' top 10, and the default
     # setting 0.956 of exact EK-FAC's (0.962 with float64 bases) (docs/figures.md, "Eigendecompositions in
     # float32"). float32 bases make scores depend on the order the fit's sums were added in (sharding) by up to
-    # about 2e-4 of a query's largest score (the demo, pipeline against one process); float64 to ~1e-10.
+    # about 2e-4 of a query's largest score (the demo, pipeline against one process; within 1e-4 with float64).
     # Enters the factors id when not float64.
     eigh_dtype: str = "float32"
     # Factors are pinned per model, tracked layers, Fisher, space, window and tokenisation, and reused as the

@@ -80,7 +80,7 @@ class FactorsKey:
             lambda_shards=None if lambda_shards == tuple(shard_ids) else lambda_shards,
             tokenisation=tokenisation,
             products="float32" if influence.precision == "float64" else influence.fit_product_dtype,
-            eigh="float64" if influence.precision == "float64" else influence.eigh_dtype,
+            eigh=influence.fit_eigh_dtype,
             precision=influence.precision,
         )
 

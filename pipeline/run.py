@@ -88,10 +88,9 @@ def _fit(ctx: RunContext) -> str:
         else:
             cov += part  # in place: one sum alive, not two
     inf = ctx.cfg.influence()
-    eigh_dtype = torch.float64 if inf.precision == "float64" else getattr(torch, inf.eigh_dtype)
     started = time.perf_counter()
-    bases = eigendecompose(cov, eigh_dtype)
-    log.info("fit: %d eigendecompositions in %s in %.1f s", 2 * len(bases.q_a), str(eigh_dtype)[6:],
+    bases = eigendecompose(cov, getattr(torch, inf.fit_eigh_dtype))
+    log.info("fit: %d eigendecompositions in %s in %.1f s", 2 * len(bases.q_a), inf.fit_eigh_dtype,
              time.perf_counter() - started)
     del cov, part
     bases_url = layout.eigenbases(root, fid)

@@ -123,6 +123,11 @@ class InfluenceConfig:
             raise ValueError(f"max_query_bytes must be > 0, got {self.max_query_bytes}")
 
     @property
+    def fit_eigh_dtype(self) -> str:
+        """The dtype the fit eigendecomposes in: ``eigh_dtype``, but float64 at ``precision=float64``."""
+        return "float64" if self.precision == "float64" else self.eigh_dtype
+
+    @property
     def factor_space(self) -> str:
         """Where EK-FAC is fitted: ``projected`` only in curvature mode."""
         return "projected" if self.projection.enabled and self.projection.mode == "curvature" else "full"
@@ -145,8 +150,7 @@ class InfluenceEngine:
         # device multiplies it fast; elsewhere it would be slower than float32, so float32 is used (logged).
         self.products = self._products(config.product_dtype, "score.product_dtype")
         self.fit_products = self._products(config.fit_product_dtype, "factors.product_dtype")
-        # The dtype the fit eigendecomposes in: the config's, float64 when everything else is.
-        self.eigh_dtype = torch.float64 if config.precision == "float64" else getattr(torch, config.eigh_dtype)
+        self.eigh_dtype = getattr(torch, config.fit_eigh_dtype)
         self.layers = find_tracked_layers(self.model, config.modules)
         prepare_model(self.model, self.layers)
         self.projector = (

@@ -165,14 +165,15 @@ class ScoreConfig:
     # 0: dense preconditioned query gradients; r > 0: rank-r per layer (the paper's recipe). 24: the lowest
     # rank keeping >= 0.95 of exact EK-FAC's top 10 on all three SmolLM2-135M data sets measured (rank 8 kept
     # 0.950 and 0.963 of the first two, rank 16 0.988 of the second; on the third, rank 16 / 24 / 32 kept
-    # 0.938 / 0.962 / 0.975 and scored at 1.09x / 1.10x / 1.03x the ceiling side by side), at 1/17 of dense
+    # 0.938 / 0.962 / 0.975 and scored at 1.09x / 1.10x / 1.03x the ceiling side by side -- a ceiling measured
+    # about 15% slower than the speed benchmark's, docs/figures.md "Speed on SmolLM2"), at 1/17 of dense
     # queries' memory (docs/figures.md, "Real model" and "Rank on the benchmark's data").
     query_rank: int = 24
     # float32 or bfloat16: the dtype of the two large per-token products per layer with which low-rank queries
-    # score a window (their inputs rounded, results multiplied and summed in float32). bfloat16 uses matrix
-    # units (AMX on recent Xeons, GPU tensor cores): on SmolLM2-135M, 100 rank-32 queries, it scored at 1.09x
-    # the ceiling against 0.76x, with the same top-10 overlap with exact EK-FAC (0.975; scores within 5e-5 of
-    # the largest) (docs/figures.md, "Scoring products in bfloat16"). Workers without fast bfloat16 (older
+    # score a window (their inputs rounded, and on CPU their outputs; those multiplied and summed in float32).
+    # bfloat16 uses matrix units (AMX on recent Xeons, GPU tensor cores): on SmolLM2-135M, 100 rank-32
+    # queries, it scored at 1.09x the ceiling against 0.76x, with the same top-10 overlap with exact EK-FAC
+    # (0.975; scores within 5e-5 of the largest) (docs/figures.md, "Scoring products in bfloat16"). Workers without fast bfloat16 (older
     # CPUs, GPUs before compute capability 8.0) multiply in float32 instead, as bfloat16 would be slower there.
     product_dtype: str = "bfloat16"
     # Where the score stage gets the corpus's gradients -- model: a forward and backward pass per window

@@ -137,7 +137,9 @@ class QueryGradients:
         (low rank only, e.g. ``torch.bfloat16``): the two large products
         ``g_t . L`` and ``a_t . R`` take their inputs rounded to that dtype
         (bfloat16 matrix units: several times float32's speed), their
-        results are multiplied and summed in the vectors' own dtype.
+        results (rounded to that dtype too on CPU, where torch has no
+        float32-output bfloat16 matmul) are multiplied and summed in the
+        vectors' own dtype.
         """
         g, a = captured.g, captured.a  # (B, T, k_out), (B, T, k_in)
         batch, tokens = g.shape[:2]

@@ -173,8 +173,9 @@ class ScoreConfig:
     # score a window (their inputs rounded, and on CPU their outputs; those multiplied and summed in float32).
     # bfloat16 uses matrix units (AMX on recent Xeons, GPU tensor cores): on SmolLM2-135M, 100 rank-32
     # queries, it scored at 1.09x the ceiling against 0.76x, with the same top-10 overlap with exact EK-FAC
-    # (0.975; scores within 5e-5 of the largest) (docs/figures.md, "Scoring products in bfloat16"). Workers without fast bfloat16 (older
-    # CPUs, GPUs before compute capability 8.0) multiply in float32 instead, as bfloat16 would be slower there.
+    # (0.975; scores within 5e-5 of the largest) (docs/figures.md, "Scoring products in bfloat16"). Workers
+    # without fast bfloat16 (older CPUs, GPUs before compute capability 8.0) multiply in float32 instead, as
+    # bfloat16 would be slower there.
     product_dtype: str = "bfloat16"
     # Where the score stage gets the corpus's gradients -- model: a forward and backward pass per window
     # (exact); store: the gradient store a score pass wrote with store.enabled=true, read by Ray tasks with

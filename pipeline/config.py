@@ -175,7 +175,9 @@ class ScoreConfig:
     # queries, it scored at 1.09x the ceiling against 0.76x, with the same top-10 overlap with exact EK-FAC
     # (0.975; scores within 5e-5 of the largest) (docs/figures.md, "Scoring products in bfloat16"). Workers
     # without fast bfloat16 (older CPUs, GPUs before compute capability 8.0) multiply in float32 instead, as
-    # bfloat16 would be slower there.
+    # bfloat16 would be slower there. Also the dtype of the preconditioning range finder's power iterations
+    # (they choose each query's rank-r subspace; the factors are projected in float32): 1.7x faster there,
+    # the approximation error unchanged to 3 digits (docs/figures.md, "Range finder in bfloat16").
     product_dtype: str = "bfloat16"
     # Where the score stage gets the corpus's gradients -- model: a forward and backward pass per window
     # (exact); store: the gradient store a score pass wrote with store.enabled=true, read by Ray tasks with

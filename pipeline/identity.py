@@ -130,14 +130,18 @@ class QueriesKey:
     window: int
     # BOS before every prompt (corpus.add_bos, resolved); add_eos is here because the factors' id carries it too.
     tokenisation: Tokenisation = _PLAIN
+    # score.product_dtype where low-rank queries' range finder multiplies in it (query_rank > 0, float32 model):
+    # "float32" (left out of the JSON, so earlier ids stay) or "bfloat16".
+    products: str = "float32"
 
     @classmethod
     def of(
         cls, influence: InfluenceConfig, factors_id: str, queries_fp: str, window: int,
         tokenisation: Tokenisation = _PLAIN,
     ) -> "QueriesKey":
+        compressed = influence.query_rank > 0 and influence.precision != "float64"
         return cls(factors_id, queries_fp, influence.damping, influence.projection, influence.query_rank, window,
-                   tokenisation)
+                   tokenisation, influence.product_dtype if compressed else "float32")
 
     def to_json(self) -> dict:
         return {
@@ -148,12 +152,13 @@ class QueriesKey:
             "query_rank": self.query_rank,
             "window": self.window,
             **_tokenisation_json(self.tokenisation),
+            **({} if self.products == "float32" else {"products": self.products}),
         }
 
     @classmethod
     def from_json(cls, d: dict) -> "QueriesKey":
         return cls(d["factors"], d["queries"], d["damping"], ProjectionSpec(**d["projection"]), d["query_rank"],
-                   d["window"], _tokenisation_of(d))
+                   d["window"], _tokenisation_of(d), d.get("products", "float32"))
 
     @property
     def id(self) -> str:

@@ -30,7 +30,8 @@ from dataclasses import replace
 import torch
 
 from benchmarks.evaluate.scoring import agreement, repeated_queries
-from benchmarks.evaluate.sweep import Setting, ceiling_seconds, fidelity_scores
+from benchmarks.evaluate.sweep import Setting, fidelity_scores
+from benchmarks.speed.inputs import Ceiling
 from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
 from benchmarks.speed.inputs import encode_inputs, prepare_inputs
 from pipeline.config import AttributeConfig
@@ -87,8 +88,9 @@ def time_ranks(model, base: InfluenceConfig, factors, timed: list, q_batches: li
         engines[r].score_batch(timed[0], timed_q[r])  # warm-up
     tokens = int(sum(int(b.attention_mask.sum()) for b in timed))
     seconds: dict = {"ceiling": []} | {r: [] for r in args.ranks}
+    plain = Ceiling(model, torch.device("cpu"))  # one warm copy, timed alternating with the score passes
     for _ in range(args.repeats):
-        seconds["ceiling"].append(ceiling_seconds(model, timed, torch.device("cpu")))
+        seconds["ceiling"].append(plain.seconds(timed))
         for r in args.ranks:
             t0 = time.perf_counter()
             for b in timed:

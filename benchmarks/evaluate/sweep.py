@@ -27,7 +27,6 @@ pass.
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -38,9 +37,9 @@ import numpy as np
 import torch
 
 from benchmarks.evaluate.scoring import SharedCaptureScorer, agreement, projected_size
+from benchmarks.speed.inputs import Ceiling
 from pipeline import heap
 from pipeline.core.ekfac import EKFACFactors, eigendecompose
-from pipeline.core.forward import sequence_losses
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.queries import QueryGradients
 from pipeline.core.projection import ProjectionSpec
@@ -112,27 +111,6 @@ class RssSampler:
         self.peak_mib = max(self.peak_mib, self._rss())
 
 
-def ceiling_seconds(model: torch.nn.Module, batches: list[Batch], device: torch.device) -> float:
-    """Wall seconds of one plain forward + backward (summed loss, every weight's gradient) over ``batches``.
-
-    One untimed batch first (allocator and kernel warm-up).
-    """
-    model = copy.deepcopy(model).to(device).eval()
-    model.requires_grad_(True)
-
-    def step(batch: Batch) -> None:
-        model.zero_grad(set_to_none=True)
-        sequence_losses(model, batch.to(device)).sum().backward()
-
-    step(batches[0])
-    started = time.perf_counter()
-    for batch in batches:
-        step(batch)
-    seconds = time.perf_counter() - started
-    del model
-    return seconds
-
-
 def _fit(engine: InfluenceEngine, batches: list[Batch]) -> tuple[EKFACFactors, dict]:
     """``engine.fit`` with each stage timed: covariance pass, eigendecomposition, Lambda pass."""
     t0 = time.perf_counter()
@@ -201,7 +179,7 @@ def cost_rows(model: torch.nn.Module, base: InfluenceConfig, settings: list[Sett
     """
     tokens = int(sum(int(b.attention_mask.sum()) for b in batches))
     with RssSampler() as rss:
-        ceiling_s = ceiling_seconds(model, batches, device)
+        ceiling_s = Ceiling(model, device).seconds(batches)
     ceiling = {"seconds": ceiling_s, "tokens": tokens, "windows": sum(b.input_ids.shape[0] for b in batches),
                "tokens_per_s": tokens / ceiling_s, "peak_rss_mib": rss.peak_mib}
     log.info("ceiling: %.1f s for %d tokens (%.0f tokens/s)", ceiling_s, tokens, tokens / ceiling_s)

@@ -8,6 +8,7 @@ The corpus and queries come from the demo build (``pipeline.demo``), or with
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks.speed.config import PRESETS, BenchmarkConfig
+from pipeline.core.forward import sequence_losses
 from pipeline.core.text import TokenWindow, encode_documents, encode_query, resolve_tokenisation
 from pipeline.demo import build_demo
 from pipeline.model_io import load_model_and_tokenizer
@@ -29,6 +31,40 @@ from pipeline.tiny_lm import new_gpt2
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class Ceiling:
+    """The ceiling: a plain forward + backward (summed loss, every weight's gradient) over batches.
+
+    One copy of the model, made once and kept warm for every measurement,
+    so that a measurement alternating with a score pass times the same thing
+    as a block of repeats. (A fresh copy per measurement with one batch of
+    warm-up, which the evaluate checks used until 2026-12-05, measured the
+    same passes about 15% slower on SmolLM2: docs/figures.md, "Speed on SmolLM2".)
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.device = device
+        self.model = copy.deepcopy(model).to(device).eval()
+        self.model.requires_grad_(True)
+        self._warm: set[int] = set()
+
+    def run(self, batches: list) -> None:
+        """One ceiling pass over ``batches``."""
+        for batch in batches:
+            self.model.zero_grad(set_to_none=True)
+            sequence_losses(self.model, batch.to(self.device)).sum().backward()
+
+    def seconds(self, batches: list) -> float:
+        """Wall seconds of one pass; the first call for a list of batches runs one untimed pass before."""
+        if id(batches) not in self._warm:
+            self.run(batches)
+            self._warm.add(id(batches))
+        _sync(self.device)
+        started = time.perf_counter()
+        self.run(batches)
+        _sync(self.device)
+        return time.perf_counter() - started
 
 
 def timed_median(fn, warmup: int, repeats: int, device: torch.device) -> tuple[float, list[float]]:

@@ -171,6 +171,13 @@ def test_low_rank_on_wide_layers_uses_the_range_finder_near_the_truncated_svd():
         assert left32.dtype == right32.dtype == torch.float32
         err32 = (m - (left32 @ right32.transpose(1, 2)).double()).norm(dim=(1, 2))
         assert torch.all(err32 <= 1.01 * best), (err32, best)
+        # bfloat16 power iterations (score.product_dtype): they only choose the subspace; the factors stay
+        # float32 and as near the truncated SVD
+        left16, right16 = low_rank(m.float(), 8, products=torch.bfloat16)
+        assert left16.dtype == right16.dtype == torch.float32
+        err16 = (m - (left16 @ right16.transpose(1, 2)).double()).norm(dim=(1, 2))
+        assert torch.all(err16 <= 1.01 * best), (err16, best)
+        assert not torch.equal(left16, left32)  # the products did change
         exact_rank = (u[..., :6] * spectrum[:6]) @ v[..., :6].transpose(1, 2)
         left, right = low_rank(exact_rank, 8)
         torch.testing.assert_close(left @ right.transpose(1, 2), exact_rank, rtol=1e-9, atol=1e-12)
@@ -188,6 +195,8 @@ def test_orthonormal_spans_the_columns_and_falls_back_to_householder_when_ill_co
         "condition 1e4": (((u * torch.logspace(0, -4, 12, dtype=torch.float64)) @ v).float(), False),
         "rank 5 of 12": (torch.randn(3, 60, 5, generator=gen) @ torch.randn(3, 5, 12, generator=gen), True),
         "zero": (torch.zeros(2, 30, 4), True),
+        # repeated columns: singular in bfloat16 too; Householder has no bfloat16 kernel, so float32 inside
+        "bfloat16, 6 columns twice": (torch.randn(3, 60, 6, generator=gen).bfloat16().repeat(1, 1, 2), True),
     }
     for case, (y, falls_back) in cases.items():
         calls.clear()

@@ -51,7 +51,7 @@ def test_every_input_of_the_factors_key_changes_the_id(change):
 @pytest.mark.parametrize(
     "change",
     [{"factors": "f-other"}, {"queries": "other"}, {"damping": None}, {"projection": ProjectionSpec(8, 3)},
-     {"query_rank": 0}, {"window": 32}],
+     {"query_rank": 0}, {"window": 32}, {"products": "bfloat16"}],
 )
 def test_every_input_of_the_queries_key_changes_the_id(change):
     key = QueriesKey.of(CURVATURE, "f-abc", "queries-fp", 64)
@@ -88,3 +88,15 @@ def test_float32_eigendecompositions_and_precision_enter_the_factors_id():
     assert factors_key(replace(CURVATURE, eigh_dtype="float32", precision="float64")).id == f64.id
     assert f64.to_json()["precision"] == "float64" and f64.id != plain.id
     assert FactorsKey.from_json(f64.to_json()) == f64
+
+
+def test_bfloat16_range_finder_products_enter_the_queries_id_only_where_they_are_used():
+    plain = QueriesKey.of(CURVATURE, "f-abc", "queries-fp", 64)
+    assert "products" not in plain.to_json()  # float32: the id queries had before the setting existed
+    bf16 = QueriesKey.of(replace(CURVATURE, product_dtype="bfloat16"), "f-abc", "queries-fp", 64)
+    assert bf16.products == "bfloat16" and bf16.id != plain.id
+    assert QueriesKey.from_json(bf16.to_json()) == bf16
+    # dense queries have no range finder; float64 references multiply in float64 whatever the setting says
+    for influence in (replace(CURVATURE, query_rank=0), replace(CURVATURE, precision="float64")):
+        assert QueriesKey.of(replace(influence, product_dtype="bfloat16"), "f-abc", "queries-fp", 64).id == \
+            QueriesKey.of(influence, "f-abc", "queries-fp", 64).id

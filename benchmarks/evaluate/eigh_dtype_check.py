@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 
@@ -27,35 +26,22 @@ import torch
 
 from benchmarks.evaluate.product_dtype_check import scores_of
 from benchmarks.evaluate.scoring import agreement
-from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
-from benchmarks.speed.inputs import encode_inputs, prepare_inputs
+from benchmarks.evaluate.check_inputs import add_input_arguments, benchmark_inputs
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import EIGH_DTYPES, EKFACFactors, eigendecompose
 from pipeline.core.influence import InfluenceEngine
-from pipeline.core.text import batches_of
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--windows", type=int, default=64)
-    parser.add_argument("--queries", type=int, default=16)
+    add_input_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--n-docs", type=int, default=128)
-    parser.add_argument("--window", type=int, default=128)
     args = parser.parse_args(argv)
-    cfg = BenchmarkConfig(model=BenchModelConfig(preset="smollm2"), n_docs=args.n_docs, window=args.window,
-                          query_counts=[args.queries])
-    with tempfile.TemporaryDirectory() as work:
-        inputs = prepare_inputs(cfg, work)
-        train, queries = encode_inputs(inputs, args.window, args.queries)
-    train = train[: args.windows]
-    pad = inputs.tokenizer.pad_token_id
-    batches, q_batches = batches_of(train, 8, pad), batches_of(queries, 8, pad)
-    ids = [q.doc_id for q in queries]
+    inputs = benchmark_inputs(args)
+    batches, q_batches, ids = inputs.batches, inputs.query_batches, inputs.query_ids
     default = replace(AttributeConfig().influence(), empirical_fisher=True)
-    print(f"{len(train)} windows, {sum(len(t.input_ids) for t in train)} tokens, {len(queries)} queries, "
-          f"query rank {default.query_rank}, products {default.product_dtype} / fit {default.fit_product_dtype}, "
-          f"threads {torch.get_num_threads()}")
+    print(f"{inputs.describe()}, query rank {default.query_rank}, products {default.product_dtype} / fit "
+          f"{default.fit_product_dtype}, threads {torch.get_num_threads()}")
     engine = InfluenceEngine(inputs.model, default)
     cov = engine.covariance_sums(batches)
     seconds: dict[str, list[float]] = {dt: [] for dt in EIGH_DTYPES}

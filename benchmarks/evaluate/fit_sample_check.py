@@ -27,7 +27,6 @@ share" fits.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,13 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.evaluate.check_inputs import CheckInputs, add_input_arguments, benchmark_inputs
 from benchmarks.evaluate.scoring import agreement
-from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
-from benchmarks.speed.inputs import encode_inputs, prepare_inputs
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import EKFACFactors, eigendecompose
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
-from pipeline.core.text import TokenWindow, batches_of, encode_documents, encode_query, resolve_tokenisation
+from pipeline.core.text import encode_documents, encode_query, resolve_tokenisation
 
 FACTS_WINDOW = 64
 
@@ -52,18 +50,8 @@ def every(batches: list, share: float) -> list:
     return batches[::step]
 
 
-def benchmark_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, int, list, list]:
-    """``(model, pad id, windows, queries)``: the speed benchmark's SmolLM2 inputs (as ``rank_check``)."""
-    cfg = BenchmarkConfig(model=BenchModelConfig(preset="smollm2"), n_docs=args.n_docs, window=args.window,
-                          query_counts=[args.queries])
-    with tempfile.TemporaryDirectory() as work:
-        inputs = prepare_inputs(cfg, work)
-        train, queries = encode_inputs(inputs, args.window, args.queries)
-    return inputs.model, inputs.tokenizer.pad_token_id, train, queries
-
-
-def facts_inputs(seed: int) -> tuple[torch.nn.Module, int, list[TokenWindow], list[TokenWindow]]:
-    """``(model, pad id, windows, queries)``: tests/eval/test_smollm2_default_fidelity.py's inputs, recipe ``seed``."""
+def facts_inputs(seed: int) -> CheckInputs:
+    """tests/eval/test_smollm2_default_fidelity.py's inputs, recipe ``seed``."""
     from benchmarks.smollm2_facts import FactsSpec, make_corpus
     from pipeline import pretrained
     from pipeline.model_io import load_model_and_tokenizer
@@ -78,7 +66,7 @@ def facts_inputs(seed: int) -> tuple[torch.nn.Module, int, list[TokenWindow], li
         print(f"skipped {len(skipped)} empty documents")
     queries = [encode_query(tok, f["fact_id"], f["prompt"], f["completion"], FACTS_WINDOW, tokenisation)
                for f in facts]
-    return model, tok.pad_token_id, train, queries
+    return CheckInputs(model, tok.pad_token_id, train, queries)
 
 
 def scores_with(engine: InfluenceEngine, factors: EKFACFactors, train: list, queries: list,
@@ -91,26 +79,17 @@ def scores_with(engine: InfluenceEngine, factors: EKFACFactors, train: list, que
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--windows", type=int, default=96)
-    parser.add_argument("--queries", type=int, default=16)
+    add_input_arguments(parser, windows=96)
     parser.add_argument("--shares", type=float, nargs="+", default=[0.5, 0.25])
-    parser.add_argument("--n-docs", type=int, default=128)
-    parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--data", choices=["benchmark", "facts"], default="benchmark")
     parser.add_argument("--seed", type=int, default=13, help="the planted-facts recipe's seed (--data facts)")
     parser.add_argument("--lambda-only", action="store_true", help='skip the "both passes on a share" fits')
     args = parser.parse_args(argv)
     d = AttributeConfig()
-    if args.data == "facts":
-        model, pad, train, queries = facts_inputs(args.seed)
-        queries = queries[: args.queries]
-    else:
-        model, pad, train, queries = benchmark_inputs(args)
-    train = train[: args.windows]
-    batches, q_batches = batches_of(train, 8, pad), batches_of(queries, 8, pad)
-    ids = [q.doc_id for q in queries]
-    print(f"{len(train)} windows, {sum(len(t.input_ids) for t in train)} tokens, {len(queries)} queries, "
-          f"query rank {d.score.query_rank}")
+    inputs = facts_inputs(args.seed) if args.data == "facts" else benchmark_inputs(args)
+    inputs = replace(inputs, train=inputs.train[: args.windows], queries=inputs.queries[: args.queries])
+    model, batches, q_batches, ids = inputs.model, inputs.batches, inputs.query_batches, inputs.query_ids
+    print(f"{inputs.describe()}, query rank {d.score.query_rank}")
     engine = InfluenceEngine(model, InfluenceConfig(modules=d.model.modules, damping=d.factors.damping,
                                                     empirical_fisher=True, query_rank=d.score.query_rank))
     started = time.perf_counter()

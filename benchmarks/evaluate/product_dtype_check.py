@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 
@@ -33,13 +32,12 @@ import numpy as np
 import torch
 
 from benchmarks.evaluate.scoring import agreement, repeated_queries
-from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
-from benchmarks.speed.inputs import Ceiling, encode_inputs, prepare_inputs
+from benchmarks.evaluate.check_inputs import add_input_arguments, benchmark_inputs
+from benchmarks.speed.inputs import Ceiling
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import eigendecompose
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.queries import QueryGradients
-from pipeline.core.text import batches_of
 
 DTYPES = ("float32", "bfloat16")
 
@@ -50,27 +48,15 @@ def scores_of(engine: InfluenceEngine, batches: list, queries: QueryGradients) -
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--windows", type=int, default=64)
-    parser.add_argument("--queries", type=int, default=16)
+    add_input_arguments(parser)
     parser.add_argument("--timed-queries", type=int, default=100)
     parser.add_argument("--timed-batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--n-docs", type=int, default=128)
-    parser.add_argument("--window", type=int, default=128)
     args = parser.parse_args(argv)
-    cfg = BenchmarkConfig(model=BenchModelConfig(preset="smollm2"), n_docs=args.n_docs, window=args.window,
-                          query_counts=[args.queries])
     d = AttributeConfig()
-    with tempfile.TemporaryDirectory() as work:
-        inputs = prepare_inputs(cfg, work)
-        train, queries = encode_inputs(inputs, args.window, args.queries)
-    train = train[: args.windows]
-    pad = inputs.tokenizer.pad_token_id
-    batches, q_batches = batches_of(train, 8, pad), batches_of(queries, 8, pad)
-    ids = [q.doc_id for q in queries]
-    tokens = sum(len(t.input_ids) for t in train)
-    print(f"{len(train)} windows, {tokens} tokens, {len(queries)} queries, query rank {d.score.query_rank}, "
-          f"threads {torch.get_num_threads()}")
+    inputs = benchmark_inputs(args)
+    batches, q_batches, ids = inputs.batches, inputs.query_batches, inputs.query_ids
+    print(f"{inputs.describe()}, query rank {d.score.query_rank}, threads {torch.get_num_threads()}")
     base = InfluenceConfig(modules=d.model.modules, damping=d.factors.damping, empirical_fisher=True,
                            query_rank=d.score.query_rank)
     engines = {dt: InfluenceEngine(inputs.model, replace(base, product_dtype=dt)) for dt in DTYPES}

@@ -23,49 +23,37 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 
 import torch
 
 from benchmarks.evaluate.scoring import agreement, repeated_queries
+from benchmarks.evaluate.check_inputs import add_input_arguments, benchmark_inputs
 from benchmarks.evaluate.sweep import Setting, fidelity_scores
 from benchmarks.speed.inputs import Ceiling
-from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
-from benchmarks.speed.inputs import encode_inputs, prepare_inputs
 from pipeline.config import AttributeConfig
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
-from pipeline.core.text import batches_of
 
 
 def main(argv: list[str] | None = None) -> dict[int, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--windows", type=int, default=64)
-    parser.add_argument("--queries", type=int, default=16)
+    add_input_arguments(parser)
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--n-docs", type=int, default=128)
-    parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--timed-queries", type=int, default=0, help="time each rank's score pass (0: no)")
     parser.add_argument("--timed-batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    cfg = BenchmarkConfig(model=BenchModelConfig(preset="smollm2"), n_docs=args.n_docs, window=args.window,
-                          query_counts=[args.queries])
-    with tempfile.TemporaryDirectory() as work:
-        inputs = prepare_inputs(cfg, work)
-        train, queries = encode_inputs(inputs, args.window, args.queries)
-        train = train[: args.windows]
-        print(f"{len(train)} windows, {sum(len(t.input_ids) for t in train)} tokens, {len(queries)} queries")
-        d = AttributeConfig()
-        base = InfluenceConfig(modules=d.model.modules, damping=d.factors.damping, empirical_fisher=True)
-        settings = [Setting("exact", ProjectionSpec(0))]
-        settings += [Setting(f"rank{r}", ProjectionSpec(0), r) for r in args.ranks]
-        pad = inputs.tokenizer.pad_token_id
-        started = time.perf_counter()
-        batches, q_batches, ids = batches_of(train, 8, pad), batches_of(queries, 8, pad), [q.doc_id for q in queries]
-        scores, scorer = fidelity_scores(inputs.model, base, settings, batches, q_batches, ids, torch.device("cpu"))
+    inputs = benchmark_inputs(args)
+    print(inputs.describe())
+    d = AttributeConfig()
+    base = InfluenceConfig(modules=d.model.modules, damping=d.factors.damping, empirical_fisher=True)
+    settings = [Setting("exact", ProjectionSpec(0))]
+    settings += [Setting(f"rank{r}", ProjectionSpec(0), r) for r in args.ranks]
+    started = time.perf_counter()
+    batches, q_batches, ids = inputs.batches, inputs.query_batches, inputs.query_ids
+    scores, scorer = fidelity_scores(inputs.model, base, settings, batches, q_batches, ids, torch.device("cpu"))
     print(f"scored in {time.perf_counter() - started:.0f} s")
     out = {}
     for r in args.ranks:

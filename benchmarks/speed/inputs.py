@@ -40,14 +40,14 @@ class Ceiling:
     so that a measurement alternating with a score pass times the same thing
     as a block of repeats. (A fresh copy per measurement with one batch of
     warm-up, which the evaluate checks used until 2026-12-05, measured the
-    same passes about 15% slower on SmolLM2: docs/figures.md, "Speed on SmolLM2".)
+    same passes 15-20% slower on SmolLM2: docs/figures.md, "Speed on SmolLM2".)
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.device = device
         self.model = copy.deepcopy(model).to(device).eval()
         self.model.requires_grad_(True)
-        self._warm: set[int] = set()
+        self._warm = False
 
     def run(self, batches: list) -> None:
         """One ceiling pass over ``batches``."""
@@ -56,10 +56,10 @@ class Ceiling:
             sequence_losses(self.model, batch.to(self.device)).sum().backward()
 
     def seconds(self, batches: list) -> float:
-        """Wall seconds of one pass; the first call for a list of batches runs one untimed pass before."""
-        if id(batches) not in self._warm:
+        """Wall seconds of one pass over ``batches``; the first call runs one untimed pass before."""
+        if not self._warm:
             self.run(batches)
-            self._warm.add(id(batches))
+            self._warm = True
         _sync(self.device)
         started = time.perf_counter()
         self.run(batches)

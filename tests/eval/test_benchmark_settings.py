@@ -51,3 +51,22 @@ def test_setting_keys_are_validated(override, message):
 def test_smollm2_is_a_preset():
     assert "smollm2" in PRESETS
     BenchmarkConfig(model=BenchmarkConfig().model.__class__(preset="smollm2")).validate()
+
+
+def test_the_ceiling_keeps_one_warm_copy_and_computes_every_weights_gradient():
+    from benchmarks.speed.inputs import Ceiling
+    from pipeline.core.text import batches_of
+    from tests.helpers import TINY_PAD, random_sequences, tiny_model
+
+    model = tiny_model("llama")
+    batches = batches_of(random_sequences(4), 2, TINY_PAD)
+    ceiling = Ceiling(model, torch.device("cpu"))
+    assert ceiling.model is not model  # a copy: the caller's model is not touched
+    forwards = []
+    ceiling.model.register_forward_hook(lambda *_: forwards.append(1))
+    assert ceiling.seconds(batches) > 0
+    assert len(forwards) == 2 * len(batches)  # the first measurement runs one untimed pass before
+    ceiling.seconds(batches)
+    assert len(forwards) == 3 * len(batches)  # later ones only the timed pass, on the same warm copy
+    assert all(p.grad is not None for p in ceiling.model.parameters())
+    assert all(p.grad is None for p in model.parameters())

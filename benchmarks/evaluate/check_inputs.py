@@ -13,10 +13,13 @@ import argparse
 import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
 from benchmarks.speed.inputs import encode_inputs, prepare_inputs
+from pipeline.core.influence import InfluenceEngine
+from pipeline.core.queries import QueryGradients
 from pipeline.core.text import Batch, TokenWindow, batches_of
 
 BATCH_SIZE = 8
@@ -64,3 +67,8 @@ def benchmark_inputs(args: argparse.Namespace) -> CheckInputs:
         inputs = prepare_inputs(cfg, work)
         train, queries = encode_inputs(inputs, args.window, args.queries)
     return CheckInputs(inputs.model, inputs.tokenizer.pad_token_id, train[: args.windows], queries)
+
+
+def scores_of(engine: InfluenceEngine, batches: list[Batch], queries: QueryGradients) -> np.ndarray:
+    """``(windows, queries)`` scores of ``batches`` against preconditioned ``queries``, float64."""
+    return torch.cat([engine.score_batch(b, queries).detach().to(torch.float64).cpu() for b in batches]).numpy()

@@ -24,9 +24,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from benchmarks.evaluate.product_dtype_check import scores_of
 from benchmarks.evaluate.scoring import agreement
-from benchmarks.evaluate.check_inputs import add_input_arguments, benchmark_inputs
+from benchmarks.evaluate.check_inputs import add_input_arguments, benchmark_inputs, scores_of
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import EIGH_DTYPES, EKFACFactors, eigendecompose
 from pipeline.core.influence import InfluenceEngine

@@ -32,9 +32,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from benchmarks.evaluate.check_inputs import CheckInputs, add_input_arguments, benchmark_inputs
+from benchmarks.evaluate.check_inputs import CheckInputs, add_input_arguments, benchmark_inputs, scores_of
 from benchmarks.evaluate.scoring import agreement
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import EKFACFactors, eigendecompose
@@ -72,9 +71,7 @@ def facts_inputs(seed: int) -> CheckInputs:
 def scores_with(engine: InfluenceEngine, factors: EKFACFactors, train: list, queries: list,
                 ids: list[str]) -> np.ndarray:
     """``(windows, queries)`` scores of ``train`` batches against ``queries`` preconditioned with ``factors``."""
-    grads = engine.query_gradients(queries, factors, ids)
-    out = [engine.score_batch(b, grads).detach().to(torch.float64).cpu() for b in train]
-    return torch.cat(out).numpy()
+    return scores_of(engine, train, engine.query_gradients(queries, factors, ids))
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:

@@ -32,18 +32,13 @@ import numpy as np
 import torch
 
 from benchmarks.evaluate.scoring import agreement, repeated_queries
-from benchmarks.evaluate.check_inputs import add_input_arguments, benchmark_inputs
+from benchmarks.evaluate.check_inputs import add_input_arguments, benchmark_inputs, scores_of
 from benchmarks.speed.inputs import Ceiling
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import eigendecompose
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
-from pipeline.core.queries import QueryGradients
 
 DTYPES = ("float32", "bfloat16")
-
-
-def scores_of(engine: InfluenceEngine, batches: list, queries: QueryGradients) -> np.ndarray:
-    return torch.cat([engine.score_batch(b, queries).detach().to(torch.float64).cpu() for b in batches]).numpy()
 
 
 def main(argv: list[str] | None = None) -> dict:

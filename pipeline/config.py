@@ -121,6 +121,11 @@ class FactorsConfig:
     # 1.5 / 1.25 capture passes instead of 2; with 48 windows, Lambda on 24 or 16 of them moved a tenth of the
     # top 10: what counts is the number of windows fitting Lambda (docs/figures.md, "Fitting on a sample").
     lambda_sample: float = 1.0
+    # At most this many documents (whole fitting shards, evenly spread, as few as reach the count) fit Lambda,
+    # as kronfluence's lambda_max_examples: on a corpus of millions of documents the eigenvalue correction then
+    # costs a bounded pass instead of a second full one. 0: no cap (the default). With lambda_sample < 1 the
+    # smaller of the two subsets is used. Enters the factors id (through its Lambda shards) when it drops shards.
+    lambda_max_documents: int = 0
     # float32 or bfloat16: the dtype of the fit's per-token products (the covariances a a^T and g g^T, and
     # Lambda's rotation into the eigenbasis; on CPU their outputs are bfloat16 too), each shard's sums
     # accumulated in float32 and the shards' added in float64. As score.product_dtype:
@@ -287,6 +292,10 @@ class AttributeConfig:
              f"factors.eigh_dtype must be one of {EIGH_DTYPES}, got {self.factors.eigh_dtype!r}"),
             (self.factors.batch_size >= 1, f"factors.batch_size must be >= 1, got {self.factors.batch_size}"),
             (self.factors.sample_shards >= 0, f"factors.sample_shards must be >= 0, got {self.factors.sample_shards}"),
+            (0 < self.factors.lambda_sample <= 1,
+             f"factors.lambda_sample must be in (0, 1] (1 = all fitting shards), got {self.factors.lambda_sample}"),
+            (self.factors.lambda_max_documents >= 0,
+             f"factors.lambda_max_documents must be >= 0 (0 = no cap), got {self.factors.lambda_max_documents}"),
             (0 <= self.factors.refit_below_share <= 1,
              f"factors.refit_below_share must be in [0, 1] (0: never refit for growth), got "
              f"{self.factors.refit_below_share}"),

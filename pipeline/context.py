@@ -83,10 +83,11 @@ class RunContext:
 
     @property
     def lambda_shards(self) -> list[Shard]:
-        """The fitting shards of the eigenvalue-correction pass: ``factors.lambda_sample`` of them, evenly spread."""
+        """The fitting shards of the eigenvalue-correction pass (`lambda_subset` of them)."""
         if self.factors_plan is not None and self.factors_plan.lambda_shards:
             return self.factors_plan.lambda_shards
-        return lambda_subset(self.fit_shards, self.cfg.factors.lambda_sample)
+        f = self.cfg.factors
+        return lambda_subset(self.fit_shards, f.lambda_sample, f.lambda_max_documents)
 
     @cached_property
     def fresh_factors_key(self) -> FactorsKey:
@@ -94,7 +95,8 @@ class RunContext:
         if not self.model_fp:
             raise RuntimeError("factors_key needs the model fingerprint; start the workers first")
         shards = self.sample_shards
-        lambda_ids = [s.shard_id for s in lambda_subset(shards, self.cfg.factors.lambda_sample)]
+        f = self.cfg.factors
+        lambda_ids = [s.shard_id for s in lambda_subset(shards, f.lambda_sample, f.lambda_max_documents)]
         return FactorsKey.of(
             self.cfg.influence(), self.model_fp, self.cfg.corpus.window, [s.shard_id for s in shards], lambda_ids,
             self.tokenisation,
@@ -149,11 +151,26 @@ class RunContext:
             return None
 
 
-def lambda_subset(shards: list[Shard], fraction: float) -> list[Shard]:
-    """``factors.lambda_sample`` of the fitting shards, evenly spread."""
+def lambda_subset(shards: list[Shard], fraction: float, max_documents: int = 0) -> list[Shard]:
+    """The fitting shards of the Lambda pass, evenly spread: ``factors.lambda_sample`` of them, and with
+    ``factors.lambda_max_documents`` > 0 no more than the fewest that hold that many documents.
+
+    The cap counts whole shards: the subset is the smallest evenly spread one holding at least
+    ``max_documents`` documents (all shards when they hold fewer).
+    """
     if not 0 < fraction <= 1:
         raise ConfigError(f"factors.lambda_sample must be in (0, 1] (1 = all fitting shards), got {fraction}")
-    return spread(shards, math.ceil(fraction * len(shards)))
+    if max_documents < 0:
+        raise ConfigError(f"factors.lambda_max_documents must be >= 0 (0 = no cap), got {max_documents}")
+    count = math.ceil(fraction * len(shards))
+    if max_documents:
+        total = sum(s.num_docs for s in shards)
+        if total > max_documents:
+            capped = max(1, math.ceil(max_documents * len(shards) / total))  # the count if shards were equal
+            while capped < len(shards) and sum(s.num_docs for s in spread(shards, capped)) < max_documents:
+                capped += 1
+            count = min(count, capped)
+    return spread(shards, count)
 
 
 def resolve_demo(cfg: AttributeConfig) -> AttributeConfig:

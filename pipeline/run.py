@@ -384,8 +384,9 @@ def run_stages(cfg: AttributeConfig, stages: Sequence[str] | None = None) -> Run
 def _plan_factors(ctx: RunContext) -> FactorsPlan:
     f = ctx.cfg.factors
     sample = ctx.sample_shards
-    plan = plan_factors(ctx.storage, ctx.fresh_factors_key, sample, lambda_subset(sample, f.lambda_sample),
-                        ctx.shards, f.sample_shards, f.lambda_sample, f.refit, f.refit_below_share)
+    plan = plan_factors(ctx.storage, ctx.fresh_factors_key, sample,
+                        lambda_subset(sample, f.lambda_sample, f.lambda_max_documents), ctx.shards,
+                        f.sample_shards, f.lambda_sample, f.refit, f.refit_below_share, f.lambda_max_documents)
     log.info("factors %s: %s (%s)", plan.key.id, plan.decision, plan.reason)
     return plan
 

@@ -356,7 +356,7 @@ def score_from_store(ctx) -> list[Commit]:
     (``counts.store_shards_rebuilt``). With ``store.rescore`` the store's results are a shortlist that the
     model rescores (`rescore_shortlist`).
     """
-    storage, cfg = ctx.storage, ctx.cfg
+    cfg = ctx.cfg
     ctx.counts.update(store_id=store_key(ctx).id, store_shards_rebuilt=0)
     if cfg.store.rescore:
         return rescore_shortlist(ctx)

@@ -111,6 +111,9 @@ class BenchmarkConfig:
     product_dtype: Optional[str] = None
     # factors.lambda_sample of our pipeline runs (null: the attribution default).
     lambda_sample: Optional[float] = None
+    # factors.lambda_max_documents of our pipeline runs (null: the attribution default). kronfluence's fit
+    # is left as it is (its lambda_max_examples unset: every document), so a cap is ours alone.
+    lambda_max_documents: Optional[int] = None
 
     def score_product_dtype(self) -> str:
         """``product_dtype``, else the attribution job's ``score.product_dtype``."""
@@ -136,6 +139,8 @@ class BenchmarkConfig:
             raise ConfigError(f"product_dtype must be one of {PRODUCT_DTYPES} or null, got {self.product_dtype!r}")
         if self.lambda_sample is not None and not 0 < self.lambda_sample <= 1:
             raise ConfigError(f"lambda_sample must be in (0, 1] or null, got {self.lambda_sample}")
+        if self.lambda_max_documents is not None and self.lambda_max_documents < 0:
+            raise ConfigError(f"lambda_max_documents must be >= 0 or null, got {self.lambda_max_documents}")
         if self.ours not in OURS:
             raise ConfigError(f"ours must be one of {OURS}, got {self.ours!r}")
         checks = [

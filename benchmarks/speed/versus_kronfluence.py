@@ -53,6 +53,8 @@ def attribute_config(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int, 
     a.score.product_dtype = cfg.score_product_dtype()
     if cfg.lambda_sample is not None:
         a.factors.lambda_sample = float(cfg.lambda_sample)
+    if cfg.lambda_max_documents is not None:
+        a.factors.lambda_max_documents = int(cfg.lambda_max_documents)
     a.factors.empirical_fisher = cfg.fisher_empirical()
     a.cluster.num_workers = num_workers
     if device.type == "cuda":

@@ -32,9 +32,10 @@ from pipeline.core.queries import low_rank, scoring_path
 from pipeline.core.projection import ProjectionSpec
 from pipeline.core.text import batches_of, collate
 from pipeline.core.tracking import Captured
-from pipeline.corpus import Shard
+from pipeline.corpus import Shard, spread
 from pipeline.identity import FactorsKey
-from pipeline.context import RunContext
+from pipeline.context import RunContext, lambda_subset
+from pipeline.pinning import settings_id
 from tests.helpers import TINY_PAD, random_queries, random_sequences, tiny_model
 
 TOL = 1e-10
@@ -397,10 +398,14 @@ def test_query_memory_is_checked_before_anything_is_formed(rank, monkeypatch):
 # ---- lambda_sample: the Lambda pass on a subset of the fitting shards --------------------------
 
 
-def run_context(lambda_sample: float, num_shards: int = 10) -> RunContext:
+def run_context(lambda_sample: float, num_shards: int = 10, max_documents: int = 0, docs=None) -> RunContext:
+    """A run over ``num_shards`` shards of ``docs[i]`` documents each (1 when not given)."""
     cfg = AttributeConfig()
     cfg.factors.lambda_sample = lambda_sample
-    shards = [Shard(i, f"s{i:03d}", "file://x", "jsonl", i, i + 1) for i in range(num_shards)]
+    cfg.factors.lambda_max_documents = max_documents
+    docs = docs or [1] * num_shards
+    starts = [sum(docs[:i]) for i in range(len(docs))]
+    shards = [Shard(i, f"s{i:03d}", "file://x", "jsonl", starts[i], starts[i] + docs[i]) for i in range(len(docs))]
     return RunContext(cfg=cfg, storage=None, shards=shards, corpus_fp="c", queries=[], queries_fp="q", model_fp="m")
 
 
@@ -422,6 +427,41 @@ def test_lambda_sample_is_a_deterministic_subset_that_enters_the_factors_id():
     assert len(run_context(0.01).lambda_shards) == 1
     with pytest.raises(ConfigError, match="factors.lambda_sample"):
         run_context(0.0).lambda_shards
+
+
+def test_lambda_max_documents_caps_the_lambda_shards_by_their_documents():
+    """The fewest evenly spread shards holding the cap's documents; no cap, or a cap above the corpus, keeps all."""
+    docs = [30, 10, 40, 20, 50, 10, 30, 40, 20, 50]  # 300 documents in 10 shards
+    assert run_context(1.0, max_documents=0, docs=docs).lambda_shards == run_context(1.0, docs=docs).fit_shards
+    whole = run_context(1.0, max_documents=300, docs=docs)
+    assert whole.lambda_shards == whole.fit_shards
+    assert whole.factors_id == run_context(1.0, docs=docs).factors_id
+    for cap in (1, 45, 90, 150, 299):
+        ctx = run_context(1.0, max_documents=cap, docs=docs)
+        picked = ctx.lambda_shards
+        held = sum(s.num_docs for s in picked)
+        assert held >= cap, (cap, held)
+        assert picked == spread(ctx.fit_shards, len(picked))  # evenly spread
+        if len(picked) > 1:  # one shard fewer, evenly spread, would not hold the cap
+            assert sum(s.num_docs for s in spread(ctx.fit_shards, len(picked) - 1)) < cap, (cap, len(picked))
+        # a subset enters the factors id; all ten (299 of 300 documents) is the uncapped fit
+        assert ("lambda_shards" in ctx.factors_key.to_json()) == (len(picked) < len(docs)), cap
+    # the smaller of the two subsets when lambda_sample is set as well
+    assert len(run_context(0.2, max_documents=250, docs=docs).lambda_shards) == 2
+    assert len(run_context(0.9, max_documents=45, docs=docs).lambda_shards) < 9
+    with pytest.raises(ConfigError, match="factors.lambda_max_documents"):
+        lambda_subset(run_context(1.0).fit_shards, 1.0, -1)
+    bad = AttributeConfig()
+    bad.factors.lambda_max_documents = -5
+    with pytest.raises(ConfigError, match="factors.lambda_max_documents"):
+        bad.validate()
+
+
+def test_lambda_max_documents_enters_the_pin_settings_only_when_set():
+    """Pins made before the cap existed keep their settings id; a cap makes another setting."""
+    key = run_context(1.0).fresh_factors_key
+    assert settings_id(key, 0, 1.0) == settings_id(key, 0, 1.0, 0)
+    assert settings_id(key, 0, 1.0, 64) != settings_id(key, 0, 1.0)
 
 
 def test_partial_sums_add_in_place_as_they_add():

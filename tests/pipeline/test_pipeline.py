@@ -11,7 +11,8 @@ core alone; it is readable with pyarrow and DuckDB with the columns and types
 of docs/design.md#storage; a rerun skips every unit and writes nothing; a worker
 killed between writing a shard and committing it loses and duplicates nothing;
 ``run.overwrite`` recomputes to the same table; merge refuses an uncommitted
-shard and shards scored with another ``score.top_k``; and the planted documents come out as the top proponents of the facts.
+shard and shards scored with another ``score.top_k``; the planted documents come out as the top proponents of the
+facts; and ``factors.lambda_max_documents`` fits Lambda on the capped shards only.
 """
 
 from __future__ import annotations
@@ -382,3 +383,27 @@ def test_lost_query_file_is_joined_again_from_its_committed_parts(baseline, clus
     assert objects(s3, f"{queries}/parts") == parts  # neither part was written again
     assert s3.cat_file(f"{queries}/gradients.safetensors") == joined  # the same bytes, joined again
     assert_identical_tables(table_of(s3, manifest), baseline["table"])
+
+
+def test_lambda_max_documents_fits_lambda_on_the_capped_shards_only(baseline, cluster, inputs, s3):
+    """``factors.lambda_max_documents``: every fitting shard's covariances, Lambda only on the capped shards."""
+    from pipeline import layout
+    from pipeline.commit import read_file_commit
+    from pipeline.run import run_stages
+
+    cfg = make_cfg(inputs, cluster, "lambda-cap")
+    cfg.factors.lambda_max_documents = DOCS_PER_SHARD + 1  # more than one shard's documents
+    cfg.run.stages = ["fit"]
+    ctx = run_stages(cfg)
+    fitted, capped = ctx.fit_shards, ctx.lambda_shards
+    assert 2 <= len(capped) < len(fitted)
+    assert sum(s.num_docs for s in capped) > DOCS_PER_SHARD
+    assert ctx.factors_id != baseline["manifest"]["factors_id"]  # a subset enters the factors id
+    partials = [p.rsplit("/", 1)[1] for p in s3.ls(f"{inputs['bucket']}/attribution/factors/{ctx.factors_id}/partials")]
+    assert sorted(p for p in partials if p.startswith("lambda-") and p.endswith(".safetensors")) == sorted(
+        f"lambda-{s.shard_id}.safetensors" for s in capped)
+    assert len([p for p in partials if p.startswith("cov-") and p.endswith(".safetensors")]) == len(fitted)
+    mine = read_file_commit(ctx.storage, ctx.factors_url)
+    full = read_file_commit(ctx.storage, layout.factors_file(ctx.storage.root, baseline["manifest"]["factors_id"]))
+    assert mine.num_tokens == full.num_tokens  # the covariances saw every fitting window
+    assert 0 < mine.num_sequences < full.num_sequences  # Lambda saw the capped shards' windows only

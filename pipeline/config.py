@@ -172,7 +172,8 @@ class ScoreConfig:
     # 0.950 and 0.963 of the first two, rank 16 0.988 of the second; on the third, rank 16 / 24 / 32 kept
     # 0.938 / 0.962 / 0.975 and scored at 1.09x / 1.10x / 1.03x the ceiling side by side -- a ceiling measured
     # 15-20% slower than the speed benchmark's, since fixed: docs/figures.md "Speed on SmolLM2"), at 1/17 of dense
-    # queries' memory (docs/figures.md, "Real model" and "Rank on the benchmark's data").
+    # queries' memory in float32, 1/35 with the factors kept in bfloat16 (product_dtype) (docs/figures.md,
+    # "Real model" and "Rank on the benchmark's data").
     query_rank: int = 24
     # float32 or bfloat16: the dtype of the two large per-token products per layer with which low-rank queries
     # score a window (their inputs rounded, and on CPU their outputs; those multiplied and summed in float32).
@@ -182,7 +183,9 @@ class ScoreConfig:
     # without fast bfloat16 (older CPUs, GPUs before compute capability 8.0) multiply in float32 instead, as
     # bfloat16 would be slower there. Also the dtype of the preconditioning range finder's power iterations
     # (they choose each query's rank-r subspace; the factors are projected in float32): 1.5x faster than
-    # float32 there, the approximation error unchanged to 3 digits (docs/figures.md, "Range finder in bfloat16").
+    # float32 there, the approximation error unchanged to 3 digits (docs/figures.md, "Range finder in bfloat16"),
+    # and the dtype low-rank query factors are kept and stored in (the token path rounds them to it anyway):
+    # half the query file, its join and every worker's read and copy.
     product_dtype: str = "bfloat16"
     # Where the score stage gets the corpus's gradients -- model: a forward and backward pass per window
     # (exact); store: the gradient store a score pass wrote with store.enabled=true, read by Ray tasks with

@@ -225,7 +225,7 @@ class ShardWorker:
 
             def write(url: str) -> None:
                 self.storage.write_safetensors(url, grads.to_tensors(), metadata)
-                self._queries = (url, grads.to(self.engine.device, self.engine.dtype))
+                self._queries = (url, self._in_engine_dtypes(grads))
 
             return write, recorded
 
@@ -250,9 +250,13 @@ class ShardWorker:
         cached = getattr(self, "_queries", None)
         if cached is not None and cached[0] == url:
             return cached[1]
-        grads = self._read_queries(url).to(self.engine.device, self.engine.dtype)
+        grads = self._in_engine_dtypes(self._read_queries(url))
         self._queries = (url, grads)
         return grads
+
+    def _in_engine_dtypes(self, grads: QueryGradients) -> QueryGradients:
+        """On the engine's device; dense in its dtype, low-rank factors in the dtype its products use."""
+        return grads.to(self.engine.device, self.engine.dtype, self.engine.query_factors_dtype)
 
     def _read_queries(self, url: str) -> QueryGradients:
         """Committed query gradients at ``url`` (verified against their commit's checksum), as stored."""

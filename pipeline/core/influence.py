@@ -268,10 +268,20 @@ class InfluenceEngine:
 
     # ---- queries -------------------------------------------------------------------------
 
+    @property
+    def query_factors_dtype(self) -> torch.dtype:
+        """The dtype low-rank query factors are kept and stored in: the scoring products' (bfloat16 by default).
+
+        The token path rounds them to ``products`` anyway, so keeping them so
+        halves their memory and file at the same scores; the ``sequence`` path
+        multiplies the (rounded) factors in the vectors' dtype.
+        """
+        return self.products or self.dtype
+
     def query_bytes(self, num_queries: int, rank: int | None = None) -> int:
         """Bytes of ``num_queries`` stored query gradients at ``rank`` (default: the config's; 0 = dense)."""
         rank = self.config.query_rank if rank is None else rank
-        size = torch.empty((), dtype=self.dtype).element_size()
+        size = torch.empty((), dtype=self.dtype if rank == 0 else self.query_factors_dtype).element_size()
         per_query = sum(
             k_out * k_in if rank == 0 else min(rank, k_out, k_in) * (k_out + k_in)
             for k_out, k_in in self.space_dims(projected=True).values()
@@ -359,8 +369,9 @@ class InfluenceEngine:
         if bad:
             raise NonFiniteGradientError(f"non-finite gradient for queries {bad[:10]}")
         if self.config.query_rank > 0:
-            left = {n: torch.cat([lr[0] for lr in p], 0) for n, p in parts.items()}
-            right = {n: torch.cat([lr[1] for lr in p], 0) for n, p in parts.items()}
+            stored = self.query_factors_dtype
+            left = {n: torch.cat([lr[0] for lr in p], 0).to(stored) for n, p in parts.items()}
+            right = {n: torch.cat([lr[1] for lr in p], 0).to(stored) for n, p in parts.items()}
             return QueryGradients(query_ids, left=left, right=right)
         return QueryGradients(query_ids, dense={n: torch.cat(p, 0) for n, p in parts.items()})
 

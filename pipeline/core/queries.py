@@ -28,7 +28,9 @@ class QueryGradients:
 
     Dense: ``dense[name]``: ``(Q, k_out, k_in)``. Low rank: ``left[name]``:
     ``(Q, k_out, r)`` and ``right[name]``: ``(Q, k_in, r)`` (singular values
-    folded into one of them), so the query matrix is ``left @ right^T``.
+    folded into one of them), so the query matrix is ``left @ right^T``;
+    the engine keeps the factors in its scoring products' dtype
+    (`InfluenceEngine.query_factors_dtype`: bfloat16 by default).
     """
 
     query_ids: list[str]
@@ -44,10 +46,10 @@ class QueryGradients:
 
         One strided copy from the stored ``(Q, k, r)``, converting on the way.
         In the factors' own dtype the factors then become views of it (one
-        copy in memory, not two); in another (``products``) it is an extra
-        copy. Made lazily, so preconditioning and joining, which only store
-        the factors, never pay for it, and a worker scoring with bfloat16
-        products makes only the bfloat16 one.
+        copy in memory, not two: a worker keeping bfloat16 factors and
+        multiplying in bfloat16, the default); in another it is an extra copy
+        (the ``sequence`` path's float32 one). Made lazily, so preconditioning
+        and joining, which only store the factors, never pay for it.
         """
         key = (side, name, dtype)
         if key not in self._flat:
@@ -65,9 +67,13 @@ class QueryGradients:
     def layer_names(self) -> list[str]:
         return list(self.dense or self.left)
 
-    def to(self, device, dtype) -> "QueryGradients":
-        move = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}  # noqa: E731
-        return QueryGradients(self.query_ids, move(self.dense), move(self.left), move(self.right))
+    def to(self, device, dtype, factors_dtype: torch.dtype | None = None) -> "QueryGradients":
+        """On ``device``: dense gradients in ``dtype``, low-rank factors in ``factors_dtype`` (default ``dtype``)."""
+        move = lambda d, t: {k: v.to(device=device, dtype=t) for k, v in d.items()}  # noqa: E731
+        factors = dtype if factors_dtype is None else factors_dtype
+        return QueryGradients(
+            self.query_ids, move(self.dense, dtype), move(self.left, factors), move(self.right, factors)
+        )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"{n}::dense": t for n, t in self.dense.items()}

@@ -27,7 +27,7 @@ from pipeline.core.ekfac import (
     rotated_gradients,
     rotation_path,
 )
-from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryMemoryError
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryMemoryError, fast_bfloat16
 from pipeline.core.queries import low_rank, scoring_path
 from pipeline.core.projection import ProjectionSpec
 from pipeline.core.text import batches_of, collate
@@ -293,6 +293,28 @@ def test_bfloat16_products_round_only_the_two_products_and_stay_close():
         assert torch.equal(sequence, q32.layer_scores(name, c32, "sequence"))
     with pytest.raises(ValueError, match="product_dtype"):
         InfluenceConfig(product_dtype="float16")
+
+
+@pytest.mark.skipif(not fast_bfloat16(torch.device("cpu")), reason="this CPU has no bfloat16 matrix instructions")
+def test_low_rank_queries_are_kept_in_the_products_dtype_at_the_same_token_scores():
+    """With bfloat16 products the low-rank factors are kept (and stored) in bfloat16: half the memory, and the
+    token path's scores bit for bit those of the same factors kept in float32 (it rounds them anyway)."""
+    config = InfluenceConfig(precision="float32", query_rank=3, product_dtype="bfloat16", empirical_fisher=True)
+    engine = InfluenceEngine(tiny_model("llama", dtype=torch.float32), config)
+    factors = engine.fit(batches_of(random_sequences(8, seed=11), 4, TINY_PAD))
+    queries = engine.query_gradients(batches_of(random_queries(3), 3, TINY_PAD), factors, ["a", "b", "c"])
+    assert engine.query_factors_dtype == torch.bfloat16
+    assert {t.dtype for t in (*queries.left.values(), *queries.right.values())} == {torch.bfloat16}
+    assert all(t.dtype == torch.bfloat16 for t in queries.to_tensors().values())  # so is the file
+    plain = InfluenceEngine(engine.model, replace(config, product_dtype="float32"))
+    assert plain.query_factors_dtype == torch.float32 and plain.query_bytes(3) == 2 * engine.query_bytes(3)
+    widened = queries.to("cpu", torch.float32)
+    captured, _ = engine.capture_batch(collate(random_sequences(4, seed=13), pad_id=TINY_PAD), projected=True)
+    for name, c in captured.items():
+        assert torch.equal(queries.layer_scores(name, c, "token", torch.bfloat16),
+                           widened.layer_scores(name, c, "token", torch.bfloat16))
+        # the sequence path multiplies the (rounded) factors in float32
+        assert torch.equal(queries.layer_scores(name, c, "sequence"), widened.layer_scores(name, c, "sequence"))
 
 
 def test_bfloat16_fit_products_stay_close_to_the_float32_fit():

@@ -347,11 +347,15 @@ class InfluenceEngine:
         Each batch is captured once for all layers; then layer by layer the
         batch's gradients are preconditioned and, with ``query_rank > 0``,
         compressed, so only one layer's dense results of one batch are alive
-        at a time. ``path`` forces the rotation path (tests).
+        at a time; low-rank factors are cast to ``query_factors_dtype`` as
+        they are made, and the batches are joined layer by layer, so the
+        queries take about ``query_bytes`` at their peak. ``path`` forces the
+        rotation path (tests).
         """
         self.check_factors(factors)
         self.check_query_memory(len(query_ids))
         projected_fit = self.config.factor_space == "projected"
+        low_rank = self.config.query_rank > 0
         parts: dict[str, list] = {n: [] for n in self.layers}
         finite: list[torch.Tensor] = []
         for batch in batches:
@@ -360,6 +364,8 @@ class InfluenceEngine:
             for name in self.layers:
                 part, layer_ok = self._precondition_layer(name, captured.pop(name), factors, path)
                 ok &= layer_ok
+                if low_rank:  # kept as they will be stored from the start: no float32 copy of every query's factors
+                    part = tuple(t.to(self.query_factors_dtype) for t in part)
                 parts[name].append(part)
             finite.append(ok)
         ok = torch.cat(finite).cpu()
@@ -368,12 +374,15 @@ class InfluenceEngine:
         bad = [query_ids[i] for i in (~ok).nonzero().flatten().tolist()]
         if bad:
             raise NonFiniteGradientError(f"non-finite gradient for queries {bad[:10]}")
-        if self.config.query_rank > 0:
-            stored = self.query_factors_dtype
-            left = {n: torch.cat([lr[0] for lr in p], 0).to(stored) for n, p in parts.items()}
-            right = {n: torch.cat([lr[1] for lr in p], 0).to(stored) for n, p in parts.items()}
+        # Joined layer by layer, each layer's batch parts freed once joined: the queries are held about once
+        # (plus one layer), not twice.
+        if low_rank:
+            left, right = {}, {}
+            for name in self.layers:
+                layer = parts.pop(name)
+                left[name], right[name] = (torch.cat([lr[i] for lr in layer], 0) for i in (0, 1))
             return QueryGradients(query_ids, left=left, right=right)
-        return QueryGradients(query_ids, dense={n: torch.cat(p, 0) for n, p in parts.items()})
+        return QueryGradients(query_ids, dense={n: torch.cat(parts.pop(n), 0) for n in self.layers})
 
     # ---- scoring -------------------------------------------------------------------------
 

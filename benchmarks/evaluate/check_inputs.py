@@ -4,7 +4,9 @@ The speed benchmark's inputs (``jobs/benchmark.py model.preset=smollm2``,
 built by ``benchmarks.speed.inputs``): the pretrained SmolLM2-135M, the
 planted-facts recipe's documents cycled to ``--n-docs``, windows of
 ``--window`` tokens, of which the first ``--windows``, and ``--queries``
-queries made from the corpus text.
+queries made from the corpus text. The benchmark corpus repeats its
+documents beyond the recipe's, so ``pydoc_inputs`` offers distinct text at
+any size up to ~900 windows of 128 tokens: Python's own help topics.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ from __future__ import annotations
 import argparse
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.speed.config import BenchmarkConfig, BenchModelConfig
-from benchmarks.speed.inputs import encode_inputs, prepare_inputs
+from benchmarks.speed.inputs import encode_inputs, prepare_inputs, read_query_rows, write_queries
 from pipeline.core.influence import InfluenceEngine
 from pipeline.core.queries import QueryGradients
-from pipeline.core.text import Batch, TokenWindow, batches_of
+from pipeline.core.text import Batch, TokenWindow, batches_of, encode_documents, encode_query, resolve_tokenisation
 
 BATCH_SIZE = 8
 
@@ -67,6 +70,38 @@ def benchmark_inputs(args: argparse.Namespace) -> CheckInputs:
         inputs = prepare_inputs(cfg, work)
         train, queries = encode_inputs(inputs, args.window, args.queries)
     return CheckInputs(inputs.model, inputs.tokenizer.pad_token_id, train[: args.windows], queries)
+
+
+def pydoc_inputs(args: argparse.Namespace) -> CheckInputs:
+    """The pretrained SmolLM2 on Python's help topics (``pydoc_data.topics``): distinct text, no repeats.
+
+    Every topic is a document, in sorted order; its windows of ``--window``
+    tokens as the pipeline makes them, the first ``--windows`` of them; the
+    ``--queries`` queries are made from the topics the windows cover, by the
+    speed benchmark's recipe (a dozen words prompt the next four).
+    """
+    from pydoc_data.topics import topics
+
+    from pipeline import pretrained
+    from pipeline.model_io import load_model_and_tokenizer
+
+    repo = Path(__file__).resolve().parents[2]
+    model, tok = load_model_and_tokenizer(pretrained.build_smollm2(repo / pretrained.DEFAULT_CACHE_DIR))
+    tokenisation = resolve_tokenisation(tok, None, None)
+    docs = [(name, topics[name]) for name in sorted(topics)]
+    train, _ = encode_documents(tok, docs, args.window, tokenisation)
+    train = train[: args.windows]
+    covered = {w.doc_id for w in train}
+    texts = [text for name, text in docs if name in covered]
+    # Spread the queries over the covered topics rather than taking the first few.
+    step = max(1, len(texts) // max(1, args.queries))
+    texts = texts[::step] + [t for i, t in enumerate(texts) if i % step]
+    with tempfile.TemporaryDirectory() as work:
+        path = str(Path(work) / "queries.jsonl")
+        write_queries(path, texts, args.queries)
+        rows = read_query_rows(path)
+    queries = [encode_query(tok, r["id"], r["prompt"], r["completion"], args.window, tokenisation) for r in rows]
+    return CheckInputs(model, tok.pad_token_id, train, queries)
 
 
 def scores_of(engine: InfluenceEngine, batches: list[Batch], queries: QueryGradients) -> np.ndarray:

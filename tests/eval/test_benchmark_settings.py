@@ -70,3 +70,29 @@ def test_the_ceiling_keeps_one_warm_copy_and_computes_every_weights_gradient():
     assert len(forwards) == 3 * len(batches)  # later ones only the timed pass, on the same warm copy
     assert all(p.grad is not None for p in ceiling.model.parameters())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_fit_sample_check_scores_every_fit_in_one_pass_as_each_alone():
+    """benchmarks.evaluate.fit_sample_check puts the fits' queries side by side: same scores as one fit at a time."""
+    from benchmarks.evaluate.fit_sample_check import every, scores_with
+    from pipeline.core.ekfac import EKFACFactors, eigendecompose
+    from pipeline.core.influence import InfluenceConfig, InfluenceEngine
+    from pipeline.core.text import batches_of
+    from tests.helpers import TINY_PAD, random_queries, random_sequences, tiny_model
+
+    model = tiny_model("llama")
+    batches = batches_of(random_sequences(16), 4, TINY_PAD)
+    queries = batches_of(random_queries(3), 4, TINY_PAD)
+    engine = InfluenceEngine(model, InfluenceConfig(modules=AttributeConfig().model.modules, damping=1e-3,
+                                                    empirical_fisher=True, query_rank=2))
+    bases = eigendecompose(engine.covariance_sums(batches, seed=0))
+    fits = {share: EKFACFactors.from_parts(engine.factors_meta(), bases,
+                                           engine.lambda_sums(every(batches, share), bases, seed=0))
+            for share in (1.0, 0.5)}
+    ids = ["q0", "q1", "q2"]
+    together = scores_with(engine, fits, batches, queries, ids)
+    for share, factors in fits.items():
+        alone = scores_with(engine, {share: factors}, batches, queries, ids)[share]
+        assert together[share].shape == (16, 3)
+        assert abs(together[share] - alone).max() <= 1e-9 * abs(alone).max()
+    assert abs(together[1.0] - together[0.5]).max() > 1e-6 * abs(together[1.0]).max()  # the fits do differ

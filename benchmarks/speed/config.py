@@ -112,7 +112,8 @@ class BenchmarkConfig:
     # factors.lambda_sample of our pipeline runs (null: the attribution default).
     lambda_sample: Optional[float] = None
     # factors.lambda_max_documents of our pipeline runs (null: the attribution default). kronfluence's fit
-    # is left as it is (its lambda_max_examples unset: every document), so a cap is ours alone.
+    # keeps its defaults (covariance_max_examples = lambda_max_examples = 100,000: every document of any corpus
+    # the benchmark builds), so a smaller cap is ours alone.
     lambda_max_documents: Optional[int] = None
 
     def score_product_dtype(self) -> str:

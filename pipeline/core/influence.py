@@ -347,42 +347,45 @@ class InfluenceEngine:
         Each batch is captured once for all layers; then layer by layer the
         batch's gradients are preconditioned and, with ``query_rank > 0``,
         compressed, so only one layer's dense results of one batch are alive
-        at a time; low-rank factors are cast to ``query_factors_dtype`` as
-        they are made, and the batches are joined layer by layer, so the
-        queries take about ``query_bytes`` at their peak. ``path`` forces the
+        at a time; each batch's results are copied straight into the stored
+        tensors (low-rank factors in ``query_factors_dtype``), allocated once
+        (``query_bytes``), with no float32 parts to join. ``path`` forces the
         rotation path (tests).
         """
         self.check_factors(factors)
         self.check_query_memory(len(query_ids))
         projected_fit = self.config.factor_space == "projected"
         low_rank = self.config.query_rank > 0
-        parts: dict[str, list] = {n: [] for n in self.layers}
+        total = len(query_ids)
+        # Each batch's results are copied into tensors for every query, made at the first batch in the stored
+        # dtype: no list of per-batch parts (float32 before) joined into a second copy at the end.
+        stored: dict[str, dict[str, torch.Tensor]] = {"dense": {}, "left": {}, "right": {}}
+        sides = ("left", "right") if low_rank else ("dense",)
         finite: list[torch.Tensor] = []
+        start = 0
         for batch in batches:
             captured, _ = self.capture_batch(batch, projected_fit, "data")
-            ok = torch.ones(batch.input_ids.shape[0], dtype=torch.bool, device=self.device)
+            size = batch.input_ids.shape[0]
+            if start + size > total:
+                raise ValueError(f"more query gradients than the {total} query ids")
+            ok = torch.ones(size, dtype=torch.bool, device=self.device)
             for name in self.layers:
                 part, layer_ok = self._precondition_layer(name, captured.pop(name), factors, path)
                 ok &= layer_ok
-                if low_rank:  # kept as they will be stored from the start: no float32 copy of every query's factors
-                    part = tuple(t.to(self.query_factors_dtype) for t in part)
-                parts[name].append(part)
+                for side, t in zip(sides, part if low_rank else (part,)):
+                    if name not in stored[side]:
+                        dtype = self.query_factors_dtype if low_rank else t.dtype
+                        stored[side][name] = t.new_empty((total, *t.shape[1:]), dtype=dtype)
+                    stored[side][name][start : start + size].copy_(t)
             finite.append(ok)
+            start += size
+        if start != total:
+            raise ValueError(f"{start} query gradients for {total} query ids")
         ok = torch.cat(finite).cpu()
-        if ok.shape[0] != len(query_ids):
-            raise ValueError(f"{ok.shape[0]} query gradients for {len(query_ids)} query ids")
         bad = [query_ids[i] for i in (~ok).nonzero().flatten().tolist()]
         if bad:
             raise NonFiniteGradientError(f"non-finite gradient for queries {bad[:10]}")
-        # Joined layer by layer, each layer's batch parts freed once joined: the queries are held about once
-        # (plus one layer), not twice.
-        if low_rank:
-            left, right = {}, {}
-            for name in self.layers:
-                layer = parts.pop(name)
-                left[name], right[name] = (torch.cat([lr[i] for lr in layer], 0) for i in (0, 1))
-            return QueryGradients(query_ids, left=left, right=right)
-        return QueryGradients(query_ids, dense={n: torch.cat(parts.pop(n), 0) for n in self.layers})
+        return QueryGradients(query_ids, **stored)
 
     # ---- scoring -------------------------------------------------------------------------
 

@@ -112,8 +112,15 @@ class FactorsConfig:
     damping: float | None = None
     # true: fit with the data's own labels; false: labels sampled from the model (true Fisher).
     empirical_fisher: bool = False
-    # Shards used to fit the factors (evenly spread over the corpus); 0 = all shards.
+    # Shards used to fit the factors (both passes), chosen by hash of shard id so the sample is stable as the
+    # corpus grows (nightly refits reuse it); 0 = all shards.
     sample_shards: int = 0
+    # At most this many documents fit the factors (both passes): the fewest shards, in that hash order, that
+    # hold the count (whole shards); with sample_shards > 0 the smaller of the two samples. 0: no cap (the
+    # default). kronfluence caps each pass at 100,000 examples by default (covariance_max_examples,
+    # lambda_max_examples; the first documents); 100000 here bounds the fit the same way on a larger corpus.
+    # Enters the pin's settings id when set, and the factors id through its shards when it drops some.
+    max_documents: int = 0
     batch_size: int = 8
     # Fraction (0, 1] of the fitting shards (evenly spread) whose windows fit the eigenvalue correction
     # (Lambda pass), as kronfluence's lambda_max_examples; 1.0 = all. Enters the factors id when < 1.
@@ -295,6 +302,8 @@ class AttributeConfig:
              f"factors.eigh_dtype must be one of {EIGH_DTYPES}, got {self.factors.eigh_dtype!r}"),
             (self.factors.batch_size >= 1, f"factors.batch_size must be >= 1, got {self.factors.batch_size}"),
             (self.factors.sample_shards >= 0, f"factors.sample_shards must be >= 0, got {self.factors.sample_shards}"),
+            (self.factors.max_documents >= 0,
+             f"factors.max_documents must be >= 0 (0 = no cap), got {self.factors.max_documents}"),
             (0 < self.factors.lambda_sample <= 1,
              f"factors.lambda_sample must be in (0, 1] (1 = all fitting shards), got {self.factors.lambda_sample}"),
             (self.factors.lambda_max_documents >= 0,

@@ -73,8 +73,9 @@ class RunContext:
 
     @property
     def sample_shards(self) -> list[Shard]:
-        """The current fitting sample: ``factors.sample_shards`` shards chosen by hash of id (all when 0)."""
-        return hash_sample(self.shards, self.cfg.factors.sample_shards)
+        """The current fitting sample: ``factors.sample_shards`` shards chosen by hash of id (all when 0),
+        no more than hold ``factors.max_documents`` documents (no cap when 0)."""
+        return hash_sample(self.shards, self.cfg.factors.sample_shards, self.cfg.factors.max_documents)
 
     @property
     def fit_shards(self) -> list[Shard]:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, ConfigError
 from pipeline.fingerprints import FingerprintCache, file_identity
 from pipeline.unique_ids import UniqueIds
 
@@ -538,13 +538,23 @@ def spread(shards: list[Shard], count: int) -> list[Shard]:
     return [shards[i] for i in sorted(set(picks.tolist()))]
 
 
-def hash_sample(shards: list[Shard], count: int) -> list[Shard]:
+def hash_sample(shards: list[Shard], count: int, max_documents: int = 0) -> list[Shard]:
     """The ``count`` shards with the smallest hash of their id, in listing order (all when 0 or too large).
 
-    Stable as the corpus grows: a shard leaves the sample only when a new shard with a smaller hash
-    displaces it, so a refit after growth fits mostly on the shards fitted before.
+    With ``max_documents`` > 0, no more of them, in hash order, than the fewest that hold that many
+    documents (all when they hold fewer). Stable as the corpus grows: a shard leaves the sample only
+    when a new shard with a smaller hash displaces it, so a refit after growth fits mostly on the
+    shards fitted before.
     """
-    if count <= 0 or count >= len(shards):
+    if max_documents < 0:
+        raise ConfigError(f"factors.max_documents must be >= 0 (0 = no cap), got {max_documents}")
+    ordered = sorted(shards, key=lambda s: hashlib.sha256(s.shard_id.encode()).digest())
+    if 0 < count < len(shards):
+        ordered = ordered[:count]
+    if max_documents:
+        held = np.cumsum([s.num_docs for s in ordered])
+        ordered = ordered[: int(np.searchsorted(held, max_documents)) + 1]  # the first prefix holding the count
+    if len(ordered) == len(shards):
         return list(shards)
-    chosen = {s.shard_id for s in sorted(shards, key=lambda s: hashlib.sha256(s.shard_id.encode()).digest())[:count]}
+    chosen = {s.shard_id for s in ordered}
     return [s for s in shards if s.shard_id in chosen]

@@ -5,8 +5,8 @@ night the sample's shards change, and with them ``factors_id``. Refitting every
 night would change every query id and every shard result. So the factors of a
 *fitting setting* (everything in `pipeline.identity.FactorsKey` but the
 shards: model, tracked layers, Fisher, space, projection, window, seed,
-tokenisation, plus ``factors.sample_shards``, ``factors.lambda_sample`` and
-``factors.lambda_max_documents``) are
+tokenisation, plus ``factors.sample_shards``, ``factors.lambda_sample``,
+``factors.lambda_max_documents`` and ``factors.max_documents``) are
 pinned at ``{root}/factor_pins/{settings_id}.json`` and reused until:
 
 - the setting changes (a new checkpoint, other layers, window or tokenisation):
@@ -38,15 +38,19 @@ log = logging.getLogger(__name__)
 REUSED, FITTED, REFITTED, POLICY = "reused", "fitted", "refitted", "policy"
 
 
-def settings_id(key: FactorsKey, sample_shards: int, lambda_sample: float, lambda_max_documents: int = 0) -> str:
+def settings_id(key: FactorsKey, sample_shards: int, lambda_sample: float, lambda_max_documents: int = 0,
+                max_documents: int = 0) -> str:
     """``p-`` and the digest of the factors key without its shards, with the sampling settings.
 
-    ``lambda_max_documents`` enters only when set, so the ids of pins made before it existed stay.
+    ``lambda_max_documents`` and ``max_documents`` enter only when set, so the ids of pins made before
+    they existed stay.
     """
     setting = {k: v for k, v in key.to_json().items() if k not in ("shards", "lambda_shards")}
     sampling = {"sample_shards": sample_shards, "lambda_sample": lambda_sample}
     if lambda_max_documents:
         sampling["lambda_max_documents"] = lambda_max_documents
+    if max_documents:
+        sampling["max_documents"] = max_documents
     return "p-" + digest({**setting, **sampling})
 
 
@@ -76,12 +80,12 @@ class FactorsPlan:
 
 def plan_factors(storage, fresh: FactorsKey, fit_shards: list[Shard], lambda_shards: list[Shard],
                  shards: list[Shard], sample_shards: int, lambda_sample: float, refit: bool,
-                 refit_below_share: float, lambda_max_documents: int = 0) -> FactorsPlan:
+                 refit_below_share: float, lambda_max_documents: int = 0, max_documents: int = 0) -> FactorsPlan:
     """Decide which factors the run uses. ``fresh`` is the key a fit on the current sample would have.
 
     ``fit_shards``/``lambda_shards``: the current sample; ``shards``: the whole corpus listing.
     """
-    sid = settings_id(fresh, sample_shards, lambda_sample, lambda_max_documents)
+    sid = settings_id(fresh, sample_shards, lambda_sample, lambda_max_documents, max_documents)
     num_docs = sum(s.num_docs for s in shards)
     fresh_docs = sum(s.num_docs for s in fit_shards)
 

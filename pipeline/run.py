@@ -386,7 +386,8 @@ def _plan_factors(ctx: RunContext) -> FactorsPlan:
     sample = ctx.sample_shards
     plan = plan_factors(ctx.storage, ctx.fresh_factors_key, sample,
                         lambda_subset(sample, f.lambda_sample, f.lambda_max_documents), ctx.shards,
-                        f.sample_shards, f.lambda_sample, f.refit, f.refit_below_share, f.lambda_max_documents)
+                        f.sample_shards, f.lambda_sample, f.refit, f.refit_below_share, f.lambda_max_documents,
+                        f.max_documents)
     log.info("factors %s: %s (%s)", plan.key.id, plan.decision, plan.reason)
     return plan
 

@@ -10,6 +10,7 @@ before query gradients are formed. Lambda fitted on a subset of shards.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 import pytest
@@ -32,7 +33,7 @@ from pipeline.core.queries import low_rank, scoring_path
 from pipeline.core.projection import ProjectionSpec
 from pipeline.core.text import batches_of, collate
 from pipeline.core.tracking import Captured
-from pipeline.corpus import Shard, spread
+from pipeline.corpus import Shard, hash_sample, spread
 from pipeline.identity import FactorsKey
 from pipeline.context import RunContext, lambda_subset
 from pipeline.pinning import settings_id
@@ -484,6 +485,46 @@ def test_lambda_max_documents_enters_the_pin_settings_only_when_set():
     key = run_context(1.0).fresh_factors_key
     assert settings_id(key, 0, 1.0) == settings_id(key, 0, 1.0, 0)
     assert settings_id(key, 0, 1.0, 64) != settings_id(key, 0, 1.0)
+
+
+def test_max_documents_caps_the_fitting_sample_in_hash_order():
+    """Both passes fit on the fewest shards, in hash order of their ids, holding the cap's documents."""
+    docs = [30, 10, 40, 20, 50, 10, 30, 40, 20, 50]  # 300 documents in 10 shards
+
+    def capped(max_documents: int, sample_shards: int = 0) -> RunContext:
+        ctx = run_context(1.0, docs=docs)
+        ctx.cfg.factors.max_documents, ctx.cfg.factors.sample_shards = max_documents, sample_shards
+        return ctx
+
+    def rank(shard: Shard) -> bytes:
+        return hashlib.sha256(shard.shard_id.encode()).digest()
+
+    uncapped = run_context(1.0, docs=docs)
+    for cap in (0, 300, 1000):
+        assert capped(cap).sample_shards == uncapped.shards
+        assert capped(cap).factors_id == uncapped.factors_id
+    for cap in (1, 45, 150, 299):
+        ctx = capped(cap)
+        picked = ctx.sample_shards
+        held = sum(s.num_docs for s in picked)
+        assert held >= cap and picked == [s for s in ctx.shards if s in picked], cap  # listing order
+        last = max(picked, key=rank)
+        assert held - last.num_docs < cap, cap  # the fewest, in hash order
+        assert all(rank(s) > rank(last) for s in ctx.shards if s not in picked), cap
+        assert ctx.lambda_shards == picked  # Lambda on the same sample (lambda_sample=1)
+        assert ctx.factors_key.shards == tuple(s.shard_id for s in picked)
+        assert (ctx.factors_id != uncapped.factors_id) == (len(picked) < len(docs)), cap  # 299: all ten
+    assert len(capped(290, sample_shards=3).sample_shards) == 3  # the smaller of the two samples
+    assert capped(10, sample_shards=3).sample_shards == capped(10).sample_shards
+    with pytest.raises(ConfigError, match="factors.max_documents"):
+        hash_sample(uncapped.shards, 0, -1)
+    bad = AttributeConfig()
+    bad.factors.max_documents = -5
+    with pytest.raises(ConfigError, match="factors.max_documents"):
+        bad.validate()
+    key = uncapped.fresh_factors_key
+    assert settings_id(key, 0, 1.0, 0, 0) == settings_id(key, 0, 1.0)  # pins made before the key stay
+    assert settings_id(key, 0, 1.0, 0, 100) != settings_id(key, 0, 1.0)
 
 
 def test_partial_sums_add_in_place_as_they_add():

@@ -407,3 +407,27 @@ def test_lambda_max_documents_fits_lambda_on_the_capped_shards_only(baseline, cl
     full = read_file_commit(ctx.storage, layout.factors_file(ctx.storage.root, baseline["manifest"]["factors_id"]))
     assert mine.num_tokens == full.num_tokens  # the covariances saw every fitting window
     assert 0 < mine.num_sequences < full.num_sequences  # Lambda saw the capped shards' windows only
+
+
+def test_max_documents_fits_both_passes_on_the_capped_sample_only(baseline, cluster, inputs, s3):
+    """``factors.max_documents``: covariances and Lambda on the fewest shards in hash order holding the cap."""
+    from pipeline.commit import read_file_commit
+    from pipeline.pinning import settings_id
+    from pipeline.run import run_stages
+
+    cfg = make_cfg(inputs, cluster, "doc-cap")
+    cfg.factors.max_documents = DOCS_PER_SHARD + 1  # more than one shard's documents
+    cfg.run.stages = ["fit"]
+    ctx = run_stages(cfg)
+    fitted = ctx.fit_shards
+    assert 2 <= len(fitted) < len(ctx.shards) and sum(s.num_docs for s in fitted) > DOCS_PER_SHARD
+    assert ctx.lambda_shards == fitted
+    assert ctx.factors_id != baseline["manifest"]["factors_id"]
+    partials = [p.rsplit("/", 1)[1] for p in s3.ls(f"{inputs['bucket']}/attribution/factors/{ctx.factors_id}/partials")]
+    for kind in ("cov", "lambda"):
+        assert sorted(p for p in partials if p.startswith(f"{kind}-") and p.endswith(".safetensors")) == sorted(
+            f"{kind}-{s.shard_id}.safetensors" for s in fitted), kind
+    assert 0 < read_file_commit(ctx.storage, ctx.factors_url).num_sequences
+    # Its own pinned setting: the uncapped setting's pin is not this one.
+    assert ctx.factors_plan.settings_id == settings_id(ctx.fresh_factors_key, 0, 1.0, 0, DOCS_PER_SHARD + 1)
+    assert ctx.factors_plan.settings_id != settings_id(ctx.fresh_factors_key, 0, 1.0)

@@ -115,6 +115,9 @@ class BenchmarkConfig:
     # keeps its defaults (covariance_max_examples = lambda_max_examples = 100,000: every document of any corpus
     # the benchmark builds), so a smaller cap is ours alone.
     lambda_max_documents: Optional[int] = None
+    # factors.max_documents of our pipeline runs (null: the attribution default). kronfluence counts its caps in
+    # examples (windows here) and keeps its own defaults.
+    max_documents: Optional[int] = None
 
     def score_product_dtype(self) -> str:
         """``product_dtype``, else the attribution job's ``score.product_dtype``."""
@@ -142,6 +145,8 @@ class BenchmarkConfig:
             raise ConfigError(f"lambda_sample must be in (0, 1] or null, got {self.lambda_sample}")
         if self.lambda_max_documents is not None and self.lambda_max_documents < 0:
             raise ConfigError(f"lambda_max_documents must be >= 0 or null, got {self.lambda_max_documents}")
+        if self.max_documents is not None and self.max_documents < 0:
+            raise ConfigError(f"max_documents must be >= 0 or null, got {self.max_documents}")
         if self.ours not in OURS:
             raise ConfigError(f"ours must be one of {OURS}, got {self.ours!r}")
         checks = [

@@ -55,6 +55,8 @@ def attribute_config(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int, 
         a.factors.lambda_sample = float(cfg.lambda_sample)
     if cfg.lambda_max_documents is not None:
         a.factors.lambda_max_documents = int(cfg.lambda_max_documents)
+    if cfg.max_documents is not None:
+        a.factors.max_documents = int(cfg.max_documents)
     a.factors.empirical_fisher = cfg.fisher_empirical()
     a.cluster.num_workers = num_workers
     if device.type == "cuda":

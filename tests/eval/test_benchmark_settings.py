@@ -36,12 +36,18 @@ def test_settings_override_every_run_of_ours(tmp_path):
     assert flipped.influence().empirical_fisher == flipped.empirical_fisher
     a = attribute_config(flipped, inputs, 5, str(tmp_path), "r", None, 1, torch.device("cpu"))
     assert a.factors.empirical_fisher == flipped.empirical_fisher
+    assert a.factors.max_documents == AttributeConfig().factors.max_documents  # null: the default
+    capped = BenchmarkConfig(max_documents=500, lambda_max_documents=100)
+    a = attribute_config(capped, inputs, 5, str(tmp_path), "r", None, 1, torch.device("cpu"))
+    assert (a.factors.max_documents, a.factors.lambda_max_documents) == (500, 100)
 
 
 @pytest.mark.parametrize("override, message", [
     ({"projection_mode": "random"}, "projection_mode"),
     ({"projection_dim": -1}, "projection_dim"),
     ({"query_rank": -2}, "query_rank"),
+    ({"lambda_max_documents": -1}, "lambda_max_documents"),
+    ({"max_documents": -1}, "max_documents must"),
 ])
 def test_setting_keys_are_validated(override, message):
     with pytest.raises(ConfigError, match=message):

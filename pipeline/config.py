@@ -116,11 +116,14 @@ class FactorsConfig:
     # corpus grows (nightly refits reuse it); 0 = all shards.
     sample_shards: int = 0
     # At most this many documents fit the factors (both passes): the fewest shards, in that hash order, that
-    # hold the count (whole shards); with sample_shards > 0 the smaller of the two samples. 0: no cap (the
-    # default). kronfluence caps each pass at 100,000 examples by default (covariance_max_examples,
-    # lambda_max_examples; the first documents); 100000 here bounds the fit the same way on a larger corpus.
-    # Enters the pin's settings id when set, and the factors id through its shards when it drops some.
-    max_documents: int = 0
+    # hold the count (whole shards); with sample_shards > 0 the smaller of the two samples; 0: no cap. The
+    # default is kronfluence's (covariance_max_examples = lambda_max_examples = 100,000, its first examples):
+    # it changes nothing on a corpus of fewer documents (every corpus measured in docs/figures.md), and on a
+    # larger one bounds the fit as the oracle does, so the fit costs two bounded passes however large the
+    # corpus; its fidelity there is kronfluence's default's, not measured by us. Enters the factors id (through
+    # its shards) and the pin's settings id only when it drops shards, so pins made before it existed keep
+    # their ids until the corpus grows past the cap.
+    max_documents: int = 100_000
     batch_size: int = 8
     # Fraction (0, 1] of the fitting shards (evenly spread) whose windows fit the eigenvalue correction
     # (Lambda pass), as kronfluence's lambda_max_examples; 1.0 = all. Enters the factors id when < 1.

@@ -78,6 +78,18 @@ class RunContext:
         return hash_sample(self.shards, self.cfg.factors.sample_shards, self.cfg.factors.max_documents)
 
     @property
+    def binding_max_documents(self) -> int:
+        """``factors.max_documents`` when it drops shards from the fitting sample, else 0.
+
+        What the pin's setting records (`pipeline.pinning.settings_id`): a cap the corpus is under changes
+        no fit, so pins made before the cap (or its default) existed keep their ids until the corpus grows
+        past it.
+        """
+        f = self.cfg.factors
+        binds = len(self.sample_shards) < len(hash_sample(self.shards, f.sample_shards))
+        return f.max_documents if binds else 0
+
+    @property
     def fit_shards(self) -> list[Shard]:
         """The shards the run's factors are (to be) fitted on: the plan's, else the current sample."""
         return self.factors_plan.fit_shards if self.factors_plan is not None else self.sample_shards

@@ -42,8 +42,9 @@ def settings_id(key: FactorsKey, sample_shards: int, lambda_sample: float, lambd
                 max_documents: int = 0) -> str:
     """``p-`` and the digest of the factors key without its shards, with the sampling settings.
 
-    ``lambda_max_documents`` and ``max_documents`` enter only when set, so the ids of pins made before
-    they existed stay.
+    ``lambda_max_documents`` and ``max_documents`` enter only when set (the run passes ``max_documents``
+    only when it drops shards: ``RunContext.binding_max_documents``), so the ids of pins made before they
+    existed stay.
     """
     setting = {k: v for k, v in key.to_json().items() if k not in ("shards", "lambda_shards")}
     sampling = {"sample_shards": sample_shards, "lambda_sample": lambda_sample}

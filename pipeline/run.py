@@ -387,7 +387,7 @@ def _plan_factors(ctx: RunContext) -> FactorsPlan:
     plan = plan_factors(ctx.storage, ctx.fresh_factors_key, sample,
                         lambda_subset(sample, f.lambda_sample, f.lambda_max_documents), ctx.shards,
                         f.sample_shards, f.lambda_sample, f.refit, f.refit_below_share, f.lambda_max_documents,
-                        f.max_documents)
+                        ctx.binding_max_documents)
     log.info("factors %s: %s (%s)", plan.key.id, plan.decision, plan.reason)
     return plan
 

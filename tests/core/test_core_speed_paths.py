@@ -524,6 +524,10 @@ def test_max_documents_caps_the_fitting_sample_in_hash_order():
         bad.validate()
     key = uncapped.fresh_factors_key
     assert settings_id(key, 0, 1.0, 0, 0) == settings_id(key, 0, 1.0)  # pins made before the key stay
+    # The pin records the cap only where it binds: the default cap on a smaller corpus leaves pins as they were.
+    assert AttributeConfig().factors.max_documents == 100_000 and uncapped.binding_max_documents == 0
+    assert capped(45).binding_max_documents == 45 and capped(299).binding_max_documents == 0
+    assert capped(10, sample_shards=3).binding_max_documents == 10 and capped(290, 3).binding_max_documents == 0
     assert settings_id(key, 0, 1.0, 0, 100) != settings_id(key, 0, 1.0)
 
 

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import layout
+from pipeline.storage import parquet_table
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def read_entry(storage, run_id: str) -> dict | None:
         data = storage.read_bytes(layout.catalog_entry(storage.root, run_id))
     except FileNotFoundError:
         return None
-    rows = pq.read_table(io.BytesIO(data)).to_pylist()
+    rows = parquet_table(data).to_pylist()
     return rows[0] if rows else None
 
 
@@ -88,7 +89,7 @@ def read_catalog(storage) -> list[dict]:
     rows = []
     for url in storage.glob(layout.url(layout.catalog_dir(storage.root), "*.parquet")):
         try:
-            rows.extend(pq.read_table(io.BytesIO(storage.read_bytes(url))).to_pylist())
+            rows.extend(parquet_table(storage.read_bytes(url)).to_pylist())
         except FileNotFoundError:  # removed since the listing
             continue
     return sorted(rows, key=lambda r: (r["started_at"] or "", r["run_id"]))

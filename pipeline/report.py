@@ -18,10 +18,10 @@ import html
 import logging
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import layout
 from pipeline.decoding import REPLACEMENT
+from pipeline.storage import parquet_table
 from pipeline.tables import ATTRIBUTION, DOCUMENTS, LAYERS, QUERIES, SCHEMAS, TABLES, TOKENS, RunMetadata
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def read_run(storage, run_id: str) -> tuple[dict[str, pa.Table], dict, dict]:
         url = layout.run_table_part(storage.root, run_id, name)
         if storage.exists(url):
             with storage.fs.open(storage.fs_path(url), "rb") as f:
-                tables[name] = pq.read_table(f)
+                tables[name] = parquet_table(f.read())
             meta = meta or RunMetadata.from_parquet(tables[name].schema.metadata)
         else:
             tables[name] = SCHEMAS[name].empty_table()

@@ -332,3 +332,32 @@ def test_gc_keeps_a_run_from_before_the_catalog_and_what_it_references(tmp_path)
     assert read_file_commit(storage, layout.factors_file(root, "f-old")) is not None
     assert read_file_commit(storage, layout.query_gradients(root, "q-old")) is not None
     assert os.path.exists(layout.run_manifest(root, "legacy"))
+
+
+def test_parquet_objects_are_read_on_the_calling_thread(tmp_path, monkeypatch):
+    """A failing job reads its catalog row and exits. ``pq.read_table`` released its source on one of Arrow's
+    threads (after returning, in ~1 of 6 reads here), and released while the interpreter exited it aborted the
+    process (a CI run: exit -6 instead of 3). ``parquet_table`` leaves nothing for another thread to release,
+    and the catalog and ``Storage.read_parquet`` read through it."""
+    import sys
+
+    from pipeline.storage import parquet_table
+
+    table = pa.table({"status": ["failed"]})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    data = sink.getvalue()
+    before = sys.getrefcount(data)
+    for _ in range(200):
+        assert parquet_table(data).equals(table)
+        assert sys.getrefcount(data) == before  # the source is released by the time it returns
+    storage = Storage(str(tmp_path))
+    url = layout.catalog_entry(storage.root, "r")
+    storage.write_parquet(url, table)
+
+    def dataset_read(*args, **kwargs):
+        raise AssertionError("pq.read_table releases its source on an Arrow thread")
+
+    monkeypatch.setattr(pq, "read_table", dataset_read)
+    assert catalog.read_entry(storage, "r") == {"status": "failed"}
+    assert storage.read_parquet(url).equals(table)

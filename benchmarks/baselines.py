@@ -231,8 +231,13 @@ def kronfluence_pairwise(
     train_batch_size: int = 8,
     query_batch_size: int = 8,
     seed: int = 0,
+    fit_train: list[TokenWindow] | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """kronfluence's EK-FAC pairwise scores ``(Q, N)``, fitted on ``train``; plus fit/score seconds.
+    """kronfluence's EK-FAC pairwise scores ``(Q, N)`` against ``train``; plus fit/score seconds.
+
+    The factors are fitted on ``fit_train`` (default: ``train``): a subset there
+    stands for kronfluence's ``covariance_max_examples`` / ``lambda_max_examples``
+    caps, which fit both passes on a dataset's first examples.
 
     Same conventions as ours: summed NLL train loss (labels sampled from the
     model unless ``empirical_fisher``), summed query NLL as the measurement,
@@ -297,7 +302,8 @@ def kronfluence_pairwise(
             per_sample_gradient_dtype=dtype, lambda_dtype=dtype,
         )
         started = time.perf_counter()
-        analyzer.fit_all_factors("ekfac", _Rows(train), per_device_batch_size=train_batch_size, factor_args=factor_args)
+        fit_rows = _Rows(train if fit_train is None else fit_train)
+        analyzer.fit_all_factors("ekfac", fit_rows, per_device_batch_size=train_batch_size, factor_args=factor_args)
         fit_s = time.perf_counter() - started
         score_args = ScoreArguments(damping_factor=damping, score_dtype=dtype, per_sample_gradient_dtype=dtype,
                                     precondition_dtype=dtype)

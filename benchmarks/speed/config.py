@@ -27,6 +27,8 @@ PRESETS = {
 
 # How "ours" is run in the comparison with kronfluence.
 OURS = ("pipeline", "core")
+# Where the benchmark corpus's texts come from (corpus_text).
+CORPUS_TEXTS = ("preset", "pydoc")
 
 
 @dataclass
@@ -70,6 +72,10 @@ class BenchmarkConfig:
     n_docs: int = 256
     # Demo texts joined into one benchmark document (raise it with long windows so windows fill up).
     texts_per_doc: int = 1
+    # The texts cycled into the corpus: preset (the model preset's: the demo corpus, or the smollm2 preset's 128
+    # planted-facts documents) or pydoc (1,063 distinct paragraphs of Python's help topics, pydoc_data.topics, in
+    # sorted topic order; no repeats up to that many documents, so no exact ties between copies in a top-k).
+    corpus_text: str = "preset"
     window: int = 64
     batch_size: int = 8
     # Batches timed in the ceiling and score measurements; queries scored there.
@@ -115,8 +121,9 @@ class BenchmarkConfig:
     # keeps its defaults (covariance_max_examples = lambda_max_examples = 100,000: every document of any corpus
     # the benchmark builds), so a smaller cap is ours alone.
     lambda_max_documents: Optional[int] = None
-    # factors.max_documents of our pipeline runs (null: the attribution default). kronfluence counts its caps in
-    # examples (windows here) and keeps its own defaults.
+    # factors.max_documents of our pipeline runs (null: the attribution default). When it leaves documents out,
+    # kronfluence's fit gets the windows of the same documents (the sample our job chooses), as its own
+    # covariance/lambda_max_examples caps would give it on a corpus past 100,000 examples; both score every window.
     max_documents: Optional[int] = None
 
     def score_product_dtype(self) -> str:
@@ -147,6 +154,8 @@ class BenchmarkConfig:
             raise ConfigError(f"lambda_max_documents must be >= 0 or null, got {self.lambda_max_documents}")
         if self.max_documents is not None and self.max_documents < 0:
             raise ConfigError(f"max_documents must be >= 0 or null, got {self.max_documents}")
+        if self.corpus_text not in CORPUS_TEXTS:
+            raise ConfigError(f"corpus_text must be one of {CORPUS_TEXTS}, got {self.corpus_text!r}")
         if self.ours not in OURS:
             raise ConfigError(f"ours must be one of {OURS}, got {self.ours!r}")
         checks = [

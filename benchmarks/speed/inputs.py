@@ -93,6 +93,24 @@ class BenchInputs:
     tokenizer: Any
 
 
+def pydoc_paragraphs(min_words: int = 16) -> list[str]:
+    """The distinct paragraphs of Python's help topics (``pydoc_data.topics``) of at least ``min_words`` words.
+
+    In sorted topic order, whitespace collapsed: text every Python has, with no repeats (1,063 paragraphs).
+    """
+    from pydoc_data.topics import topics
+
+    seen: set[str] = set()
+    out = []
+    for name in sorted(topics):
+        for paragraph in topics[name].split("\n\n"):
+            text = " ".join(paragraph.split())
+            if len(text.split()) >= min_words and text not in seen:
+                seen.add(text)
+                out.append(text)
+    return out
+
+
 def write_corpus(path: str, source: list[str], n_docs: int, per_doc: int = 1) -> list[tuple[str, str]]:
     """``n_docs`` documents of ``per_doc`` texts each, cycled from ``source`` under ids ``b0000000``...; Parquet."""
     docs = [(f"b{i:07d}", " ".join(source[(i * per_doc + j) % len(source)] for j in range(per_doc)))
@@ -119,7 +137,7 @@ def write_queries(path: str, texts: list[str], count: int) -> None:
 
 
 def prepare_inputs(cfg: BenchmarkConfig, work: str) -> BenchInputs:
-    """The demo's texts as an N-document corpus and query files under ``work``; the model of ``cfg.model``."""
+    """The preset's texts (or ``corpus_text``'s) as an N-document corpus and query files under ``work``; the model."""
     if cfg.model.preset == "smollm2" and not cfg.model.path:
         # Speed does not depend on what the weights learned: the pretrained model (no 18-minute fine-tune)
         # with the planted-facts recipe's documents (128 texts of up to 128 tokens).
@@ -132,6 +150,8 @@ def prepare_inputs(cfg: BenchmarkConfig, work: str) -> BenchInputs:
     else:
         demo = build_demo(cfg.demo.cache_dir, cfg.demo.spec())
         texts = pq.read_table(demo.corpus_path, columns=["text"]).column(0).to_pylist()
+    if cfg.corpus_text == "pydoc":
+        texts = pydoc_paragraphs()
     corpus_path = os.path.join(work, f"corpus-{cfg.n_docs}.parquet")
     docs = write_corpus(corpus_path, texts, cfg.n_docs, cfg.texts_per_doc)
     queries_paths = {}

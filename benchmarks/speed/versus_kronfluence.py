@@ -26,6 +26,8 @@ from pipeline.core.text import batches_of
 from benchmarks.speed.config import BenchmarkConfig
 from benchmarks.speed.inputs import BenchInputs, encode_inputs, write_corpus
 from pipeline.config import AttributeConfig
+from pipeline.context import prepare
+from pipeline.corpus import read_shard
 from pipeline.core.influence import InfluenceEngine
 from pipeline.core.topk import TopK
 from pipeline.run import run_attribution
@@ -108,6 +110,30 @@ def ours_core(cfg, inputs, n_queries, dim, device) -> dict:
             "counts": {"num_windows": len(windows)}, "topk": topk}
 
 
+def fitting_documents(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int, work: str,
+                      device: torch.device) -> set[str] | None:
+    """The ids of the documents our runs fit on when ``max_documents`` leaves some out (None: every one).
+
+    Taken from the attribution job's own validation of the benchmark's corpus
+    (``pipeline.context.prepare``: the fewest shards in hash order that hold
+    the cap), so that kronfluence's fit, given these documents' windows, is
+    capped the way its ``covariance_max_examples`` / ``lambda_max_examples``
+    cap it on a corpus past 100,000 examples, on the same documents as ours.
+    """
+    if not cfg.max_documents:
+        return None
+    root = tempfile.mkdtemp(prefix="sample-", dir=work)
+    try:
+        a = attribute_config(cfg, inputs, n_queries, root, "bench-sample", None, 1, device)
+        ctx = prepare(a)
+        if not ctx.binding_max_documents:
+            return None
+        return {doc_id for shard in ctx.sample_shards
+                for doc_id, _ in read_shard(shard, a.corpus.id_column, a.corpus.text_column, a.storage.options)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _tracked_layers(cfg: BenchmarkConfig, inputs: BenchInputs) -> list[str]:
     """Names of the layers ours tracks (found on a CPU copy), for kronfluence to track the same."""
     return list(InfluenceEngine(copy.deepcopy(inputs.model), cfg.influence(0), "cpu").layers)
@@ -153,7 +179,8 @@ def versus_kronfluence(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.
                 "_topk": runs[-1]["topk"],
             }
         if kron_ok:
-            _kronfluence_point(cfg, inputs, n_queries, device, point)
+            _kronfluence_point(cfg, inputs, n_queries, device, point, fitting_documents(cfg, inputs, n_queries, work,
+                                                                                       device))
         for ours in point["ours"].values():
             ours.pop("_topk")
         out["by_queries"][str(n_queries)] = point
@@ -162,9 +189,13 @@ def versus_kronfluence(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.
 
 
 def _kronfluence_point(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int, device: torch.device,
-                       point: dict) -> None:
-    """Time kronfluence at ``n_queries``; add its seconds to ``point`` and ours' overlap and speedup against it."""
+                       point: dict, fit_docs: set[str] | None = None) -> None:
+    """Time kronfluence at ``n_queries``; add its seconds to ``point`` and ours' overlap and speedup against it.
+
+    ``fit_docs``: fit its factors on these documents' windows only (our capped sample); scores cover every window.
+    """
     windows, queries = encode_inputs(inputs, cfg.window, n_queries)
+    fit_windows = None if fit_docs is None else [w for w in windows if w.doc_id in fit_docs]
     layers = _tracked_layers(cfg, inputs)
     defaults = AttributeConfig().factors
     kruns, scores = [], None
@@ -173,10 +204,12 @@ def _kronfluence_point(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int
         scores, parts = kronfluence_pairwise(
             inputs.model, layers, windows, queries, inputs.tokenizer.pad_token_id, damping=defaults.damping,
             empirical_fisher=cfg.fisher_empirical(), precision="float32", device=str(device),
-            train_batch_size=cfg.batch_size, query_batch_size=min(n_queries, 32))
+            train_batch_size=cfg.batch_size, query_batch_size=min(n_queries, 32), fit_train=fit_windows)
         kruns.append((time.perf_counter() - started, parts))
     point["kronfluence"] = {"seconds": statistics.median(k[0] for k in kruns), "runs_s": [k[0] for k in kruns],
-                            "fit_s": kruns[-1][1]["fit_s"], "score_s": kruns[-1][1]["score_s"]}
+                            "fit_s": kruns[-1][1]["fit_s"], "score_s": kruns[-1][1]["score_s"],
+                            "fit_windows": len(windows if fit_windows is None else fit_windows),
+                            "windows": len(windows)}
     theirs = {}
     for qi, query in enumerate(queries):
         order = metrics.rank_order(scores[qi].numpy())[: cfg.top_k]

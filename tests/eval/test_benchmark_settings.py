@@ -48,6 +48,7 @@ def test_settings_override_every_run_of_ours(tmp_path):
     ({"query_rank": -2}, "query_rank"),
     ({"lambda_max_documents": -1}, "lambda_max_documents"),
     ({"max_documents": -1}, "max_documents must"),
+    ({"corpus_text": "wiki"}, "corpus_text"),
 ])
 def test_setting_keys_are_validated(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -102,3 +103,11 @@ def test_fit_sample_check_scores_every_fit_in_one_pass_as_each_alone():
         assert together[share].shape == (16, 3)
         assert abs(together[share] - alone).max() <= 1e-9 * abs(alone).max()
     assert abs(together[1.0] - together[0.5]).max() > 1e-6 * abs(together[1.0]).max()  # the fits do differ
+
+
+def test_pydoc_paragraphs_are_distinct_and_enough_for_the_benchmark_corpus():
+    from benchmarks.speed.inputs import pydoc_paragraphs
+
+    paragraphs = pydoc_paragraphs()
+    assert len(paragraphs) == len(set(paragraphs)) >= 512
+    assert min(len(p.split()) for p in paragraphs) >= 16 and all("\n" not in p for p in paragraphs)

@@ -218,6 +218,50 @@ def test_benchmark_without_query_counts_measures_throughput_only(tmp_path, demo_
 # ---- integration: every section ------------------------------------------------------------
 
 
+def test_kronfluence_fits_on_the_documents_our_capped_runs_fit_on(tmp_path, demo_cache):
+    """``max_documents``: kronfluence's fit gets the windows of the shards our job's validation samples."""
+    import dataclasses
+
+    from benchmarks.speed.config import to_config
+    from benchmarks.speed.inputs import prepare_inputs
+    from benchmarks.speed.versus_kronfluence import fitting_documents
+    from pipeline.corpus import hash_sample, list_corpus, make_shards
+
+    cfg = to_config(compose("benchmark", TINY_BENCHMARK + [
+        f"demo.cache_dir={demo_cache}", "n_docs=12", "docs_per_shard=4", "max_documents=5", "corpus_text=pydoc"]))
+    work = tmp_path / "work"
+    work.mkdir()
+    inputs = prepare_inputs(cfg, str(work))
+    assert len({text for _, text in inputs.docs}) == 12  # pydoc paragraphs: distinct documents
+    cpu = torch.device("cpu")
+    docs = fitting_documents(cfg, inputs, 2, str(work), cpu)
+    shards = make_shards(list_corpus(inputs.corpus_path, "id", "text"), 4)
+    chosen = hash_sample(shards, 0, 5)
+    assert len(chosen) == 2  # the fewest shards (of 4 documents) holding 5
+    assert docs == {inputs.docs[i][0] for s in chosen for i in range(s.row_start, s.row_end)}
+    for cap in (0, 12):  # no cap, and a cap that leaves nothing out: kronfluence fits on every window
+        assert fitting_documents(dataclasses.replace(cfg, max_documents=cap), inputs, 2, str(work), cpu) is None
+    assert not [p for p in work.iterdir() if p.name.startswith("sample-")]  # its scratch storage is removed
+
+
+def test_kronfluence_fit_on_a_subset_scores_every_window():
+    """``fit_train``: factors from the subset, scores for every training window (kronfluence's example caps)."""
+    pytest.importorskip("kronfluence")
+    from benchmarks.baselines import kronfluence_pairwise
+    from tests.helpers import TINY_PAD
+
+    model = tiny_model("llama")
+    train, queries = random_sequences(6), random_queries(2)
+    kw = dict(damping=1e-3, empirical_fisher=True, train_batch_size=2, query_batch_size=2)
+    capped, _ = kronfluence_pairwise(model, ["model.layers.0.mlp.up_proj"], train, queries, TINY_PAD,
+                                     fit_train=train[:3], **kw)
+    on_subset, _ = kronfluence_pairwise(model, ["model.layers.0.mlp.up_proj"], train[:3], queries, TINY_PAD, **kw)
+    full, _ = kronfluence_pairwise(model, ["model.layers.0.mlp.up_proj"], train, queries, TINY_PAD, **kw)
+    assert capped.shape == full.shape == (2, 6)
+    torch.testing.assert_close(capped[:, :3], on_subset, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(capped, full, rtol=1e-3)  # other factors than the fit on every window
+
+
 @pytest.mark.integration
 def test_evaluate_all_sections_with_kronfluence(tmp_path, demo_cache):
     pytest.importorskip("kronfluence")

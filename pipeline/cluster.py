@@ -158,6 +158,8 @@ def run_units(
 ) -> list[dict]:
     """Run ``worker.method(*args)`` for every call, at most ``slots_per_worker`` in flight per worker.
 
+    Each unit goes to a worker with the fewest units in flight (the first such in ``workers``), so
+    every worker is busy before any gets a second unit: fewer units than slots still run in parallel.
     Results come back in the order of ``calls``; a progress bar shows units and documents per second.
     When no unit finishes for ``stall_timeout_s`` the units in flight are logged
     and `ClusterError` is raised (a hung storage call or a wedged worker must
@@ -165,16 +167,17 @@ def run_units(
     """
     results: list = [None] * len(calls)
     queue = list(enumerate(calls))
-    free = [w for w in workers for _ in range(slots_per_worker)]
+    in_flight = [0] * len(workers)
     pending: dict = {}
     started, docs = time.perf_counter(), 0
     last_progress = time.monotonic()
     with tqdm(total=len(calls), desc=desc, unit="unit", dynamic_ncols=True, disable=not calls) as bar:
         while queue or pending:
-            while queue and free:
-                worker = free.pop()
+            while queue and min(in_flight) < slots_per_worker:
+                w = in_flight.index(min(in_flight))
                 index, (method, args) = queue.pop(0)
-                pending[getattr(worker, method).remote(*args)] = (index, worker)
+                pending[getattr(workers[w], method).remote(*args)] = (index, w)
+                in_flight[w] += 1
             left = stall_timeout_s - (time.monotonic() - last_progress)
             done, _ = ray.wait(list(pending), num_returns=1, timeout=max(min(left, _POLL_S), 0.0))
             if not done and time.monotonic() - last_progress >= stall_timeout_s:
@@ -188,9 +191,9 @@ def run_units(
             if done:
                 last_progress = time.monotonic()
             for ref in done:
-                index, worker = pending.pop(ref)
+                index, w = pending.pop(ref)
                 results[index] = ray.get(ref)
-                free.append(worker)
+                in_flight[w] -= 1
                 docs += results[index].num_docs or 0
                 bar.update(1)
                 if docs:

@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline import layout
@@ -76,8 +75,7 @@ def _manifest(storage, run_id: str, key: str) -> dict:
 def _ranked(storage, run_id: str) -> dict[tuple, dict[tuple, tuple[int, float]]]:
     """``{(query_id, polarity): {(doc_id, window): (rank, score)}}`` of a run's ranked table."""
     url = layout.attribution_dir(storage.root, run_id)
-    table = ds.dataset(storage.fs_path(url), filesystem=storage.fs, format="parquet").to_table(
-        columns=["query_id", "polarity", "rank", "doc_id", "window", "score"])
+    table = storage.read_parquet_dir(url, columns=["query_id", "polarity", "rank", "doc_id", "window", "score"])
     out: dict[tuple, dict] = {}
     for r in table.to_pylist():
         out.setdefault((r["query_id"], r["polarity"]), {})[(r["doc_id"], r["window"])] = (r["rank"], r["score"])

@@ -97,8 +97,9 @@ def plan_factors(storage, fresh: FactorsKey, fit_shards: list[Shard], lambda_sha
         return fit_now(REFITTED, "factors.refit=true: fitted on the current sample")
     pin = read_pin(storage, sid)
     if pin is None:
-        return fit_now(FITTED, "no factors pinned yet for this model, tracked layers, Fisher, space, window and "
-                               "tokenisation")
+        return fit_now(FITTED, "no factors pinned yet for this model, tracked layers, Fisher, space, window, "
+                               "tokenisation and fitting sample (factors.sample_shards, lambda_sample, "
+                               "lambda_max_documents, and max_documents where it leaves documents out)")
     pinned = FactorsKey.from_json(pin["key"])
     share = pin["fitted_docs"] / num_docs if num_docs else 1.0
     if share < refit_below_share:

@@ -21,7 +21,6 @@ import pyarrow as pa
 
 from pipeline import layout
 from pipeline.decoding import REPLACEMENT
-from pipeline.storage import parquet_table
 from pipeline.tables import ATTRIBUTION, DOCUMENTS, LAYERS, QUERIES, SCHEMAS, TABLES, TOKENS, RunMetadata
 
 log = logging.getLogger(__name__)
@@ -49,8 +48,7 @@ def read_run(storage, run_id: str) -> tuple[dict[str, pa.Table], dict, dict]:
     for name in TABLES:
         url = layout.run_table_part(storage.root, run_id, name)
         if storage.exists(url):
-            with storage.fs.open(storage.fs_path(url), "rb") as f:
-                tables[name] = parquet_table(f.read())
+            tables[name] = storage.read_parquet(url)
             meta = meta or RunMetadata.from_parquet(tables[name].schema.metadata)
         else:
             tables[name] = SCHEMAS[name].empty_table()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pyarrow.dataset as ds
 
 from pipeline import layout
 from pipeline.corpus import list_corpus, make_shards, read_shard
@@ -12,7 +11,8 @@ SNIPPET_CORPUS_LIMIT = 100_000  # documents; above this no snippets are looked u
 
 
 def load_table(storage: Storage, url: str):
-    return ds.dataset(storage.fs_path(url), filesystem=storage.fs, format="parquet").to_table()
+    """The Parquet dataset (a folder) at ``url`` as one table."""
+    return storage.read_parquet_dir(url)
 
 
 def format_summary(

@@ -72,6 +72,15 @@ def benchmark_inputs(args: argparse.Namespace) -> CheckInputs:
     return CheckInputs(inputs.model, inputs.tokenizer.pad_token_id, train[: args.windows], queries)
 
 
+def smollm2():
+    """The pretrained SmolLM2-135M and its tokenizer, from the repository's cache (built there if absent)."""
+    from pipeline import pretrained
+    from pipeline.model_io import load_model_and_tokenizer
+
+    repo = Path(__file__).resolve().parents[2]
+    return load_model_and_tokenizer(pretrained.build_smollm2(repo / pretrained.DEFAULT_CACHE_DIR))
+
+
 def pydoc_inputs(args: argparse.Namespace) -> CheckInputs:
     """The pretrained SmolLM2 on Python's help topics (``pydoc_data.topics``): distinct text, no repeats.
 
@@ -82,11 +91,7 @@ def pydoc_inputs(args: argparse.Namespace) -> CheckInputs:
     """
     from pydoc_data.topics import topics
 
-    from pipeline import pretrained
-    from pipeline.model_io import load_model_and_tokenizer
-
-    repo = Path(__file__).resolve().parents[2]
-    model, tok = load_model_and_tokenizer(pretrained.build_smollm2(repo / pretrained.DEFAULT_CACHE_DIR))
+    model, tok = smollm2()
     tokenisation = resolve_tokenisation(tok, None, None)
     docs = [(name, topics[name]) for name in sorted(topics)]
     train, _ = encode_documents(tok, docs, args.window, tokenisation)

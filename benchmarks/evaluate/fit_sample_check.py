@@ -18,7 +18,7 @@ instead: the pretrained model, the planted-facts recipe with its own seed
 (``--seed``: 8 facts, 2 copies each, 32 filler documents, windows of 64
 tokens; 48 windows) and its 8 fact queries (``--n-docs`` and ``--window``
 are the benchmark's only). ``--lambda-only`` skips the "both passes on a
-share" fits. ``--data pydoc`` takes distinct text at any size instead of the
+share" fits, ``--both-only`` the "Lambda on a share" ones. ``--data pydoc`` takes distinct text at any size instead of the
 benchmark corpus, which repeats its documents beyond the recipe's (and so
 would flatter a sample): Python's help topics (``check_inputs.pydoc_inputs``).
 
@@ -36,11 +36,10 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
-from benchmarks.evaluate.check_inputs import (CheckInputs, add_input_arguments, benchmark_inputs, pydoc_inputs,
+from benchmarks.evaluate.check_inputs import (CheckInputs, add_input_arguments, benchmark_inputs, pydoc_inputs, smollm2,
                                               scores_of)
 from benchmarks.evaluate.scoring import agreement
 from pipeline.config import AttributeConfig
@@ -61,11 +60,8 @@ def every(batches: list, share: float) -> list:
 def facts_inputs(seed: int) -> CheckInputs:
     """tests/eval/test_smollm2_default_fidelity.py's inputs, recipe ``seed``."""
     from benchmarks.smollm2_facts import FactsSpec, make_corpus
-    from pipeline import pretrained
-    from pipeline.model_io import load_model_and_tokenizer
 
-    repo = Path(__file__).resolve().parents[2]
-    model, tok = load_model_and_tokenizer(pretrained.build_smollm2(repo / pretrained.DEFAULT_CACHE_DIR))
+    model, tok = smollm2()
     spec = FactsSpec(n_facts=8, copies_per_fact=2, n_filler_docs=32, window=FACTS_WINDOW, seed=seed)
     docs, facts = make_corpus(spec, tok)
     tokenisation = resolve_tokenisation(tok, None, None)
@@ -96,7 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--shares", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--data", choices=["benchmark", "facts", "pydoc"], default="benchmark")
     parser.add_argument("--seed", type=int, default=13, help="the planted-facts recipe's seed (--data facts)")
-    parser.add_argument("--lambda-only", action="store_true", help='skip the "both passes on a share" fits')
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--lambda-only", action="store_true", help='skip the "both passes on a share" fits')
+    only.add_argument("--both-only", action="store_true", help='skip the "Lambda on a share" fits')
     args = parser.parse_args(argv)
     d = AttributeConfig()
     make = {"facts": lambda: facts_inputs(args.seed), "benchmark": lambda: benchmark_inputs(args),
@@ -115,9 +113,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     cost = {"full": (1.0, 1.0)}
     for share in args.shares:
         part = every(batches, share)
-        fits[f"lambda {share}"] = EKFACFactors.from_parts(engine.factors_meta(), full_bases,
-                                                          engine.lambda_sums(part, full_bases, seed=0))
-        cost[f"lambda {share}"] = (1.0, len(part) / len(batches))
+        if not args.both_only:
+            fits[f"lambda {share}"] = EKFACFactors.from_parts(engine.factors_meta(), full_bases,
+                                                              engine.lambda_sums(part, full_bases, seed=0))
+            cost[f"lambda {share}"] = (1.0, len(part) / len(batches))
         if args.lambda_only:
             continue
         bases = eigendecompose(engine.covariance_sums(part, seed=0))

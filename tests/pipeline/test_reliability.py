@@ -289,6 +289,37 @@ def test_a_stalled_stage_fails_naming_the_units_in_flight(local_ray, caplog):
     ray.kill(worker)
 
 
+class Tagged:
+    """A worker that says which it is (``num_docs`` as a unit result has it)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def unit(self, seconds: float):
+        import types
+
+        time.sleep(seconds)
+        return types.SimpleNamespace(worker=self.name, num_docs=1)
+
+
+@pytest.mark.integration
+def test_units_go_to_idle_workers_before_any_worker_gets_a_second(local_ray):
+    """Fewer units than slots (a fit on a two-shard sample) still run on as many workers as there are units."""
+    import ray
+
+    from pipeline.cluster import run_units
+
+    workers = [ray.remote(Tagged).options(num_cpus=0).remote(f"w{i}") for i in range(3)]
+    try:
+        for units in (2, 3, 5):
+            got = [r.worker for r in run_units(workers, [("unit", (0.5,))] * units, "fit", slots_per_worker=2)]
+            counts = sorted(got.count(w) for w in ("w0", "w1", "w2"))
+            assert counts == {2: [0, 1, 1], 3: [1, 1, 1], 5: [1, 2, 2]}[units], got
+    finally:
+        for w in workers:
+            ray.kill(w)
+
+
 def shard_results(root: str) -> dict[str, str]:
     """``{shard_id: file}`` of every committed shard result under ``root`` (file markers that record a top_k).
 

@@ -335,6 +335,23 @@ def test_corrupt_parquet_is_a_storage_error(storage):
         storage.read_parquet(url)
 
 
+def test_read_parquet_dir_joins_the_folders_parquet_files_in_name_order(storage):
+    """``read_parquet_dir``: every ``.parquet`` file under the folder, sorted; other and hidden names left out."""
+    folder = layout.attribution_dir(storage.root, "r")
+    first, second = _table(3), _table(5)
+    storage.write_parquet(layout.attribution_part(storage.root, "r", 1), second)
+    storage.write_parquet(layout.attribution_part(storage.root, "r", 0), first)
+    storage.write_bytes(f"{folder}/_SUCCESS", b"")
+    storage.write_bytes(f"{folder}/.part-00002.parquet.tmp", b"partial")
+    assert storage.read_parquet_dir(folder).equals(pa.concat_tables([first, second]))
+    assert storage.read_parquet_dir(folder, columns=["rank"]).column_names == ["rank"]
+    with pytest.raises(StorageError, match="runs/nope/attribution holds no Parquet file"):
+        storage.read_parquet_dir(layout.attribution_dir(storage.root, "nope"))
+    storage.write_bytes(layout.attribution_part(storage.root, "r", 3), b"not parquet")
+    with pytest.raises(StorageError, match="part-00003.parquet is not a readable Parquet file"):
+        storage.read_parquet_dir(folder)
+
+
 def test_ls_glob_rm(storage):
     for name in ("b", "a", "c"):
         storage.write_bytes(layout.shard_result(storage.root, "r", name), name.encode())

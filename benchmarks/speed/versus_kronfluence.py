@@ -4,6 +4,9 @@ kronfluence's EK-FAC fit + pairwise scores against ours: fit + precondition
 + score + merge through ``pipeline.run.run_attribution`` on a local Ray
 (``ours=pipeline``), or the in-process core (``ours=core``, labelled so), at
 each query count. End-to-end runs take ``pipeline_repeats`` runs each.
+With ``max_documents`` leaving documents out, kronfluence fits on the
+windows of the documents our job samples (as its own 100,000-example caps
+would fit it on a larger corpus) and both score every window.
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ class ScoreConfig:
     # bfloat16 uses matrix units (AMX on recent Xeons, GPU tensor cores): on SmolLM2-135M, 100 rank-32
     # queries, it scored at 1.09x the ceiling against 0.76x, with the same top-10 overlap with exact EK-FAC
     # (0.975; scores within 5e-5 of the largest) (docs/figures.md, "Scoring products in bfloat16"). Workers
-    # without fast bfloat16 (older CPUs, GPUs before compute capability 8.0) multiply in float32 instead, as
+    # without fast bfloat16 (CPUs without AMX, GPUs before compute capability 8.0) multiply in float32 instead, as
     # bfloat16 would be slower there. Also the dtype of the preconditioning range finder's power iterations
     # (they choose each query's rank-r subspace; the factors are projected in float32): 1.5x faster than
     # float32 there, the approximation error unchanged to 3 digits (docs/figures.md, "Range finder in bfloat16"),

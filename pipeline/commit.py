@@ -60,6 +60,7 @@ class Commit:
     files_sha256: dict[str, str] | None = None  # a folder unit: relative file name -> SHA-256
     # ---- recorded by the writer
     shard_id: str | None = None
+    shard_ids: list[str] | None = None  # a fit unit of several shards: their ids, in order
     factors_id: str | None = None
     queries_id: str | None = None
     top_k: int | None = None

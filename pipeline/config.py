@@ -125,6 +125,18 @@ class FactorsConfig:
     # their ids until the corpus grows past the cap.
     max_documents: int = 100_000
     batch_size: int = 8
+    # A fit unit -- one task, and one file of partial sums the driver reads and adds: A/S 0.97 GB, Lambda
+    # 0.32 GB for SmolLM2-135M's 90 MLP layers in float32 -- covers consecutive fitting shards holding about this
+    # many documents, but the shards are split into no fewer units than there are workers (nor more than there
+    # are shards). 0: one unit per shard, as before 2026-12-06: at the default cap, 782 shards of 128
+    # documents wrote 782 such files per pass (760 GB of A/S sums for SmolLM2). On SmolLM2 in 16 shards on 2
+    # workers the fit took 179-181 s in 2 units against 277-278 s in 16, writing 2.6 GB instead of 20.6 GB
+    # (docs/figures.md, "Fit units"). Each shard keeps its own sampled labels, so the sums are the same, added in
+    # another order: the factors differ only by rounding (which still moves low-rank scores by up to about 1e-3
+    # of a score), also between numbers of workers; it does not enter the factors id. A unit that fails is
+    # redone whole: larger units lose more work to a failure and take longer between progress updates
+    # (cluster.stall_timeout_s bounds the wait for one).
+    docs_per_unit: int = 2048
     # Fraction (0, 1] of the fitting shards (evenly spread) whose windows fit the eigenvalue correction
     # (Lambda pass), as kronfluence's lambda_max_examples; 1.0 = all. Enters the factors id when < 1.
     # On SmolLM2-135M with 96 windows 0.5 / 0.25 kept 0.956 / 0.950 of exact EK-FAC's top 10 (all: 0.969) at
@@ -295,6 +307,8 @@ class AttributeConfig:
             (self.corpus.on_bad_text in BAD_TEXT_ACTIONS,
              f"corpus.on_bad_text must be one of {BAD_TEXT_ACTIONS}, got {self.corpus.on_bad_text!r}"),
             (self.corpus.docs_per_shard >= 1, f"corpus.docs_per_shard must be >= 1, got {self.corpus.docs_per_shard}"),
+            (self.factors.docs_per_unit >= 0,
+             f"factors.docs_per_unit must be >= 0 (0 = one fit unit per shard), got {self.factors.docs_per_unit}"),
             (self.score.top_k >= 1, f"score.top_k must be >= 1, got {self.score.top_k}"),
             (self.score.batch_size >= 1, f"score.batch_size must be >= 1, got {self.score.batch_size}"),
             (self.score.product_dtype in PRODUCT_DTYPES,

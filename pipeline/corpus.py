@@ -558,3 +558,39 @@ def hash_sample(shards: list[Shard], count: int, max_documents: int = 0) -> list
         return list(shards)
     chosen = {s.shard_id for s in ordered}
     return [s for s in shards if s.shard_id in chosen]
+
+
+def fit_units(shards: list[Shard], num_workers: int, docs_per_unit: int) -> list[list[Shard]]:
+    """The fit's units of work: ``shards`` cut into runs of consecutive shards of about equal documents.
+
+    As many units as it takes for about ``docs_per_unit`` documents each, but no fewer than
+    ``num_workers`` (every worker busy) and no more than there are shards; ``docs_per_unit`` 0:
+    one unit per shard. Each unit is one task and one partial file of sums, so the units, not
+    the shards, set how many such files the fit writes and the driver adds up.
+    """
+    if docs_per_unit < 0:
+        raise ConfigError(f"factors.docs_per_unit must be >= 0 (0 = one unit per shard), got {docs_per_unit}")
+    if docs_per_unit == 0 or len(shards) <= 1:
+        return [[s] for s in shards]
+    held = np.cumsum([s.num_docs for s in shards])  # documents up to and including each shard
+    total = int(held[-1])
+    count = min(len(shards), max(num_workers, -(-total // docs_per_unit), 1))
+    starts = [0]
+    for i in range(1, count):
+        # The cut whose documents before it come closest to i/count of the total; each unit keeps at least
+        # one shard and leaves one for each unit after it.
+        target = i * total / count
+        reach = int(np.searchsorted(held, target))  # the first shard whose documents reach the target
+        before = int(held[reach - 1]) if reach else 0
+        cut = reach + 1 if held[reach] - target < target - before else reach
+        starts.append(min(max(cut, starts[-1] + 1), len(shards) - (count - i)))
+    starts.append(len(shards))
+    return [shards[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def unit_key(shards: list[Shard]) -> str:
+    """A fit unit's name: its shard's id when it holds one (as partial files were named per shard), else
+    ``u-`` and 20 hex digits of the SHA-256 of its shards' ids in order."""
+    if len(shards) == 1:
+        return shards[0].shard_id
+    return "u-" + hashlib.sha256("\n".join(s.shard_id for s in shards).encode()).hexdigest()[:20]

@@ -4,9 +4,9 @@
 an ``s3://bucket/prefix`` URL). Every id is checked by `validate_name`, so no
 path can leave its folder::
 
-    {root}/factors/{factors_id}/partials/cov-{shard_id}.safetensors     A/S partial sums of one shard
+    {root}/factors/{factors_id}/partials/cov-{unit}.safetensors         A/S partial sums of one fit unit
     {root}/factors/{factors_id}/eigenbases.safetensors                  Q_A, Q_S of the summed covariances
-    {root}/factors/{factors_id}/partials/lambda-{shard_id}.safetensors  Lambda partial sums of one shard
+    {root}/factors/{factors_id}/partials/lambda-{unit}.safetensors      Lambda partial sums of one fit unit
     {root}/factors/{factors_id}/factors.safetensors                     the fitted EK-FAC factors
     {root}/queries/{queries_id}/gradients.safetensors                   preconditioned query gradients
     {root}/queries/{queries_id}/parts/{i}-of-{n}.safetensors            the workers' slices, joined into it
@@ -116,13 +116,16 @@ def factors_file(root: str, factors_id: str) -> str:
 
 
 def covariance_partial(root: str, factors_id: str, shard_id: str) -> str:
-    """One fitting shard's A/S sums: ``{root}/factors/{factors_id}/partials/cov-{shard_id}.safetensors``."""
+    """One fit unit's A/S sums: ``{root}/factors/{factors_id}/partials/cov-{shard_id}.safetensors``.
+
+    ``shard_id``: the unit's name (`pipeline.corpus.unit_key`), its shard's id when it holds one.
+    """
     shard = validate_name(shard_id, "shard id")
     return url(factors_dir(root, factors_id), "partials", f"cov-{shard}.safetensors")
 
 
 def lambda_partial(root: str, factors_id: str, shard_id: str) -> str:
-    """One fitting shard's Lambda sums: ``{root}/factors/{factors_id}/partials/lambda-{shard_id}.safetensors``."""
+    """One fit unit's Lambda sums: ``{root}/factors/{factors_id}/partials/lambda-{shard_id}.safetensors``."""
     shard = validate_name(shard_id, "shard id")
     return url(factors_dir(root, factors_id), "partials", f"lambda-{shard}.safetensors")
 

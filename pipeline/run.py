@@ -47,7 +47,7 @@ from pipeline.core.ekfac import (
     CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose, partial_sums_dtype,
 )
 from pipeline.core.tracking import LayerSpec
-from pipeline.corpus import corpus_files_json
+from pipeline.corpus import corpus_files_json, fit_units, unit_key
 from pipeline.identity import digest
 from pipeline.merge import merge_run, refuse_unmergeable
 from pipeline.pinning import REUSED, FactorsPlan, plan_factors, write_pin
@@ -75,10 +75,13 @@ def _fit(ctx: RunContext) -> str:
     storage, url, root, fid = ctx.storage, ctx.factors_url, ctx.storage.root, ctx.factors_id
     if already_committed(storage, url):
         return url
-    shards = ctx.fit_shards
-    cov_urls = [layout.covariance_partial(root, fid, s.shard_id) for s in shards]
+    per_unit = ctx.cfg.factors.docs_per_unit
+    units = fit_units(ctx.fit_shards, len(ctx.workers), per_unit)
+    log.info("fit: %d fitting shards in %d units (factors.docs_per_unit=%d, %d workers)",
+             len(ctx.fit_shards), len(units), per_unit, len(ctx.workers))
+    cov_urls = [layout.covariance_partial(root, fid, unit_key(u)) for u in units]
     stall = ctx.cfg.cluster.stall_timeout_s
-    cov_commits = run_units(ctx.workers, [("covariance", (s, u)) for s, u in zip(shards, cov_urls)],
+    cov_commits = run_units(ctx.workers, [("covariance", (u, url)) for u, url in zip(units, cov_urls)],
                             "fit: covariances", stall_timeout_s=stall)
     cov = None
     for u, c in zip(cov_urls, cov_commits):
@@ -102,9 +105,9 @@ def _fit(ctx: RunContext) -> str:
         tensors.update({f"{n}::Q_S": bases.q_s[n].to(dtype) for n in bases.q_s})
         storage.write_safetensors(bases_url, tensors)
         commit_file(storage, bases_url, num_tokens=bases.num_tokens)
-    lam_shards = ctx.lambda_shards
-    lam_urls = [layout.lambda_partial(root, fid, s.shard_id) for s in lam_shards]
-    lam_commits = run_units(ctx.workers, [("lambdas", (s, bases_url, u)) for s, u in zip(lam_shards, lam_urls)],
+    units = fit_units(ctx.lambda_shards, len(ctx.workers), per_unit)
+    lam_urls = [layout.lambda_partial(root, fid, unit_key(u)) for u in units]
+    lam_commits = run_units(ctx.workers, [("lambdas", (u, bases_url, url)) for u, url in zip(units, lam_urls)],
                             "fit: eigenvalues", stall_timeout_s=stall)
     lam = None
     for u, c in zip(lam_urls, lam_commits):
@@ -127,7 +130,7 @@ def _fit(ctx: RunContext) -> str:
     commit_file(storage, url, factors_id=fid, num_tokens=bases.num_tokens, num_sequences=lam.num_sequences)
     log.info(
         "factors %s fitted on %d tokens in %d fitting shards (%s)",
-        fid, bases.num_tokens, len(shards), layout.factors_dir(root, fid),
+        fid, bases.num_tokens, len(ctx.fit_shards), layout.factors_dir(root, fid),
     )
     return url
 

@@ -152,19 +152,36 @@ class ShardWorker:
 
     # ---- fitting --------------------------------------------------------------------------
 
-    def covariance(self, shard: Shard, out_url: str) -> Commit:
-        """Partial ``A``/``S`` sums of one shard, committed at ``out_url``."""
+    @staticmethod
+    def _unit_record(shards: list[Shard]) -> dict:
+        """What a fit unit's commit records of its shards: the shard's id, or the ids of several, and documents."""
+        ids = {"shard_id": shards[0].shard_id} if len(shards) == 1 else {"shard_ids": [s.shard_id for s in shards]}
+        return {**ids, "num_docs": sum(s.num_docs for s in shards)}
+
+    def covariance(self, shards: Shard | list[Shard], out_url: str) -> Commit:
+        """Partial ``A``/``S`` sums of one fit unit (a shard, or consecutive shards), committed at ``out_url``.
+
+        The shards are read one at a time and added into one set of sums, each with its own
+        sampled labels (``_seed``): the same sums as one unit per shard, added in another order.
+        """
+        shards = [shards] if isinstance(shards, Shard) else list(shards)
 
         def compute():
-            seqs, skipped = self._windows(shard)
-            sums = self.engine.covariance_sums(self._batches(seqs, self.spec.fit_batch_size), seed=self._seed(shard))
-            recorded = {"shard_id": shard.shard_id, "num_tokens": sums.num_tokens, "num_skipped_docs": len(skipped)}
+            sums, skipped = None, 0
+            for shard in shards:
+                seqs, skip = self._windows(shard)
+                sums = self.engine.covariance_sums(self._batches(seqs, self.spec.fit_batch_size),
+                                                   seed=self._seed(shard), into=sums)
+                skipped += len(skip)
+                del seqs
+            recorded = {**self._unit_record(shards), "num_tokens": sums.num_tokens, "num_skipped_docs": skipped}
             return lambda url: self.storage.write_safetensors(url, sums.to_tensors(self.engine.dtype)), recorded
 
         return self._unit(out_url, compute)
 
-    def lambdas(self, shard: Shard, bases_url: str, out_url: str) -> Commit:
-        """Partial eigenvalue-correction sums of one shard in the driver's eigenbases."""
+    def lambdas(self, shards: Shard | list[Shard], bases_url: str, out_url: str) -> Commit:
+        """Partial eigenvalue-correction sums of one fit unit in the driver's eigenbases (as ``covariance``)."""
+        shards = [shards] if isinstance(shards, Shard) else list(shards)
 
         def compute():
             # Cast once, while parsing, to the dtype the rotation multiplies in (the captured vectors', or
@@ -176,9 +193,13 @@ class ShardWorker:
             cast = lambda key: {n: tensors.pop(f"{n}::{key}").to(self.engine.device, dtype)  # noqa: E731
                                 for n in names}
             bases = Eigenbases(cast("Q_A"), {}, cast("Q_S"), {}, 0)
-            seqs, _ = self._windows(shard)
-            sums = self.engine.lambda_sums(self._batches(seqs, self.spec.fit_batch_size), bases, seed=self._seed(shard))
-            recorded = {"shard_id": shard.shard_id, "num_sequences": sums.num_sequences}
+            sums = None
+            for shard in shards:
+                seqs, _ = self._windows(shard)
+                sums = self.engine.lambda_sums(self._batches(seqs, self.spec.fit_batch_size), bases,
+                                               seed=self._seed(shard), into=sums)
+                del seqs
+            recorded = {**self._unit_record(shards), "num_sequences": sums.num_sequences}
             return lambda url: self.storage.write_safetensors(url, sums.to_tensors(self.engine.dtype)), recorded
 
         return self._unit(out_url, compute)

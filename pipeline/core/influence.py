@@ -221,20 +221,27 @@ class InfluenceEngine:
     def _label_mode(self) -> str:
         return "data" if self.config.empirical_fisher else "sampled"
 
-    def covariance_sums(self, batches: Iterable[Batch], seed: int | None = None) -> CovarianceSums:
-        """First pass: ``A`` and ``S`` sums over the batches (one shard's partial result)."""
+    def covariance_sums(
+        self, batches: Iterable[Batch], seed: int | None = None, into: CovarianceSums | None = None
+    ) -> CovarianceSums:
+        """First pass: ``A`` and ``S`` sums over the batches (one shard's partial result).
+
+        ``into``: sums to add to, in place (a fit unit's earlier shards), instead of fresh zeros.
+        """
         projected = self.config.factor_space == "projected"
-        sums = CovarianceSums.zeros(self.space_dims(projected), self.device, self.dtype)
+        sums = into if into is not None else CovarianceSums.zeros(self.space_dims(projected), self.device, self.dtype)
         gen = self._generator(self.config.seed if seed is None else seed)
         for batch in batches:
             captured, _ = self.capture_batch(batch, projected, self._label_mode, gen)
             sums.update(captured, batch.attention_mask.to(self.device), self.fit_products)
         return sums
 
-    def lambda_sums(self, batches: Iterable[Batch], bases: Eigenbases, seed: int | None = None) -> LambdaSums:
-        """Second pass: eigenvalue-correction sums in the fitted eigenbases."""
+    def lambda_sums(
+        self, batches: Iterable[Batch], bases: Eigenbases, seed: int | None = None, into: LambdaSums | None = None
+    ) -> LambdaSums:
+        """Second pass: eigenvalue-correction sums in the fitted eigenbases (``into``: as ``covariance_sums``)."""
         projected = self.config.factor_space == "projected"
-        sums = LambdaSums.zeros(self.space_dims(projected), self.device, self.dtype)
+        sums = into if into is not None else LambdaSums.zeros(self.space_dims(projected), self.device, self.dtype)
         gen = self._generator((self.config.seed if seed is None else seed) + 1)
         # The bases in the dtype the rotation multiplies in, once (not per batch in LambdaSums.update).
         dtype = self.fit_products or self.dtype

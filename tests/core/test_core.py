@@ -91,6 +91,29 @@ def test_fitting_in_shards_then_summing_equals_fitting_in_one_go():
         torch.testing.assert_close(split.lambdas[name], one_go.lambdas[name], rtol=1e-9, atol=1e-14)
 
 
+def test_shards_summed_into_one_accumulator_equal_their_sums_added():
+    """A fit unit of several shards (``into``), each with its own seed for the sampled labels, gives the
+    sums of one unit per shard added on the driver."""
+    train = random_sequences(12, seed=3)
+    engine = InfluenceEngine(tiny_model("neox"), InfluenceConfig(precision="float64", seed=7))  # sampled Fisher
+    shards = [batches_of(train[:5], 2, TINY_PAD), batches_of(train[5:], 3, TINY_PAD)]
+    separate = engine.covariance_sums(shards[0], seed=11) + engine.covariance_sums(shards[1], seed=12)
+    first = engine.covariance_sums(shards[0], seed=11)
+    unit = engine.covariance_sums(shards[1], seed=12, into=first)
+    assert unit is first and unit.num_tokens == separate.num_tokens
+    assert not torch.equal(unit.s_sum[next(iter(engine.layers))],  # the seeds matter: other labels, other sums
+                           engine.covariance_sums(shards[0], seed=12).s_sum[next(iter(engine.layers))]
+                           + engine.covariance_sums(shards[1], seed=12).s_sum[next(iter(engine.layers))])
+    bases = eigendecompose(separate)
+    lam_separate = engine.lambda_sums(shards[0], bases, seed=11) + engine.lambda_sums(shards[1], bases, seed=12)
+    lam_unit = engine.lambda_sums(shards[1], bases, seed=12, into=engine.lambda_sums(shards[0], bases, seed=11))
+    assert lam_unit.num_sequences == lam_separate.num_sequences == 12
+    for name in engine.layers:
+        torch.testing.assert_close(unit.a_sum[name], separate.a_sum[name], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(unit.s_sum[name], separate.s_sum[name], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(lam_unit.sums[name], lam_separate.sums[name], rtol=1e-12, atol=1e-14)
+
+
 def test_sampled_fisher_is_seeded_and_differs_from_empirical():
     train = random_sequences(8, seed=4)
     cfg = InfluenceConfig(precision="float64", seed=7)

@@ -134,8 +134,8 @@ class FactorsConfig:
     # (docs/figures.md, "Fit units"). Each shard keeps its own sampled labels, so the sums are the same, added in
     # another order: the factors differ only by rounding (which still moves low-rank scores by up to about 1e-3
     # of a score), also between numbers of workers; it does not enter the factors id. A unit that fails is
-    # redone whole: larger units lose more work to a failure and take longer between progress updates
-    # (cluster.stall_timeout_s bounds the wait for one).
+    # redone whole: larger units lose more work to a failure and take longer between progress updates (a unit of
+    # k shards may run k times cluster.stall_timeout_s, so a hung unit is also found later).
     docs_per_unit: int = 2048
     # Fraction (0, 1] of the fitting shards (evenly spread) whose windows fit the eigenvalue correction
     # (Lambda pass), as kronfluence's lambda_max_examples; 1.0 = all. Enters the factors id when < 1.
@@ -257,6 +257,7 @@ class ClusterConfig:
     # Seconds to wait for nodes (an autoscaler) when the workers do not fit on the cluster; 0: fail at once.
     placement_timeout_s: float = 0.0
     # Seconds without a finished unit (or the workers not ready) before the run fails, logging what is in flight.
+    # A fit unit of k shards (factors.docs_per_unit) gets k times this: the bound stays per shard of work.
     stall_timeout_s: float = 1800.0
 
 

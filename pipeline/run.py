@@ -77,10 +77,11 @@ def _fit(ctx: RunContext) -> str:
         return url
     per_unit = ctx.cfg.factors.docs_per_unit
     units = fit_units(ctx.fit_shards, len(ctx.workers), per_unit)
-    log.info("fit: %d fitting shards in %d units (factors.docs_per_unit=%d, %d workers)",
-             len(ctx.fit_shards), len(units), per_unit, len(ctx.workers))
+    # The stall bound is per shard of work (a unit of k shards may take k shards' time without finishing).
+    stall = ctx.cfg.cluster.stall_timeout_s * max((len(u) for u in units), default=1)
+    log.info("fit: %d fitting shards in %d units (factors.docs_per_unit=%d, %d workers); a unit may run %.0f s",
+             len(ctx.fit_shards), len(units), per_unit, len(ctx.workers), stall)
     cov_urls = [layout.covariance_partial(root, fid, unit_key(u)) for u in units]
-    stall = ctx.cfg.cluster.stall_timeout_s
     cov_commits = run_units(ctx.workers, [("covariance", (u, url)) for u, url in zip(units, cov_urls)],
                             "fit: covariances", stall_timeout_s=stall)
     cov = None
@@ -106,6 +107,7 @@ def _fit(ctx: RunContext) -> str:
         storage.write_safetensors(bases_url, tensors)
         commit_file(storage, bases_url, num_tokens=bases.num_tokens)
     units = fit_units(ctx.lambda_shards, len(ctx.workers), per_unit)
+    stall = ctx.cfg.cluster.stall_timeout_s * max((len(u) for u in units), default=1)
     lam_urls = [layout.lambda_partial(root, fid, unit_key(u)) for u in units]
     lam_commits = run_units(ctx.workers, [("lambdas", (u, bases_url, url)) for u, url in zip(units, lam_urls)],
                             "fit: eigenvalues", stall_timeout_s=stall)

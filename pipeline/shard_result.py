@@ -27,7 +27,7 @@ reading token rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -69,37 +69,45 @@ def seq_key(shard_index: int, local_index: int) -> int:
 class DocumentTopK:
     """Exact top-k / bottom-k documents per query, a document's score being the sum of its windows' scores.
 
-    Windows arrive in corpus order (a document's windows consecutive), via
-    ``add(doc_index, scores)`` with ``scores`` ``(Q,)`` or ``None`` for a
-    window whose score is not finite; such a document is left out (its sum is
-    unknown). Memory: ``O(Q k)`` plus a group of finished documents.
+    Windows arrive via ``add(doc_index, scores)`` with ``scores`` ``(Q,)`` or
+    ``None`` for a window whose score is not finite; such a document is left
+    out (its sum is unknown). Without ``windows_per_doc`` they arrive in corpus
+    order (a document's windows consecutive) and a document is complete when
+    the next one starts; with it (document index -> its number of windows) in
+    any order, a document being complete once that many of its windows came.
+    Memory: ``O(Q k)``, a group of finished documents, and the sums of the
+    documents begun and not complete.
     """
 
-    def __init__(self, shard_index: int, num_queries: int, k: int):
+    def __init__(self, shard_index: int, num_queries: int, k: int, windows_per_doc: Mapping[int, int] | None = None):
         self.shard_index = shard_index
         self.num_queries = num_queries
         self.acc = TopK(num_queries, k)
         self.num_windows: dict[int, int] = {}
-        self._doc: int | None = None
-        self._sum = torch.zeros(num_queries, dtype=torch.float64)
-        self._finite = True
-        self._count = 0
+        self._expected = windows_per_doc
+        self._open: dict[int, list] = {}  # document index -> [sum (Q,), all finite, windows so far]
         self._done: list[tuple[int, torch.Tensor]] = []
 
     def add(self, doc_index: int, scores: torch.Tensor | None) -> None:
-        if doc_index != self._doc:
-            self._finish_document()
-            self._doc, self._sum, self._finite, self._count = doc_index, torch.zeros_like(self._sum), True, 0
-        self._count += 1
+        if self._expected is None and doc_index not in self._open:
+            for d in list(self._open):  # corpus order: the previous document is complete
+                self._finish_document(d)
+        entry = self._open.get(doc_index)
+        if entry is None:
+            entry = self._open[doc_index] = [torch.zeros(self.num_queries, dtype=torch.float64), True, 0]
+        entry[2] += 1
         if scores is None:
-            self._finite = False
+            entry[1] = False
         else:
-            self._sum += scores.detach().to("cpu", torch.float64)
+            entry[0] += scores.detach().to("cpu", torch.float64)
+        if self._expected is not None and entry[2] >= self._expected[doc_index]:
+            self._finish_document(doc_index)
 
-    def _finish_document(self) -> None:
-        if self._doc is not None and self._finite:
-            self._done.append((self._doc, self._sum))
-            self.num_windows[self._doc] = self._count
+    def _finish_document(self, doc_index: int) -> None:
+        total, finite, count = self._open.pop(doc_index)
+        if finite:
+            self._done.append((doc_index, total))
+            self.num_windows[doc_index] = count
         if len(self._done) >= DOCUMENT_FLUSH:
             self._flush()
 
@@ -111,9 +119,9 @@ class DocumentTopK:
             self._done = []
 
     def finish(self) -> TopK:
-        """Close the last document; the accumulator (keys are `seq_key(shard, document index)`)."""
-        self._finish_document()
-        self._doc = None
+        """Close the documents still open; the accumulator (keys are `seq_key(shard, document index)`)."""
+        for d in sorted(self._open):
+            self._finish_document(d)
         self._flush()
         # Only the kept documents' window counts are needed.
         kept = {k & 0xFFFFFFFF for q in range(self.num_queries) for _, k in self.acc.proponents(q) + self.acc.opponents(q)}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -138,11 +138,20 @@ class StoreWriter:
         self.finite.append(torch.isfinite(blocks).all(1).cpu() & torch.isfinite(stored).all(1))
         self.rows.append(stored)
 
-    def commit(self, storage: Storage, shard, seqs, docs, doc_of, decoder, window_len: int) -> Commit:
+    def commit(self, storage: Storage, shard, seqs, docs, doc_of, decoder, window_len: int,
+               order: Sequence[int] | None = None) -> Commit:
+        """Write and commit the shard's store file; ``order``: the window of each captured row, in capture
+        order (the scoring pass's; None: window order), so the file's rows are in window order."""
         rows = torch.cat(self.rows) if self.rows else torch.zeros(0, self.basis.width, dtype=self.dtype)
         if rows.shape[0] != len(seqs):
             raise RuntimeError(f"store: {rows.shape[0]} rows captured for {len(seqs)} windows of {shard.shard_id}")
         finite = torch.cat(self.finite) if self.finite else torch.zeros(0, dtype=torch.bool)
+        if order is not None:
+            where = torch.as_tensor(list(order), dtype=torch.long)
+            if sorted(where.tolist()) != list(range(len(seqs))):
+                raise RuntimeError(f"store: the capture order of {shard.shard_id} is not one of its {len(seqs)} windows")
+            rows = rows.new_empty(rows.shape).index_copy_(0, where, rows)
+            finite = finite.new_empty(finite.shape).index_copy_(0, where, finite)
         windows = []
         for i, seq in enumerate(seqs):
             w = decoder.window(docs[doc_of[i]][1], seq, window_len)

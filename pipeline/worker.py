@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from pipeline.core.text import (
     collate,
     encode_documents,
     encode_query,
+    longest_first,
 )
 from pipeline.commit import Commit, already_committed, commit_file, committed_checksum
 from pipeline.core.topk import TopK
@@ -115,6 +117,13 @@ class ShardWorker:
     def _windows(self, shard: Shard) -> tuple[list[TokenWindow], list[str]]:
         return self._encode(self._documents(shard))
 
+    def _fit_windows(self, shard: Shard) -> tuple[list[TokenWindow], list[str]]:
+        """A shard's windows longest first (`longest_first`): the sums do not depend on the order, and
+        batches of similar lengths pad less. Per shard, so a shard's sampled labels do not depend on
+        the fit unit it is in."""
+        seqs, skipped = self._windows(shard)
+        return [seqs[i] for i in longest_first(seqs)], skipped
+
     def _documents(self, shard: Shard) -> list[tuple[str, str]]:
         return read_shard(shard, self.spec.id_column, self.spec.text_column, self.spec.storage_options)
 
@@ -169,7 +178,7 @@ class ShardWorker:
         def compute():
             sums, skipped = None, 0
             for shard in shards:
-                seqs, skip = self._windows(shard)
+                seqs, skip = self._fit_windows(shard)
                 sums = self.engine.covariance_sums(self._batches(seqs, self.spec.fit_batch_size),
                                                    seed=self._seed(shard), into=sums)
                 skipped += len(skip)
@@ -195,7 +204,7 @@ class ShardWorker:
             bases = Eigenbases(cast("Q_A"), {}, cast("Q_S"), {}, 0)
             sums = None
             for shard in shards:
-                seqs, _ = self._windows(shard)
+                seqs, _ = self._fit_windows(shard)
                 sums = self.engine.lambda_sums(self._batches(seqs, self.spec.fit_batch_size), bases,
                                                seed=self._seed(shard), into=sums)
                 del seqs
@@ -311,9 +320,11 @@ class ShardWorker:
             docs = self._documents(shard)
             seqs, skipped = self._encode(docs)
             doc_of = document_indices(docs, seqs)
-            indices = range(len(seqs)) if shortlist is None else self._selected(shortlist, doc_of, len(docs))
+            chosen = range(len(seqs)) if shortlist is None else self._selected(shortlist, doc_of, len(docs))
+            # Scored longest first (less padding); results are keyed by position, so the order changes nothing.
+            indices = longest_first(seqs, chosen)
             acc = TopK(len(queries.query_ids), top_k)
-            doc_acc = DocumentTopK(shard.index, len(queries.query_ids), top_k)
+            doc_acc = DocumentTopK(shard.index, len(queries.query_ids), top_k, Counter(doc_of[i] for i in indices))
             nonfinite: list[str] = []
             # Low-rank queries: token and layer shares come from the scoring pass itself (no second pass).
             kept = KeptBreakdowns(self.spec.token_rows) if queries.left and self.spec.token_rows > 0 else None
@@ -322,7 +333,7 @@ class ShardWorker:
                 self._score_windows(shard, seqs, queries, acc, doc_acc, doc_of, nonfinite, kept, indices)
             tokens = sum(len(s.input_ids) for s in seqs)
             if writer is not None:
-                writer.commit(self.storage, shard, seqs, docs, doc_of, self.decoder, self.spec.window_len)
+                writer.commit(self.storage, shard, seqs, docs, doc_of, self.decoder, self.spec.window_len, indices)
             table = self._result_table(acc, doc_acc.finish(), doc_acc.num_windows, queries, seqs, docs, doc_of, kept)
 
             def write(url: str) -> None:
@@ -366,7 +377,7 @@ class ShardWorker:
         return [i for i, d in enumerate(doc_of) if d in keep]
 
     def _score_windows(self, shard, seqs, queries, acc, doc_acc, doc_of, nonfinite, kept, indices) -> None:
-        """The scoring loop: the windows ``indices`` of ``seqs`` (in order) in batches, into the accumulators."""
+        """The scoring loop: the windows ``indices`` of ``seqs``, batched in that order, into the accumulators."""
         indices = list(indices)
         for start in range(0, len(indices), self.spec.score_batch_size):
             locals_ = indices[start : start + self.spec.score_batch_size]

@@ -8,6 +8,7 @@ A query is ``prompt + completion``; only completion tokens carry labels.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +187,18 @@ def collate(sequences: list[TokenWindow], pad_id: int, padding_side: str = "righ
         mask[i, sl] = 1
         labels[i, sl] = torch.tensor(seq.labels)
     return Batch(ids, mask, labels)
+
+
+def longest_first(sequences: list[TokenWindow], indices: Iterable[int] | None = None) -> list[int]:
+    """The indices of ``sequences`` (all, or ``indices``), longest window first, equal lengths in order.
+
+    A batch runs forward and backward over as many positions as its longest
+    window; batched in this order, windows of mixed lengths (documents shorter
+    than the window, each long document's last window) pad the least, and the
+    largest batch comes first (a memory fault shows at once).
+    """
+    chosen = range(len(sequences)) if indices is None else indices
+    return sorted(chosen, key=lambda i: len(sequences[i].input_ids), reverse=True)
 
 
 def batches_of(sequences: list[TokenWindow], size: int, pad_id: int, padding_side: str = "right") -> list[Batch]:

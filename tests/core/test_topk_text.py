@@ -94,3 +94,42 @@ def test_collate_masks_padding_both_sides():
     assert left.attention_mask.tolist()[0] == [0, 0, 1, 1, 1]
     assert (right.labels[right.attention_mask == 0] == IGNORE).all()
     assert (left.labels[left.attention_mask == 0] == IGNORE).all()
+
+
+def test_longest_first_orders_by_length_and_keeps_ties_in_order():
+    from pipeline.core.text import TokenWindow, longest_first
+
+    lengths = [3, 7, 3, 1, 7, 5]
+    seqs = [TokenWindow(f"d{i}", 0, list(range(n)), list(range(n))) for i, n in enumerate(lengths)]
+    assert longest_first(seqs) == [1, 4, 5, 0, 2, 3]
+    assert longest_first(seqs, [5, 3, 2, 0]) == [5, 2, 0, 3]  # a subset, ties in the order given
+    batches = [seqs[i] for i in longest_first(seqs)]
+    padded = sum(max(len(s.input_ids) for s in batches[i:i + 2]) * 2 for i in range(0, 6, 2))
+    assert padded == 2 * (7 + 5 + 3) < 2 * (7 + 7 + 5)  # against the given order's batches of two
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_document_topk_in_any_order_equals_corpus_order(seed):
+    """Windows scored in another order (longest first) rank the same documents with the same sums, given
+    each document's number of windows; a document with a non-finite window is left out either way."""
+    from collections import Counter
+
+    from pipeline.shard_result import DOCUMENT_FLUSH, DocumentTopK
+
+    gen = torch.Generator().manual_seed(seed)
+    doc_of = sorted(torch.randint(0, DOCUMENT_FLUSH + 40, (700,), generator=gen).tolist())  # windows in corpus order
+    scores = torch.randn(len(doc_of), 4, generator=gen, dtype=torch.float64)
+    bad = {doc_of[17], doc_of[400]}
+    in_order = DocumentTopK(2, 4, 5)
+    for d, s in zip(doc_of, scores):
+        in_order.add(d, None if d in bad else s)
+    shuffled = DocumentTopK(2, 4, 5, Counter(doc_of))
+    for i in torch.randperm(len(doc_of), generator=gen).tolist():
+        shuffled.add(doc_of[i], None if doc_of[i] in bad else scores[i])
+    a, b = in_order.finish(), shuffled.finish()
+    for q in range(4):
+        for got, want in ((b.proponents(q), a.proponents(q)), (b.opponents(q), a.opponents(q))):
+            assert [k for _, k in got] == [k for _, k in want]
+            assert [s for s, _ in got] == pytest.approx([s for s, _ in want], rel=1e-12)
+            assert not {k & 0xFFFFFFFF for _, k in got} & bad
+    assert b.k == 5 and shuffled.num_windows == in_order.num_windows and not shuffled._open

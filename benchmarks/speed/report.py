@@ -25,6 +25,9 @@ def format_report(result: dict) -> str:
                  (f"{q} queries: kronfluence s", result["kronfluence_seconds"].get(q)),
                  (f"{q} queries: speedup vs kronfluence", result["speedup_vs_kronfluence"].get(q)),
                  (f"{q} queries: top-k overlap vs kronfluence", result["topk_overlap_vs_kronfluence"].get(q))]
+        if "speedup_vs_kronfluence_longest_first" in result:
+            rows += [(f"{q} queries: kronfluence (longest first) s", result["kronfluence_longest_first_seconds"].get(q)),
+                     (f"{q} queries: speedup vs it", result["speedup_vs_kronfluence_longest_first"].get(q))]
         if "topk_overlap_vs_kronfluence_dim0" in result:
             rows.append((f"{q} queries: top-k overlap (dim=0)", result["topk_overlap_vs_kronfluence_dim0"].get(q)))
     mem = result.get("memory")

@@ -134,6 +134,10 @@ def _headline_versus_kronfluence(by_q: dict, default_key: str) -> dict:
         "speedup_vs_kronfluence": per_q(lambda p: p["ours"][default_key].get("speedup_vs_kronfluence")),
         "topk_overlap_vs_kronfluence": per_q(lambda p: p["ours"][default_key].get("topk_overlap_vs_kronfluence")),
     }
+    if any("kronfluence_longest_first" in p for p in by_q.values()):
+        out["kronfluence_longest_first_seconds"] = per_q(lambda p: p.get("kronfluence_longest_first", {}).get("seconds"))
+        out["speedup_vs_kronfluence_longest_first"] = per_q(
+            lambda p: p["ours"][default_key].get("speedup_vs_kronfluence_longest_first"))
     if "dim=0" in next(iter(by_q.values()))["ours"]:
         out["topk_overlap_vs_kronfluence_dim0"] = per_q(lambda p: p["ours"]["dim=0"].get("topk_overlap_vs_kronfluence"))
     return out

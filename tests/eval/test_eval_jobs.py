@@ -293,7 +293,7 @@ def test_benchmark_all_sections_with_ray(tmp_path, demo_cache):
 
     cfg = to_config(compose("benchmark", TINY_BENCHMARK + [
         f"storage.root={tmp_path}", f"demo.cache_dir={demo_cache}", f"work_dir={tmp_path / 'work'}",
-        "name=full", "ours=pipeline", "compare_dim0=true"]))
+        "name=full", "ours=pipeline", "compare_dim0=true", "empirical_fisher=true"]))
     # Ray writes its session files (short socket paths) and auth token under a scratch HOME.
     with scratch_env():
         result = run_benchmark(cfg)
@@ -301,6 +301,11 @@ def test_benchmark_all_sections_with_ray(tmp_path, demo_cache):
     for key in ("kronfluence_seconds", "ours_seconds", "speedup_vs_kronfluence", "topk_overlap_vs_kronfluence"):
         assert result[key]["2"] is not None and result[key]["2"] >= 0, key
     assert 0 <= result["topk_overlap_vs_kronfluence_dim0"]["2"] <= 1
+    # kronfluence again on the same windows batched longest first: its columns put back in corpus order give the
+    # same scores (empirical Fisher: no label draws), so that speedup is against the same computation.
+    assert result["kronfluence_longest_first_seconds"]["2"] > 0 and result["speedup_vs_kronfluence_longest_first"]["2"] > 0
+    sorted_run = result["versus_kronfluence"]["by_queries"]["2"]["kronfluence_longest_first"]
+    assert sorted_run["max_abs_difference_vs_corpus_order"] <= 1e-4 * sorted_run["max_abs_score"]
     assert result["rss_ratio_10x"] > 0 and result["scaling_2_workers"] > 0
     assert result["memory"]["runs"]["8"]["num_windows"] > result["memory"]["runs"]["4"]["num_windows"]
     assert "pipeline" in result["versus_kronfluence"]["ours_method"]

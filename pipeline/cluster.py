@@ -155,16 +155,21 @@ def run_units(
     desc: str,
     slots_per_worker: int = 2,
     stall_timeout_s: float = ClusterConfig.stall_timeout_s,
+    shards_per_unit: int = 1,
 ) -> list[dict]:
     """Run ``worker.method(*args)`` for every call, at most ``slots_per_worker`` in flight per worker.
 
     Each unit goes to a worker with the fewest units in flight (the first such in ``workers``), so
     every worker is busy before any gets a second unit: fewer units than slots still run in parallel.
     Results come back in the order of ``calls``; a progress bar shows units and documents per second.
-    When no unit finishes for ``stall_timeout_s`` the units in flight are logged
+    When no unit finishes for ``stall_timeout_s`` x ``shards_per_unit`` (the bound is per shard of work;
+    a fit unit holds up to that many shards) the units in flight are logged
     and `ClusterError` is raised (a hung storage call or a wedged worker must
     not hold the run forever).
     """
+    bound = stall_timeout_s * max(shards_per_unit, 1)
+    said = f"cluster.stall_timeout_s={stall_timeout_s:g}" + (
+        f" x {shards_per_unit} shards per unit" if shards_per_unit > 1 else "")
     results: list = [None] * len(calls)
     queue = list(enumerate(calls))
     in_flight = [0] * len(workers)
@@ -178,13 +183,13 @@ def run_units(
                 index, (method, args) = queue.pop(0)
                 pending[getattr(workers[w], method).remote(*args)] = (index, w)
                 in_flight[w] += 1
-            left = stall_timeout_s - (time.monotonic() - last_progress)
+            left = bound - (time.monotonic() - last_progress)
             done, _ = ray.wait(list(pending), num_returns=1, timeout=max(min(left, _POLL_S), 0.0))
-            if not done and time.monotonic() - last_progress >= stall_timeout_s:
+            if not done and time.monotonic() - last_progress >= bound:
                 in_flight = [_unit_name(*calls[index]) for index, _ in pending.values()]
-                log.error("%s: no unit finished for %.0fs; in flight: %s", desc, stall_timeout_s, in_flight)
+                log.error("%s: no unit finished for %.0fs; in flight: %s", desc, bound, in_flight)
                 raise ClusterError(
-                    f"{desc}: no unit finished within cluster.stall_timeout_s={stall_timeout_s:g} "
+                    f"{desc}: no unit finished within {said} "
                     f"({len(pending)} in flight, e.g. {in_flight[:3]}; {len(queue)} waiting); see the log for "
                     "the units, then check storage and the workers, or raise cluster.stall_timeout_s"
                 )

@@ -78,12 +78,12 @@ def _fit(ctx: RunContext) -> str:
     per_unit = ctx.cfg.factors.docs_per_unit
     units = fit_units(ctx.fit_shards, len(ctx.workers), per_unit)
     # The stall bound is per shard of work (a unit of k shards may take k shards' time without finishing).
-    stall = ctx.cfg.cluster.stall_timeout_s * max((len(u) for u in units), default=1)
+    stall, widest = ctx.cfg.cluster.stall_timeout_s, max((len(u) for u in units), default=1)
     log.info("fit: %d fitting shards in %d units (factors.docs_per_unit=%d, %d workers); a unit may run %.0f s",
-             len(ctx.fit_shards), len(units), per_unit, len(ctx.workers), stall)
+             len(ctx.fit_shards), len(units), per_unit, len(ctx.workers), stall * widest)
     cov_urls = [layout.covariance_partial(root, fid, unit_key(u)) for u in units]
     cov_commits = run_units(ctx.workers, [("covariance", (u, url)) for u, url in zip(units, cov_urls)],
-                            "fit: covariances", stall_timeout_s=stall)
+                            "fit: covariances", stall_timeout_s=stall, shards_per_unit=widest)
     cov = None
     for u, c in zip(cov_urls, cov_commits):
         part = CovarianceSums.from_tensors(storage.read_safetensors(u, c.checksum, cast=partial_sums_dtype)[0])
@@ -107,10 +107,10 @@ def _fit(ctx: RunContext) -> str:
         storage.write_safetensors(bases_url, tensors)
         commit_file(storage, bases_url, num_tokens=bases.num_tokens)
     units = fit_units(ctx.lambda_shards, len(ctx.workers), per_unit)
-    stall = ctx.cfg.cluster.stall_timeout_s * max((len(u) for u in units), default=1)
+    widest = max((len(u) for u in units), default=1)
     lam_urls = [layout.lambda_partial(root, fid, unit_key(u)) for u in units]
     lam_commits = run_units(ctx.workers, [("lambdas", (u, bases_url, url)) for u, url in zip(units, lam_urls)],
-                            "fit: eigenvalues", stall_timeout_s=stall)
+                            "fit: eigenvalues", stall_timeout_s=stall, shards_per_unit=widest)
     lam = None
     for u, c in zip(lam_urls, lam_commits):
         part = LambdaSums.from_tensors(storage.read_safetensors(u, c.checksum, cast=partial_sums_dtype)[0])

@@ -297,23 +297,13 @@ def reference_table(
     the same (full-size) factors without fitting again.
     """
 
-    from pipeline.core.influence import InfluenceEngine
-    from pipeline.core.text import encode_documents, encode_query
-    from pipeline.model_io import load_model_and_tokenizer
+    from pipeline.core.text import encode_query
     from pipeline.worker import seq_key
 
-    model, tok = load_model_and_tokenizer(model_dir)
-    engine = InfluenceEngine(model, cfg.influence(), "cpu")
+    engine, tok, shards = _reference_core(cfg, model_dir, files)
     pad = tok.pad_token_id
-    shards = []  # (shard_index, windows)
-    for rows in files:
-        for start in range(0, len(rows), cfg.corpus.docs_per_shard):
-            seqs, _ = encode_documents(tok, rows[start : start + cfg.corpus.docs_per_shard], cfg.corpus.window)
-            shards.append((len(shards), seqs))
-
-    fit_batches = [b for _, seqs in shards for b in batches_of(seqs, cfg.factors.batch_size, pad)]
     if factors is None:
-        factors = engine.fit(fit_batches)
+        factors = _reference_fit(cfg, engine, tok, shards)
     qseqs = [encode_query(tok, q["id"], q["prompt"], q["completion"], cfg.corpus.window) for q in queries]
     qids = [q["id"] for q in queries]
     grads = engine.query_gradients(batches_of(qseqs, cfg.score.batch_size, pad), factors, qids)
@@ -334,6 +324,33 @@ def reference_table(
                 for c, v in zip(TABLE_TYPES, (qid, polarity, rank, where[n][0], where[n][1], float(col[n]))):
                     rows[c].append(v)
     return pa.table(rows, schema=pa.schema(list(TABLE_TYPES.items()))), factors
+
+
+def reference_factors(cfg: AttributeConfig, model_dir: str, files: list[list[tuple[str, str]]]):
+    """The factors `reference_table` fits (every window of ``files``, shards and batches as there)."""
+    engine, tok, shards = _reference_core(cfg, model_dir, files)
+    return _reference_fit(cfg, engine, tok, shards)
+
+
+def _reference_core(cfg: AttributeConfig, model_dir: str, files: list[list[tuple[str, str]]]):
+    """The engine, tokenizer and ``[(shard_index, windows)]`` of `reference_table`."""
+    from pipeline.core.influence import InfluenceEngine
+    from pipeline.core.text import encode_documents
+    from pipeline.model_io import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(model_dir)
+    engine = InfluenceEngine(model, cfg.influence(), "cpu")
+    shards = []  # (shard_index, windows)
+    for rows in files:
+        for start in range(0, len(rows), cfg.corpus.docs_per_shard):
+            seqs, _ = encode_documents(tok, rows[start : start + cfg.corpus.docs_per_shard], cfg.corpus.window)
+            shards.append((len(shards), seqs))
+    return engine, tok, shards
+
+
+def _reference_fit(cfg: AttributeConfig, engine, tok, shards):
+    """One-process EK-FAC over every window of ``shards``, batched as the pipeline's shards are."""
+    return engine.fit([b for _, seqs in shards for b in batches_of(seqs, cfg.factors.batch_size, tok.pad_token_id)])
 
 
 # ---- reading and comparing tables ------------------------------------------------------------

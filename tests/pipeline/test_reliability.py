@@ -289,6 +289,26 @@ def test_a_stalled_stage_fails_naming_the_units_in_flight(local_ray, caplog):
     ray.kill(worker)
 
 
+@pytest.mark.integration
+def test_the_stall_bound_is_per_shard_of_work_in_a_unit(local_ray):
+    """A fit unit of k shards may run k x cluster.stall_timeout_s; the error names the setting and the k."""
+    import ray
+
+    from pipeline.cluster import run_units
+
+    worker = ray.remote(Tagged).options(num_cpus=0).remote("w0")
+    try:
+        ray.get(worker.unit.remote(0.0))  # started: its start-up is not the unit's time
+        got = run_units([worker], [("unit", (1.5,))], "fit", stall_timeout_s=1, shards_per_unit=2)
+        assert [r.worker for r in got] == ["w0"]  # 1.5 s: over one shard's bound, within two shards'
+        started = time.monotonic()
+        with pytest.raises(ClusterError, match=r"cluster.stall_timeout_s=1 x 2 shards per unit"):
+            run_units([worker], [("unit", (600.0,))], "fit", stall_timeout_s=1, shards_per_unit=2)
+        assert 2 <= time.monotonic() - started < 15
+    finally:
+        ray.kill(worker)
+
+
 class Tagged:
     """A worker that says which it is (``num_docs`` as a unit result has it)."""
 

@@ -266,11 +266,13 @@ def test_placement_is_checked_against_the_nodes_and_waits_a_bounded_time(local_r
 
 
 class Sleeper:
-    """Stands in for a worker whose storage call hangs."""
+    """Stands in for a worker whose storage call hangs (a unit result, as a `Commit`, has ``num_docs``)."""
 
-    def score(self, shard_id: str, seconds: float) -> str:
+    def score(self, shard_id: str, seconds: float):
+        import types
+
         time.sleep(seconds)
-        return shard_id
+        return types.SimpleNamespace(shard_id=shard_id, num_docs=None)
 
 
 @pytest.mark.integration
@@ -280,6 +282,7 @@ def test_a_stalled_stage_fails_naming_the_units_in_flight(local_ray, caplog):
     from pipeline.cluster import run_units
 
     worker = ray.remote(Sleeper).options(num_cpus=0).remote()
+    ray.get(worker.score.remote("warm", 0.0))  # started: the quick unit finishes, the stall is the stuck one's
     started = time.monotonic()
     caplog.set_level(logging.ERROR, logger="pipeline")
     with pytest.raises(ClusterError, match="cluster.stall_timeout_s=2") as e:

@@ -6,7 +6,9 @@ kronfluence's EK-FAC fit + pairwise scores against ours: fit + precondition
 each query count. End-to-end runs take ``pipeline_repeats`` runs each.
 With ``max_documents`` leaving documents out, kronfluence fits on the
 windows of the documents our job samples (as its own 100,000-example caps
-would fit it on a larger corpus) and both score every window.
+would fit it on a larger corpus) and both score every window. With
+``kronfluence_longest_first`` kronfluence runs again on the same windows
+batched longest first, as our workers batch them (a second speedup).
 """
 
 from __future__ import annotations

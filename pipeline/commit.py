@@ -78,6 +78,8 @@ class Commit:
     skipped_docs: list[str] | None = None  # a sample of the documents that yielded no window
     nonfinite_windows: list[str] | None = None  # a sample of ``doc_id#window`` left out of the ranking
     query_ids: list[str] | None = None
+    # A shard result: the dtype its scoring products ran in on its worker (score.product_dtype resolved there)
+    scoring_products: str | None = None
     seconds: float | None = None
 
     def recorded(self) -> dict:

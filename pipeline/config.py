@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from pipeline.core.ekfac import EIGH_DTYPES
-from pipeline.core.influence import PRECISIONS, PRODUCT_DTYPES, InfluenceConfig
+from pipeline.core.influence import PRECISIONS, PRODUCT_DTYPES, SCORE_PRODUCT_DTYPES, InfluenceConfig
 from pipeline.core.projection import MODES, ProjectionSpec
 from pipeline.core.tracking import DEFAULT_MODULES
 from pipeline.errors import ConfigError
@@ -197,18 +197,22 @@ class ScoreConfig:
     # queries' memory in float32, 1/35 with the factors kept in bfloat16 (product_dtype) (docs/figures.md,
     # "Real model" and "Rank on the benchmark's data").
     query_rank: int = 24
-    # float32 or bfloat16: the dtype of the two large per-token products per layer with which low-rank queries
-    # score a window (their inputs rounded, and on CPU their outputs; those multiplied and summed in float32).
-    # bfloat16 uses matrix units (AMX on recent Xeons, GPU tensor cores): on SmolLM2-135M, 100 rank-32
-    # queries, it scored at 1.09x the ceiling against 0.76x, with the same top-10 overlap with exact EK-FAC
-    # (0.975; scores within 5e-5 of the largest) (docs/figures.md, "Scoring products in bfloat16"). Workers
-    # without fast bfloat16 (CPUs without AMX, GPUs before compute capability 8.0) multiply in float32 instead, as
-    # bfloat16 would be slower there. Also the dtype of the preconditioning range finder's power iterations
-    # (they choose each query's rank-r subspace; the factors are projected in float32): 1.5x faster than
-    # float32 there, the approximation error unchanged to 3 digits (docs/figures.md, "Range finder in bfloat16"),
-    # and the dtype low-rank query factors are kept and stored in (the token path rounds them to it anyway):
-    # half the query file, its join and every worker's read and copy.
-    product_dtype: str = "bfloat16"
+    # auto, float32, bfloat16 or int8: the dtype of the two large per-token products per layer with which
+    # low-rank queries score a window (their inputs rounded to bfloat16 or quantised to int8 with a scale per token
+    # and per query column; the results multiplied and summed in float32). On SmolLM2-135M, 100 rank-24/32
+    # queries (docs/figures.md, "Products in bfloat16" and "Products in int8"): bfloat16 on matrix units (AMX on
+    # recent Xeons, GPU tensor cores) scored at 0.85-1.10x the ceiling against float32's 0.65x, with the same
+    # top-10 overlap with exact EK-FAC; int8 on a CPU with VNNI but no AMX at 1.01x against float32's 0.73x,
+    # keeping 0.956 of the top 10 against float32's 0.962 (0.988 for both on the planted facts; scores within
+    # 2.2e-4 of the largest). auto (the default) is the fastest of these the worker has: bfloat16 where it is
+    # fast, else int8 where that is, else float32 (logged; each shard's commit records what it used, the
+    # manifest the set). bfloat16 or int8 asked of a worker without them multiplies in float32. int8 was
+    # measured on a 135M model only: models with large activation outliers may lose more to its per-token
+    # scales. Also sets the preconditioning range finder's power iterations (bfloat16 where fast: 1.5x faster,
+    # the approximation error unchanged to 3 digits, docs/figures.md "Range finder in bfloat16") and the dtype
+    # low-rank query factors are kept and stored in (bfloat16 whenever the products are not float32: half the
+    # query file, its join and every worker's read and copy).
+    product_dtype: str = "auto"
     # Where the score stage gets the corpus's gradients -- model: a forward and backward pass per window
     # (exact); store: the gradient store a score pass wrote with store.enabled=true, read by Ray tasks with
     # no model (truncated EK-FAC, results keyed apart from exact ones; pipeline/store.py).
@@ -312,8 +316,8 @@ class AttributeConfig:
              f"factors.docs_per_unit must be >= 0 (0 = one fit unit per shard), got {self.factors.docs_per_unit}"),
             (self.score.top_k >= 1, f"score.top_k must be >= 1, got {self.score.top_k}"),
             (self.score.batch_size >= 1, f"score.batch_size must be >= 1, got {self.score.batch_size}"),
-            (self.score.product_dtype in PRODUCT_DTYPES,
-             f"score.product_dtype must be one of {PRODUCT_DTYPES}, got {self.score.product_dtype!r}"),
+            (self.score.product_dtype in SCORE_PRODUCT_DTYPES,
+             f"score.product_dtype must be one of {SCORE_PRODUCT_DTYPES}, got {self.score.product_dtype!r}"),
             (self.factors.product_dtype in PRODUCT_DTYPES,
              f"factors.product_dtype must be one of {PRODUCT_DTYPES}, got {self.factors.product_dtype!r}"),
             (self.factors.eigh_dtype in EIGH_DTYPES,

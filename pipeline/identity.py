@@ -130,8 +130,9 @@ class QueriesKey:
     window: int
     # BOS before every prompt (corpus.add_bos, resolved); add_eos is here because the factors' id carries it too.
     tokenisation: Tokenisation = _PLAIN
-    # score.product_dtype where low-rank queries' range finder multiplies in it (query_rank > 0, float32 model):
-    # "float32" (left out of the JSON, so earlier ids stay) or "bfloat16".
+    # score.product_dtype where low-rank queries' range finder and stored factors follow it (query_rank > 0,
+    # float32 model): "float32" (left out of the JSON, so earlier ids stay), "bfloat16" or "int8" (factors kept in
+    # bfloat16, range finder in bfloat16 where that is fast).
     products: str = "float32"
 
     @classmethod

@@ -120,6 +120,7 @@ def _summary(run_id: str, manifest: dict, meta: dict, rows: dict) -> str:
         ("shards", counts.get("num_shards", len(manifest.get("shards", [])))),
         ("skipped documents", counts.get("num_skipped_docs", 0)),
         ("non-finite windows", counts.get("num_nonfinite_windows", 0)),
+        ("scoring products", ", ".join(counts.get("scoring_products") or []) or "not recorded"),
         ("ranked rows", len(rows[ATTRIBUTION])),
     ]
     out = ["<h2>Summary</h2><table id='summary'>"]

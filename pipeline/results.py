@@ -45,8 +45,8 @@ class ResultsKey:
     # store.rescore: the store's shortlist per query and polarity that the model rescored exactly (two-stage);
     # 0 (left out of the JSON) for results of one stage.
     rescore: int = 0
-    # score.product_dtype: bfloat16 rounds the scoring products' inputs; "float32" (left out of the JSON, so
-    # earlier results keep their keys) multiplies in the captured vectors' own dtype.
+    # score.product_dtype: bfloat16 rounds the scoring products' inputs, int8 quantises them; "float32" (left out
+    # of the JSON, so earlier results keep their keys) multiplies in the captured vectors' own dtype.
     product_dtype: str = "float32"
 
     def to_json(self) -> dict:

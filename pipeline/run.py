@@ -236,6 +236,10 @@ def merge_results(ctx: RunContext) -> str:
     table = merge_run(ctx)  # every table of the run (pipeline.tables); the ranked one last
     commit_dir(storage, out_dir, merged_from=merged_from, num_rows=table.num_rows)
     ctx.counts.update(_shard_counts(list(commits.values())))
+    if len(ctx.counts["scoring_products"]) > 1:
+        log.warning("the shards were scored with different products (%s; score.product_dtype=%s resolves per "
+                    "worker): their scores differ by the products' rounding", ", ".join(ctx.counts["scoring_products"]),
+                    ctx.cfg.score.product_dtype)
     ctx.counts.setdefault("shards_scored", 0)
     ctx.counts.setdefault("shards_reused", len(ctx.shards) - ctx.counts["shards_scored"])
     write_manifest(ctx, out_dir)
@@ -301,6 +305,8 @@ def _shard_counts(commits: list) -> dict:
         "num_nonfinite_windows": sum(c.num_nonfinite_windows or 0 for c in commits),
         "skipped_docs_sample": [d for c in commits for d in c.skipped_docs or []][:20],
         "nonfinite_windows_sample": [d for c in commits for d in c.nonfinite_windows or []][:20],
+        # What score.product_dtype resolved to on the workers (several on a mixed cluster: auto picks per worker).
+        "scoring_products": sorted({c.scoring_products for c in commits if c.scoring_products}),
     }
 
 

@@ -1,13 +1,16 @@
-"""What bfloat16 scoring products cost in fidelity and gain in speed, on the speed benchmark's SmolLM2 inputs.
+"""What bfloat16 and int8 scoring products cost in fidelity and gain in speed, on the speed benchmark's SmolLM2 inputs.
 
 With low-rank queries scored per token, the score pass's extra work is two
 products per layer, ``g_t . L`` and ``a_t . R`` (``QueryGradients.token_scores``).
 ``score.product_dtype=bfloat16`` rounds their inputs to bfloat16 (matrix
-units: AMX on recent Xeons, tensor cores on GPUs). This fits exact EK-FAC on
+units: AMX on recent Xeons, tensor cores on GPUs); ``int8`` quantises them
+(a scale per token and per query column, int32 sums: VNNI on x86 CPUs; a
+device without fast int8 or bfloat16 multiplies in float32, so that row then
+repeats float32's). This fits exact EK-FAC on
 the first ``--windows`` windows (empirical Fisher, the attribution job's
 tracked layers and damping), preconditions ``--queries`` queries at the
-default rank and dense (exact EK-FAC), and reports, for float32 and bfloat16
-products: top-10 overlap and Spearman against exact EK-FAC (mean over
+default rank and dense (exact EK-FAC), and reports, for float32, bfloat16 and
+int8 products: top-10 overlap and Spearman against exact EK-FAC (mean over
 queries), and the score pass's time over ``--timed-batches`` batches of 8
 windows against ``--timed-queries`` queries (the queries repeated to that
 count), side by side with the ceiling (plain forward + backward with every
@@ -38,7 +41,8 @@ from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import eigendecompose
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")  # the fit's
+SCORE_DTYPES = (*DTYPES, "int8")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{inputs.describe()}, query rank {d.score.query_rank}, threads {torch.get_num_threads()}")
     base = InfluenceConfig(modules=d.model.modules, damping=d.factors.damping, empirical_fisher=True,
                            query_rank=d.score.query_rank)
-    engines = {dt: InfluenceEngine(inputs.model, replace(base, product_dtype=dt)) for dt in DTYPES}
+    engines = {dt: InfluenceEngine(inputs.model, replace(base, product_dtype=dt)) for dt in SCORE_DTYPES}
+    print("products in use: " + ", ".join(f"{dt} -> {engines[dt].products or 'float32'}" for dt in SCORE_DTYPES))
     fitters = {dt: InfluenceEngine(inputs.model, replace(base, fit_product_dtype=dt)) for dt in DTYPES}
     started = time.perf_counter()
     factors = fitters["float32"].fit(batches)
@@ -63,19 +68,21 @@ def main(argv: list[str] | None = None) -> dict:
     factors16 = fitters["bfloat16"].fit(batches)
     print(f"fitted with bfloat16 products in {time.perf_counter() - started:.0f} s")
     low = engines["float32"].query_gradients(q_batches, factors, ids)
-    scores = {dt: scores_of(engines[dt], batches, low) for dt in DTYPES}
+    scores = {dt: scores_of(engines[dt], batches, low) for dt in SCORE_DTYPES}
     exact_engine = InfluenceEngine(inputs.model, replace(base, query_rank=0))
     exact = scores_of(exact_engine, batches, exact_engine.query_gradients(q_batches, factors, ids))
     out: dict = {}
-    for dt in DTYPES:
+    for dt in SCORE_DTYPES:
         out[dt] = {"vs_exact": agreement(scores[dt], exact, 10)}
         a = out[dt]["vs_exact"]
         print(f"products {dt}: top-10 overlap with exact EK-FAC {a['topk_overlap']:.3f} "
               f"(Spearman {a['spearman']:.4f}, worst query {a['spearman_min']:.4f})")
-    out["bfloat16"]["vs_float32"] = agreement(scores["bfloat16"], scores["float32"], 10)
-    rel = np.abs(scores["bfloat16"] - scores["float32"]).max() / np.abs(scores["float32"]).max()
-    print(f"bfloat16 vs float32 products: top-10 overlap {out['bfloat16']['vs_float32']['topk_overlap']:.3f}, "
-          f"largest difference {rel:.2e} of the largest score")
+    for dt in SCORE_DTYPES[1:]:
+        out[dt]["vs_float32"] = agreement(scores[dt], scores["float32"], 10)
+        rel = np.abs(scores[dt] - scores["float32"]).max() / np.abs(scores["float32"]).max()
+        out[dt]["largest_difference"] = float(rel)
+        print(f"{dt} vs float32 products: top-10 overlap {out[dt]['vs_float32']['topk_overlap']:.3f}, "
+              f"largest difference {rel:.2e} of the largest score")
     # The default setting (bfloat16 scoring products) on the factors fitted with bfloat16 products.
     fit16 = scores_of(engines["bfloat16"], batches, engines["float32"].query_gradients(q_batches, factors16, ids))
     out["fit_bfloat16"] = {"vs_exact": agreement(fit16, exact, 10),
@@ -90,14 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
     timed = batches[: args.timed_batches]
     timed_tokens = int(sum(int(b.attention_mask.sum()) for b in timed))
     seconds: dict[str, list[float]] = {"ceiling": []}
-    seconds.update({dt: [] for dt in DTYPES} | {f"fit {dt}": [] for dt in DTYPES})
+    seconds.update({dt: [] for dt in SCORE_DTYPES} | {f"fit {dt}": [] for dt in DTYPES})
     bases = eigendecompose(fitters["float32"].covariance_sums(timed))  # the basis the timed Lambda pass uses
-    for dt in DTYPES:
+    for dt in SCORE_DTYPES:
         engines[dt].score_batch(timed[0], timed_q)  # warm-up
     plain = Ceiling(inputs.model, torch.device("cpu"))  # one warm copy, timed alternating with the score passes
     for _ in range(args.repeats):
         seconds["ceiling"].append(plain.seconds(timed))
-        for dt in DTYPES:
+        for dt in SCORE_DTYPES:
             t0 = time.perf_counter()
             for b in timed:
                 engines[dt].score_batch(b, timed_q)
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     ceiling = statistics.median(seconds["ceiling"])
     print(f"timed: {len(timed)} batches, {timed_tokens} tokens, {args.timed_queries} queries; ceiling "
           f"{timed_tokens / ceiling:.0f} tokens/s (median of {args.repeats})")
-    for dt in DTYPES:
+    for dt in SCORE_DTYPES:
         s = statistics.median(seconds[dt])
         out[dt]["tokens_per_s"] = timed_tokens / s
         out[dt]["ceiling_ratio"] = ceiling / s

@@ -11,7 +11,7 @@ from typing import Optional
 
 from benchmarks.common import DemoWorldConfig
 from pipeline.config import AttributeConfig, StorageConfig, store_schema, to_typed
-from pipeline.core.influence import PRODUCT_DTYPES, InfluenceConfig
+from pipeline.core.influence import SCORE_PRODUCT_DTYPES, InfluenceConfig
 from pipeline.core.projection import MODES, ProjectionSpec
 from pipeline.errors import ConfigError
 
@@ -117,7 +117,7 @@ class BenchmarkConfig:
     # factors.empirical_fisher of ours and of kronfluence (null: the attribution default, sampled labels).
     # true compares the two implementations without the noise of two different label samples.
     empirical_fisher: Optional[bool] = None
-    # score.product_dtype of every run of ours (null: the attribution default): float32 or bfloat16.
+    # score.product_dtype of every run of ours (null: the attribution default): float32, bfloat16 or int8.
     product_dtype: Optional[str] = None
     # factors.lambda_sample of our pipeline runs (null: the attribution default).
     lambda_sample: Optional[float] = None
@@ -150,8 +150,10 @@ class BenchmarkConfig:
             raise ConfigError(f"projection_dim must be >= 0 (0: off) or null, got {self.projection_dim}")
         if self.query_rank is not None and self.query_rank < 0:
             raise ConfigError(f"query_rank must be >= 0 (0: dense) or null, got {self.query_rank}")
-        if self.product_dtype is not None and self.product_dtype not in PRODUCT_DTYPES:
-            raise ConfigError(f"product_dtype must be one of {PRODUCT_DTYPES} or null, got {self.product_dtype!r}")
+        if self.product_dtype is not None and self.product_dtype not in SCORE_PRODUCT_DTYPES:
+            raise ConfigError(
+                f"product_dtype must be one of {SCORE_PRODUCT_DTYPES} or null, got {self.product_dtype!r}"
+            )
         if self.lambda_sample is not None and not 0 < self.lambda_sample <= 1:
             raise ConfigError(f"lambda_sample must be in (0, 1] or null, got {self.lambda_sample}")
         if self.lambda_max_documents is not None and self.lambda_max_documents < 0:

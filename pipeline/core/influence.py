@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "float64", "bf16")
 PRODUCT_DTYPES = ("float32", "bfloat16")
+# The scoring products also take int8 (symmetric scales per token and per query column, int32 sums): the
+# fit's covariances and rotations need more than int8's 8 bits, so it is scoring only. "auto": the fastest of
+# them that the device multiplies fast, as measured (``InfluenceEngine._products``).
+SCORE_PRODUCT_DTYPES = (*PRODUCT_DTYPES, "int8", "auto")
 DEFAULT_MAX_QUERY_BYTES = 8 * 2**30
 
 
@@ -76,11 +80,13 @@ class InfluenceConfig:
     query_rank: 0 keeps preconditioned query gradients dense; ``r > 0``
         compresses each to rank ``r`` per layer (truncated SVD).
     product_dtype: ``float32`` (default here; the attribution job's default
-        is ``bfloat16``) or ``bfloat16``: with low-rank queries scored per
-        token, the two large products per layer take their inputs rounded to
-        bfloat16 (``QueryGradients.token_scores``); ignored at
-        ``precision=float64`` and on devices without fast bfloat16
-        (``fast_bfloat16``).
+        is ``auto``), ``bfloat16``, ``int8`` or ``auto``: with low-rank
+        queries scored per token, the two large products per layer take their
+        inputs rounded to bfloat16, or quantised to int8 with a scale per
+        token and per query column (``QueryGradients.token_scores``); ignored
+        at ``precision=float64`` and on devices without fast bfloat16
+        (``fast_bfloat16``) or int8 (``fast_int8``). ``auto``: bfloat16 where
+        it is fast, else int8 where that is, else float32.
     fit_product_dtype: the same for the fit's per-token products (the
         covariances ``a a^T``, ``g g^T`` and Lambda's rotation into the
         eigenbasis); ``float32`` by default, ``bfloat16`` is
@@ -111,8 +117,10 @@ class InfluenceConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.damping is not None and not self.damping >= 0:
             raise ValueError(f"factors.damping must be >= 0 or null, got {self.damping}")
-        if self.product_dtype not in PRODUCT_DTYPES:
-            raise ValueError(f"score.product_dtype must be one of {PRODUCT_DTYPES}, got {self.product_dtype!r}")
+        if self.product_dtype not in SCORE_PRODUCT_DTYPES:
+            raise ValueError(
+                f"score.product_dtype must be one of {SCORE_PRODUCT_DTYPES}, got {self.product_dtype!r}"
+            )
         if self.fit_product_dtype not in PRODUCT_DTYPES:
             raise ValueError(f"factors.product_dtype must be one of {PRODUCT_DTYPES}, got {self.fit_product_dtype!r}")
         if self.eigh_dtype not in EIGH_DTYPES:
@@ -146,10 +154,14 @@ class InfluenceEngine:
         if config.precision == "float64":
             self.model = self.model.to(torch.float64)
         self.dtype = torch.float64 if config.precision == "float64" else torch.float32
-        # The dtype of the low-rank scoring products (None: the captured vectors' own). bfloat16 only where the
-        # device multiplies it fast; elsewhere it would be slower than float32, so float32 is used (logged).
+        # The dtype of the low-rank scoring products (None: the captured vectors' own). bfloat16 and int8 only
+        # where the device multiplies them fast; elsewhere they would be slower than float32, so float32 is
+        # used (logged).
         self.products = self._products(config.product_dtype, "score.product_dtype")
         self.fit_products = self._products(config.fit_product_dtype, "factors.product_dtype")
+        # The preconditioning range finder's power iterations: bfloat16 where fast whatever the scoring
+        # products (int8 would be too coarse to choose a subspace with).
+        self.range_products = self._products("bfloat16", "") if self.products is not None else None
         self.eigh_dtype = getattr(torch, config.fit_eigh_dtype)
         self.layers = find_tracked_layers(self.model, config.modules)
         prepare_model(self.model, self.layers)
@@ -160,13 +172,30 @@ class InfluenceEngine:
         self._capture_observer: Callable[[dict[str, Captured]], None] | None = None
 
     def _products(self, name: str, key: str) -> torch.dtype | None:
-        """``torch.bfloat16`` for ``name == "bfloat16"`` on float32 captures and a device with fast bfloat16."""
-        if name != "bfloat16" or self.dtype != torch.float32:
+        """``torch.bfloat16`` / ``torch.int8`` for that ``name`` on float32 captures and a device fast at it.
+
+        Otherwise None (the captures' dtype), logged under ``key`` (nothing logged for an empty key).
+        ``auto``: bfloat16 where the device has fast bfloat16 (AMX, tensor cores: 0.85-1.10x the ceiling on
+        SmolLM2 against float32's 0.65x), else int8 where it has fast int8 (VNNI CPUs without AMX: 1.01x
+        against 0.73x), else float32 (docs/figures.md, "Products in bfloat16" and "Products in int8").
+        """
+        if self.dtype != torch.float32:
             return None
-        if not fast_bfloat16(self.device):
-            log.info("%s=bfloat16: %s has no fast bfloat16 matrix units; multiplying in float32", key, self.device)
+        if name == "auto":
+            chosen = next((n for n, fast in (("bfloat16", fast_bfloat16), ("int8", fast_int8)) if fast(self.device)),
+                          "float32")
+            if key:
+                log.info("%s=auto: multiplying in %s on %s", key, chosen, self.device)
+            return None if chosen == "float32" else getattr(torch, chosen)
+        if name not in ("bfloat16", "int8"):
             return None
-        return torch.bfloat16
+        fast = fast_bfloat16(self.device) if name == "bfloat16" else fast_int8(self.device)
+        if not fast:
+            if key:
+                log.info("%s=%s: %s has no fast %s matrix products; multiplying in float32", key, name, self.device,
+                         name)
+            return None
+        return getattr(torch, name)
 
     @contextlib.contextmanager
     def observing_captures(self, observer: Callable[[dict[str, Captured]], None] | None) -> Iterator[None]:
@@ -281,9 +310,11 @@ class InfluenceEngine:
 
         The token path rounds them to ``products`` anyway, so keeping them so
         halves their memory and file at the same scores; the ``sequence`` path
-        multiplies the (rounded) factors in the vectors' dtype.
+        multiplies the (rounded) factors in the vectors' dtype. With int8
+        products they are kept in bfloat16 (its rounding, relative 2^-9, is
+        below int8's).
         """
-        return self.products or self.dtype
+        return torch.bfloat16 if self.products is not None else self.dtype
 
     def query_bytes(self, num_queries: int, rank: int | None = None) -> int:
         """Bytes of ``num_queries`` stored query gradients at ``rank`` (default: the config's; 0 = dense)."""
@@ -338,7 +369,7 @@ class InfluenceEngine:
             finite = _all_finite(captured.g) & _all_finite(captured.a)
         if not finite.all():  # a non-finite matrix would break the solver; the caller reports the query
             pre = torch.where(finite[:, None, None], pre, 0)
-        left, right = low_rank(pre, rank, products=self.products)
+        left, right = low_rank(pre, rank, products=self.range_products)
         finite = finite & _all_finite(left) & _all_finite(right)
         if sketch:
             return (left, right), finite
@@ -447,6 +478,19 @@ def fast_bfloat16(device: torch.device) -> bool:
     if device.type == "cpu":
         return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     return False
+
+
+def fast_int8(device: torch.device) -> bool:
+    """Whether ``device`` multiplies int8 matrices into int32 (``torch._int_mm``) faster than float32.
+
+    CPU: x86 VNNI (torch's CPU feature probe): on the 2-core Xeon VM without
+    AMX a 1,024 x 1,536 by 1,536 x 2,400 product took 15 ms against 50 ms in
+    float32 (docs/figures.md, "Products in int8"). CUDA: not measured, so
+    False (``int8`` multiplies in float32 there; ``auto`` takes bfloat16).
+    """
+    if device.type != "cpu" or not hasattr(torch, "_int_mm"):
+        return False
+    return bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
 
 
 def _rotate_columns(basis: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:

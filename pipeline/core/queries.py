@@ -63,6 +63,24 @@ class QueryGradients:
             self._flat[key] = flat
         return self._flat[key]
 
+    def quantised(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both sides' ``(k, Q * r)`` factors of one layer in int8, and their column scales multiplied together.
+
+        Symmetric per column (each query's rank-one term on each side gets its
+        own scale, ``max |column| / 127``), so ``L ~ L8 * l_scale`` and
+        ``R ~ R8 * r_scale``; returned as ``(L8, R8, l_scale * r_scale)``, the
+        last ``(1, Q * r)`` in float32. Made once per layer and cached.
+        """
+        key = ("int8", name)
+        if key not in self._flat:
+            left, l_scale = _quantise(self.flat("left", name, torch.float32), dim=0)
+            right, r_scale = _quantise(self.flat("right", name, torch.float32), dim=0)
+            # The float32 layouts were only the way there: keep the int8 ones.
+            self._flat.pop(("left", name, torch.float32), None)
+            self._flat.pop(("right", name, torch.float32), None)
+            self._flat[key] = (left, right, l_scale * r_scale)
+        return self._flat[key]
+
     @property
     def layer_names(self) -> list[str]:
         return list(self.dense or self.left)
@@ -145,7 +163,9 @@ class QueryGradients:
         (bfloat16 matrix units: several times float32's speed), their
         results (rounded to that dtype too on CPU, where torch has no
         float32-output bfloat16 matmul) are multiplied and summed in the
-        vectors' own dtype.
+        vectors' own dtype. ``torch.int8``: both products in int8 with int32
+        sums (``_int8_products``), each token's vector and each query
+        column quantised with its own scale.
         """
         g, a = captured.g, captured.a  # (B, T, k_out), (B, T, k_in)
         batch, tokens = g.shape[:2]
@@ -165,6 +185,13 @@ class QueryGradients:
             g_rows, a_rows = g_rows[real], a_rows[real]
         rows, dtype = g_rows.shape[0], g.dtype
         products = dtype if products is None else products
+        if products == torch.int8:
+            sums = _int8_products(g_rows, a_rows, *self.quantised(name), left.shape[0], rank)
+            if real is not None:
+                placed = sums.new_zeros(batch * tokens, left.shape[0])
+                placed[real] = sums
+                sums = placed
+            return sums.reshape(batch, tokens, -1).transpose(1, 2)
         if products != dtype:
             g_rows, a_rows = g_rows.to(products), a_rows.to(products)
         l_all, r_all = self.flat("left", name, products), self.flat("right", name, products)  # (k, Q*r)
@@ -180,6 +207,43 @@ class QueryGradients:
                 sums = placed
             out.append(sums.reshape(batch, tokens, q).transpose(1, 2))
         return torch.cat(out, 1)
+
+
+def _quantise(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x ~ q * scale``: ``q`` int8 in [-127, 127], one float32 scale per slice along ``dim`` (max |x| / 127).
+
+    All-zero slices (a padded token, the last position of a window) get scale 0 and stay exactly zero.
+    """
+    scale = x.abs().amax(dim, keepdim=True).float() / 127
+    q = (x / scale.clamp_min(torch.finfo(torch.float32).tiny)).round_().to(torch.int8)
+    return q, scale
+
+
+def _int8_products(
+    g: torch.Tensor, a: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scales: torch.Tensor, queries: int,
+    rank: int,
+) -> torch.Tensor:
+    """``(rows, Q)``: ``sum_r (g_t . L_r)(a_t . R_r)`` with both products in int8 (``torch._int_mm``, int32 sums).
+
+    ``g`` ``(rows, k_out)``, ``a`` ``(rows, k_in)`` in float32, quantised per
+    row here; ``left``/``right`` ``(k, Q * r)`` int8 and ``scales`` their
+    column scales' product (``QueryGradients.quantised``). The int32 products
+    are exact; they are multiplied in float32, scaled per column, summed
+    over ``r`` and scaled per row. Queries go in chunks under
+    ``SCORING_CHUNK_ELEMENTS``.
+    """
+    g8, g_scale = _quantise(g, dim=1)
+    a8, a_scale = _quantise(a, dim=1)
+    row_scale = g_scale * a_scale  # (rows, 1)
+    rows, out = g.shape[0], []
+    step = max(1, SCORING_CHUNK_ELEMENTS // max(1, rows * rank))
+    for q0 in range(0, queries, step):
+        q = min(step, queries - q0)
+        cols = slice(q0 * rank, (q0 + q) * rank)
+        prod = torch._int_mm(g8, left[:, cols]).to(torch.float32)
+        prod.mul_(torch._int_mm(a8, right[:, cols])).mul_(scales[:, cols])
+        out.append(prod.view(rows, q, rank).sum(-1).mul_(row_scale))
+    return torch.cat(out, 1).to(g.dtype)
 
 
 # Randomized range finder of ``low_rank``: extra columns and power iterations (Halko et al. 2011, section 4).

@@ -28,7 +28,7 @@ from pipeline.core.ekfac import (
     rotated_gradients,
     rotation_path,
 )
-from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryMemoryError, fast_bfloat16
+from pipeline.core.influence import InfluenceConfig, InfluenceEngine, QueryMemoryError, fast_bfloat16, fast_int8
 from pipeline.core.queries import low_rank, scoring_path
 from pipeline.core.projection import ProjectionSpec
 from pipeline.core.text import batches_of, collate
@@ -333,6 +333,63 @@ def test_low_rank_queries_are_kept_in_the_products_dtype_at_the_same_token_score
         assert torch.equal(queries.layer_scores(name, c, "sequence"), widened.layer_scores(name, c, "sequence"))
 
 
+def test_int8_products_quantise_both_products_and_stay_close():
+    """``products=torch.int8``: token scores within int8's quantisation of the float32 ones, padding exactly zero.
+
+    Not equal, close (relative 3e-2 of the largest score per layer), the int32 sums exact: the same scores as
+    float64 products of the dequantised vectors and factors.
+    """
+    engine, factors = fitted("llama", ProjectionSpec(0), 3)
+    queries = engine.query_gradients(batches_of(random_queries(3), 3, TINY_PAD), factors, ["a", "b", "c"])
+    batch = collate(random_sequences(4, seed=13), pad_id=TINY_PAD)
+    captured, _ = engine.capture_batch(batch, projected=True)
+    q32 = queries.to("cpu", torch.float32)
+    pad = ~batch.attention_mask.bool()
+    assert pad.any()
+    for name, c in captured.items():
+        c32 = Captured(c.a.float(), c.g.float(), c.mask)
+        plain = q32.token_scores(name, c32)
+        quantised = q32.token_scores(name, c32, torch.int8)
+        assert quantised.dtype == torch.float32 and not torch.equal(quantised, plain)
+        torch.testing.assert_close(quantised, plain, rtol=0, atol=3e-2 * float(plain.abs().max()))
+        assert torch.all(quantised.transpose(1, 2)[pad] == 0)
+        torch.testing.assert_close(q32.layer_scores(name, c32, "token", torch.int8), quantised.sum(-1))
+        # The same numbers in float64 from the dequantised inputs: the only error is the quantisation.
+        g8, g_scale = queries_module._quantise(c32.g.reshape(-1, c32.g.shape[-1]).double(), dim=1)
+        a8, a_scale = queries_module._quantise(c32.a.reshape(-1, c32.a.shape[-1]).double(), dim=1)
+        left8, right8, scales = q32.quantised(name)
+        l_scale = q32.flat("left", name, torch.float32).abs().amax(0).double() / 127
+        by_column = (g8.double() * g_scale) @ (left8.double() * l_scale)
+        by_column *= (a8.double() * a_scale) @ (right8.double() * (scales.double() / l_scale))
+        want = by_column.view(*c32.g.shape[:2], 3, -1).sum(-1).transpose(1, 2)
+        torch.testing.assert_close(quantised.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_int8_products_are_for_scoring_only_and_need_fast_int8(monkeypatch):
+    """int8 scores (VNNI CPUs) but never fits; its query factors are kept in bfloat16, float64 ignores it."""
+    with pytest.raises(ValueError, match="factors.product_dtype"):
+        InfluenceConfig(fit_product_dtype="int8")
+    scoring = AttributeConfig()
+    scoring.score.product_dtype = "int8"
+    scoring.validate()
+    fitting = AttributeConfig()
+    fitting.factors.product_dtype = "int8"
+    with pytest.raises(ConfigError, match="factors.product_dtype must be one of"):
+        fitting.validate()
+    vnni = bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
+    assert fast_int8(torch.device("cpu")) == vnni
+    model = tiny_model("llama", dtype=torch.float32)
+    engine = InfluenceEngine(model, InfluenceConfig(query_rank=2, product_dtype="int8"))
+    assert engine.products == (torch.int8 if vnni else None)
+    monkeypatch.setattr("pipeline.core.influence.fast_int8", lambda device: True)
+    monkeypatch.setattr("pipeline.core.influence.fast_bfloat16", lambda device: False)
+    engine = InfluenceEngine(model, InfluenceConfig(query_rank=2, product_dtype="int8"))
+    assert engine.products == torch.int8 and engine.query_factors_dtype == torch.bfloat16
+    assert engine.range_products is None  # no fast bfloat16: the range finder stays in float32
+    assert InfluenceEngine(model, InfluenceConfig(query_rank=2, product_dtype="int8", precision="float64")).products \
+        is None
+
+
 def test_bfloat16_fit_products_stay_close_to_the_float32_fit(bfloat16_units):
     """``fit_product_dtype=bfloat16``: covariances and Lambda within bfloat16's rounding of the float32 fit."""
     model = tiny_model("llama")
@@ -576,3 +633,21 @@ def test_lambda_on_fewer_batches_is_the_core_view_of_lambda_sample():
     assert part.num_sequences == 4 and every.num_sequences == 8
     for name in engine.layers:
         torch.testing.assert_close(every.sums[name] / 8, full.lambdas[name], rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize(
+    "bfloat16, int8, want",
+    [(True, True, torch.bfloat16), (False, True, torch.int8), (False, False, None), (True, False, torch.bfloat16)],
+)
+def test_auto_products_take_the_fastest_the_device_has(monkeypatch, bfloat16, int8, want):
+    """``auto`` (the job's default): bfloat16 where fast, else int8 where fast, else float32; never at float64."""
+    monkeypatch.setattr("pipeline.core.influence.fast_bfloat16", lambda device: bfloat16)
+    monkeypatch.setattr("pipeline.core.influence.fast_int8", lambda device: int8)
+    assert AttributeConfig().score.product_dtype == "auto"
+    model = tiny_model("llama", dtype=torch.float32)
+    engine = InfluenceEngine(model, InfluenceConfig(query_rank=2, product_dtype="auto"))
+    assert engine.products == want
+    assert engine.range_products == (torch.bfloat16 if want is not None and bfloat16 else None)
+    assert engine.query_factors_dtype == (torch.float32 if want is None else torch.bfloat16)
+    assert InfluenceEngine(model, InfluenceConfig(query_rank=2, product_dtype="auto", precision="float64")).products \
+        is None

@@ -245,6 +245,7 @@ def test_full_chain_on_cluster_equals_single_process_core(baseline, inputs, s3):
     assert manifest["counts"]["num_windows"] > manifest["counts"]["num_docs"]  # long documents were windowed
     assert s3.exists(f"{inputs['bucket']}/attribution/runs/baseline/attribution/_COMMITTED.json")
     assert len(manifest["shards"]) == manifest["counts"]["num_shards"]
+    assert manifest["counts"]["scoring_products"] == ["float32"]  # score.product_dtype=float32, recorded per shard
     # The queries were preconditioned in two slices (one per worker), then joined in order (the equality above).
     parts = s3.ls(f"{inputs['bucket']}/attribution/queries/{manifest['queries_id']}/parts")
     assert sorted(p.rsplit("/", 1)[1] for p in parts if not p.endswith(".commit.json")) == [

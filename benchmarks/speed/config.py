@@ -117,7 +117,7 @@ class BenchmarkConfig:
     # factors.empirical_fisher of ours and of kronfluence (null: the attribution default, sampled labels).
     # true compares the two implementations without the noise of two different label samples.
     empirical_fisher: Optional[bool] = None
-    # score.product_dtype of every run of ours (null: the attribution default): float32, bfloat16 or int8.
+    # score.product_dtype of every run of ours (null: the attribution default, auto): auto, float32, bfloat16 or int8.
     product_dtype: Optional[str] = None
     # factors.lambda_sample of our pipeline runs (null: the attribution default).
     lambda_sample: Optional[float] = None

@@ -363,6 +363,12 @@ def test_int8_products_quantise_both_products_and_stay_close():
         by_column *= (a8.double() * a_scale) @ (right8.double() * (scales.double() / l_scale))
         want = by_column.view(*c32.g.shape[:2], 3, -1).sum(-1).transpose(1, 2)
         torch.testing.assert_close(quantised.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+        # A non-finite vector gives non-finite scores (the worker leaves such windows out), never a quantised zero.
+        g = c32.g.clone()
+        g[0, 1, 0], g[1, 2, 0] = float("inf"), float("nan")
+        poisoned = q32.token_scores(name, Captured(c32.a, g, c32.mask), torch.int8)
+        assert not poisoned[0, :, 1].isfinite().any() and not poisoned[1, :, 2].isfinite().any()
+        assert poisoned[2:].isfinite().all()
 
 
 def test_int8_products_are_for_scoring_only_and_need_fast_int8(monkeypatch):

@@ -11,7 +11,9 @@ at most 64 tokens) and its 8 fact queries.
 The setting checked is the attribution job's whole default numerics
 (``AttributeConfig().influence()``): tracked layers (all 90 MLP layers),
 damping, Fisher kind, projection, query rank and the dtypes of the scoring
-and fitting products (bfloat16 where the CPU has it); each side fits its own
+products (``auto``: bfloat16 where the CPU has AMX, else int8 where it has
+VNNI, else float32) and fitting products (bfloat16 where the CPU has AMX);
+each side fits its own
 factors with the same sampled labels, exact EK-FAC multiplying in float32.
 All 90 layers: the score is a sum over layers, and with only 9 of them (as in
 tests/core/test_smollm2_reference.py) rank-8 queries kept 0.80-0.93 of the

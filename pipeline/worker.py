@@ -355,7 +355,7 @@ class ShardWorker:
                 "top_k": top_k,
                 "queries_id": queries_id,
                 "shortlist": None if shortlist is None else shortlist_digest(*shortlist),
-                "scoring_products": str(self.engine.products or self.engine.dtype).removeprefix("torch."),
+                "scoring_products": self.engine.products_name,
             }
             return write, recorded
 

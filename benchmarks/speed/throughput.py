@@ -49,7 +49,7 @@ def throughput(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.device) 
         seconds, runs = timed_median(score_pass, cfg.warmup, cfg.repeats, device)
         result["score"][f"dim={dim}"] = {"projection": engine.config.projection.to_json(),
                                          # score.product_dtype as resolved on this device (auto: per device)
-                                         "products": str(engine.products or engine.dtype).removeprefix("torch."),
+                                         "products": engine.products_name,
                                          "tokens_per_s": tokens / seconds, "runs_s": runs,
                                          "ratio_to_ceiling": (tokens / seconds) / result["ceiling_tokens_per_s"]}
         del engine

@@ -179,23 +179,18 @@ class InfluenceEngine:
         SmolLM2 against float32's 0.65x), else int8 where it has fast int8 (VNNI CPUs without AMX: 1.01x
         against 0.73x), else float32 (docs/figures.md, "Products in bfloat16" and "Products in int8").
         """
-        if self.dtype != torch.float32:
+        if self.dtype != torch.float32 or name == "float32":
             return None
-        if name == "auto":
-            chosen = next((n for n, fast in (("bfloat16", fast_bfloat16), ("int8", fast_int8)) if fast(self.device)),
-                          "float32")
-            if key:
-                log.info("%s=auto: multiplying in %s on %s", key, chosen, self.device)
-            return None if chosen == "float32" else getattr(torch, chosen)
-        if name not in ("bfloat16", "int8"):
-            return None
-        fast = fast_bfloat16(self.device) if name == "bfloat16" else fast_int8(self.device)
-        if not fast:
-            if key:
-                log.info("%s=%s: %s has no fast %s matrix products; multiplying in float32", key, name, self.device,
-                         name)
-            return None
-        return getattr(torch, name)
+        fast = {"bfloat16": fast_bfloat16, "int8": fast_int8}
+        chosen = next((n for n in (fast if name == "auto" else (name,)) if fast[n](self.device)), "float32")
+        if key and chosen != name:
+            log.info("%s=%s: multiplying in %s on %s", key, name, chosen, self.device)
+        return None if chosen == "float32" else getattr(torch, chosen)
+
+    @property
+    def products_name(self) -> str:
+        """The dtype the scoring products run in on this device (``score.product_dtype`` resolved), by name."""
+        return str(self.products or self.dtype).removeprefix("torch.")
 
     @contextlib.contextmanager
     def observing_captures(self, observer: Callable[[dict[str, Captured]], None] | None) -> Iterator[None]:

@@ -652,7 +652,7 @@ def test_auto_products_take_the_fastest_the_device_has(monkeypatch, bfloat16, in
     assert AttributeConfig().score.product_dtype == "auto"
     model = tiny_model("llama", dtype=torch.float32)
     engine = InfluenceEngine(model, InfluenceConfig(query_rank=2, product_dtype="auto"))
-    assert engine.products == want
+    assert engine.products == want and engine.products_name == str(want or torch.float32).removeprefix("torch.")
     assert engine.range_products == (torch.bfloat16 if want is not None and bfloat16 else None)
     assert engine.query_factors_dtype == (torch.float32 if want is None else torch.bfloat16)
     assert InfluenceEngine(model, InfluenceConfig(query_rank=2, product_dtype="auto", precision="float64")).products \

@@ -1,19 +1,34 @@
 """The inputs of the in-process checks on SmolLM2 (rank, products, eigendecompositions, fitting on a sample).
 
-The speed benchmark's inputs (``jobs/benchmark.py model.preset=smollm2``,
-built by ``benchmarks.speed.inputs``): the pretrained SmolLM2-135M, the
-planted-facts recipe's documents cycled to ``--n-docs``, windows of
-``--window`` tokens, of which the first ``--windows``, and ``--queries``
-queries made from the corpus text. The benchmark corpus repeats its
-documents beyond the recipe's, so ``pydoc_inputs`` offers distinct text at
-any size up to ~900 windows of 128 tokens: Python's own help topics.
+``--data`` picks one of the data sets the default was chosen on (``load_inputs``):
+
+- ``benchmark`` (the default): the speed benchmark's inputs
+  (``jobs/benchmark.py model.preset=smollm2``, built by
+  ``benchmarks.speed.inputs``): the pretrained SmolLM2-135M, the
+  planted-facts recipe's documents cycled to ``--n-docs``, windows of
+  ``--window`` tokens, and queries made from the corpus text.
+- ``pydoc``: the pretrained model on distinct text at any size up to ~900
+  windows of 128 tokens, Python's own help topics (the benchmark corpus
+  repeats its documents beyond the recipe's).
+- ``facts``: tests/eval/test_smollm2_default_fidelity.py's inputs: the
+  pretrained model, the planted-facts recipe with seed ``--seed`` (8 facts, 2
+  copies each, 32 filler documents, windows of 64 tokens; 48 windows) and its
+  8 fact queries.
+- ``finetuned``: the SmolLM2 fine-tuned on planted facts
+  (``benchmarks.smollm2_facts``, built and cached on first use: about 18
+  minutes on 2 cores), its 128 documents in windows of 128 tokens and its 8
+  fact queries: the inputs of ``jobs/evaluate.py world=smollm2``.
+
+Of each, the first ``--windows`` windows and ``--queries`` queries.
+``--n-docs`` and ``--window`` are the benchmark's only; ``--seed`` the facts'.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +43,26 @@ from pipeline.core.text import Batch, TokenWindow, batches_of, encode_documents,
 BATCH_SIZE = 8
 
 
+DATA_SETS = ("benchmark", "pydoc", "facts", "finetuned")
+FACTS_WINDOW = 64
+
+
 def add_input_arguments(parser: argparse.ArgumentParser, windows: int = 64, queries: int = 16) -> None:
-    """``--windows``, ``--queries``, ``--n-docs`` and ``--window``, read by ``benchmark_inputs``."""
+    """``--data``, ``--windows``, ``--queries``, ``--n-docs``, ``--window`` and ``--seed``, read by ``load_inputs``."""
+    parser.add_argument("--data", choices=DATA_SETS, default="benchmark", help="which inputs (see check_inputs)")
     parser.add_argument("--windows", type=int, default=windows, help="the first N training windows")
     parser.add_argument("--queries", type=int, default=queries)
     parser.add_argument("--n-docs", type=int, default=128, help="documents of the benchmark corpus")
-    parser.add_argument("--window", type=int, default=128, help="tokens per window")
+    parser.add_argument("--window", type=int, default=128, help="tokens per window (benchmark, pydoc)")
+    parser.add_argument("--seed", type=int, default=13, help="the planted-facts recipe's seed (--data facts)")
+
+
+def load_inputs(args: argparse.Namespace) -> "CheckInputs":
+    """The inputs ``args.data`` names, cut to the first ``args.windows`` windows and ``args.queries`` queries."""
+    make = {"benchmark": benchmark_inputs, "pydoc": pydoc_inputs, "facts": lambda a: facts_inputs(a.seed),
+            "finetuned": lambda a: finetuned_inputs()}
+    inputs = make[args.data](args)
+    return replace(inputs, train=inputs.train[: args.windows], queries=inputs.queries[: args.queries])
 
 
 @dataclass
@@ -77,8 +106,11 @@ def smollm2():
     from pipeline import pretrained
     from pipeline.model_io import load_model_and_tokenizer
 
-    repo = Path(__file__).resolve().parents[2]
-    return load_model_and_tokenizer(pretrained.build_smollm2(repo / pretrained.DEFAULT_CACHE_DIR))
+    return load_model_and_tokenizer(pretrained.build_smollm2(_repo() / pretrained.DEFAULT_CACHE_DIR))
+
+
+def _repo() -> Path:
+    return Path(__file__).resolve().parents[2]
 
 
 def pydoc_inputs(args: argparse.Namespace) -> CheckInputs:
@@ -107,6 +139,42 @@ def pydoc_inputs(args: argparse.Namespace) -> CheckInputs:
         rows = read_query_rows(path)
     queries = [encode_query(tok, r["id"], r["prompt"], r["completion"], args.window, tokenisation) for r in rows]
     return CheckInputs(model, tok.pad_token_id, train, queries)
+
+
+def facts_inputs(seed: int) -> CheckInputs:
+    """tests/eval/test_smollm2_default_fidelity.py's inputs, recipe ``seed``."""
+    from benchmarks.smollm2_facts import FactsSpec, make_corpus
+
+    model, tok = smollm2()
+    spec = FactsSpec(n_facts=8, copies_per_fact=2, n_filler_docs=32, window=FACTS_WINDOW, seed=seed)
+    docs, facts = make_corpus(spec, tok)
+    return _documents_and_facts(model, tok, docs, facts, FACTS_WINDOW)
+
+
+def finetuned_inputs() -> CheckInputs:
+    """``jobs/evaluate.py world=smollm2``'s inputs: the fine-tuned SmolLM2, its 128 documents, its 8 fact queries."""
+    from benchmarks.smollm2_facts import FactsSpec, build_smollm2_facts
+    from pipeline import pretrained
+    from pipeline.model_io import load_model_and_tokenizer
+
+    artifacts = build_smollm2_facts(_repo() / pretrained.DEFAULT_CACHE_DIR, FactsSpec())
+    with open(artifacts.corpus_path) as f:
+        docs = [json.loads(line) for line in f if line.strip()]
+    with open(artifacts.facts_path) as f:
+        facts = json.load(f)
+    model, tok = load_model_and_tokenizer(artifacts.model_dir)
+    return _documents_and_facts(model, tok, docs, facts, FactsSpec().window)
+
+
+def _documents_and_facts(model, tok, docs: list[dict], facts: list[dict], window: int) -> CheckInputs:
+    """Documents (``id``, ``text``) in windows of ``window`` tokens and fact queries, as the pipeline encodes them."""
+    tokenisation = resolve_tokenisation(tok, None, None)
+    train, skipped = encode_documents(tok, [(d["id"], d["text"]) for d in docs], window, tokenisation)
+    if skipped:
+        print(f"skipped {len(skipped)} empty documents")
+    queries = [encode_query(tok, f["fact_id"], f["prompt"], f["completion"], window, tokenisation) for f in facts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return CheckInputs(model, pad, train, queries)
 
 
 def scores_of(engine: InfluenceEngine, batches: list[Batch], queries: QueryGradients) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""What float32 eigendecompositions cost in fidelity and gain in time, on the speed benchmark's SmolLM2 inputs.
+"""What float32 eigendecompositions cost in fidelity and gain in time, on SmolLM2 (any --data).
 
 The fit's driver eigendecomposes every tracked layer's ``A`` and ``S``
 (``factors.eigh_dtype``). This fits the covariances once on the first
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.evaluate.scoring import agreement
-from benchmarks.evaluate.check_inputs import add_input_arguments, benchmark_inputs, scores_of
+from benchmarks.evaluate.check_inputs import add_input_arguments, load_inputs, scores_of
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import EIGH_DTYPES, EKFACFactors, eigendecompose
 from pipeline.core.influence import InfluenceEngine
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_input_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    inputs = benchmark_inputs(args)
+    inputs = load_inputs(args)
     batches, q_batches, ids = inputs.batches, inputs.query_batches, inputs.query_ids
     default = replace(AttributeConfig().influence(), empirical_fisher=True)
     print(f"{inputs.describe()}, query rank {default.query_rank}, products {default.product_dtype} / fit "

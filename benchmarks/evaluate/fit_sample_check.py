@@ -1,4 +1,4 @@
-"""What fitting on a sample costs in fidelity, on the speed benchmark's SmolLM2 inputs or the planted facts.
+"""What fitting on a sample costs in fidelity, on SmolLM2 (any --data).
 
 The factors are fitted on every window (the reference), with the
 eigenvalue correction on a share of the windows (``factors.lambda_sample``),
@@ -13,14 +13,12 @@ planted-facts recipe's documents, empirical Fisher, in process). A fit's cost
 in capture passes over the windows is ``cov + lambda`` shares (plus the
 eigendecompositions, the same for every fit).
 
-``--data facts`` takes the inputs of tests/eval/test_smollm2_default_fidelity.py
-instead: the pretrained model, the planted-facts recipe with its own seed
-(``--seed``: 8 facts, 2 copies each, 32 filler documents, windows of 64
-tokens; 48 windows) and its 8 fact queries (``--n-docs`` and ``--window``
-are the benchmark's only). ``--lambda-only`` skips the "both passes on a
-share" fits, ``--both-only`` the "Lambda on a share" ones. ``--data pydoc`` takes distinct text at any size instead of the
-benchmark corpus, which repeats its documents beyond the recipe's (and so
-would flatter a sample): Python's help topics (``check_inputs.pydoc_inputs``).
+``--data`` takes other inputs (``check_inputs``): ``facts``, the inputs of
+tests/eval/test_smollm2_default_fidelity.py (recipe seed ``--seed``);
+``pydoc``, distinct text at any size instead of the benchmark corpus, which
+repeats its documents beyond the recipe's (and so would flatter a sample);
+``finetuned``, the fine-tuned facts model. ``--lambda-only`` skips the
+"both passes on a share" fits, ``--both-only`` the "Lambda on a share" ones.
 
 Every low-rank fit's queries are scored in one pass over the windows (their
 queries side by side), and exact EK-FAC's dense ones in a second.
@@ -39,38 +37,17 @@ from dataclasses import replace
 
 import numpy as np
 
-from benchmarks.evaluate.check_inputs import (CheckInputs, add_input_arguments, benchmark_inputs, pydoc_inputs, smollm2,
-                                              scores_of)
+from benchmarks.evaluate.check_inputs import add_input_arguments, load_inputs, scores_of
 from benchmarks.evaluate.scoring import agreement
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import EKFACFactors, eigendecompose
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.queries import QueryGradients
-from pipeline.core.text import encode_documents, encode_query, resolve_tokenisation
-
-FACTS_WINDOW = 64
-
 
 def every(batches: list, share: float) -> list:
     """``share`` of ``batches``, evenly spread (at least one)."""
     step = max(1, round(1 / share))
     return batches[::step]
-
-
-def facts_inputs(seed: int) -> CheckInputs:
-    """tests/eval/test_smollm2_default_fidelity.py's inputs, recipe ``seed``."""
-    from benchmarks.smollm2_facts import FactsSpec, make_corpus
-
-    model, tok = smollm2()
-    spec = FactsSpec(n_facts=8, copies_per_fact=2, n_filler_docs=32, window=FACTS_WINDOW, seed=seed)
-    docs, facts = make_corpus(spec, tok)
-    tokenisation = resolve_tokenisation(tok, None, None)
-    train, skipped = encode_documents(tok, [(d["id"], d["text"]) for d in docs], FACTS_WINDOW, tokenisation)
-    if skipped:
-        print(f"skipped {len(skipped)} empty documents")
-    queries = [encode_query(tok, f["fact_id"], f["prompt"], f["completion"], FACTS_WINDOW, tokenisation)
-               for f in facts]
-    return CheckInputs(model, tok.pad_token_id, train, queries)
 
 
 def scores_with(engine: InfluenceEngine, fits: dict[str, EKFACFactors], train: list, queries: list,
@@ -90,17 +67,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_input_arguments(parser, windows=96)
     parser.add_argument("--shares", type=float, nargs="+", default=[0.5, 0.25])
-    parser.add_argument("--data", choices=["benchmark", "facts", "pydoc"], default="benchmark")
-    parser.add_argument("--seed", type=int, default=13, help="the planted-facts recipe's seed (--data facts)")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--lambda-only", action="store_true", help='skip the "both passes on a share" fits')
     only.add_argument("--both-only", action="store_true", help='skip the "Lambda on a share" fits')
     args = parser.parse_args(argv)
     d = AttributeConfig()
-    make = {"facts": lambda: facts_inputs(args.seed), "benchmark": lambda: benchmark_inputs(args),
-            "pydoc": lambda: pydoc_inputs(args)}
-    inputs = make[args.data]()
-    inputs = replace(inputs, train=inputs.train[: args.windows], queries=inputs.queries[: args.queries])
+    inputs = load_inputs(args)
     model, batches, q_batches, ids = inputs.model, inputs.batches, inputs.query_batches, inputs.query_ids
     print(f"{inputs.describe()}, query rank {d.score.query_rank}")
     engine = InfluenceEngine(model, InfluenceConfig(modules=d.model.modules, damping=d.factors.damping,

@@ -1,4 +1,4 @@
-"""What bfloat16 and int8 scoring products cost in fidelity and gain in speed, on the speed benchmark's SmolLM2 inputs.
+"""What bfloat16 and int8 scoring products cost in fidelity and gain in speed, on SmolLM2 (any --data).
 
 With low-rank queries scored per token, the score pass's extra work is two
 products per layer, ``g_t . L`` and ``a_t . R`` (``QueryGradients.token_scores``).
@@ -15,6 +15,7 @@ queries), and the score pass's time over ``--timed-batches`` batches of 8
 windows against ``--timed-queries`` queries (the queries repeated to that
 count), side by side with the ceiling (plain forward + backward with every
 weight's gradient), medians of ``--repeats`` alternating repeats.
+``--fidelity-only`` stops after the overlaps of the scoring products.
 
 The fit's products (``factors.product_dtype``: the covariances and Lambda's
 rotation) are checked the same way: a second fit with bfloat16 products,
@@ -22,6 +23,7 @@ scored with the default setting against the same exact EK-FAC, and both
 fits' two capture passes timed over the timed batches.
 
     python -m benchmarks.evaluate.product_dtype_check --windows 64 --queries 16 --timed-queries 100
+    python -m benchmarks.evaluate.product_dtype_check --data finetuned --windows 128 --queries 8 --fidelity-only
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from benchmarks.evaluate.scoring import agreement, repeated_queries
-from benchmarks.evaluate.check_inputs import add_input_arguments, benchmark_inputs, scores_of
+from benchmarks.evaluate.check_inputs import add_input_arguments, load_inputs, scores_of
 from benchmarks.speed.inputs import Ceiling
 from pipeline.config import AttributeConfig
 from pipeline.core.ekfac import eigendecompose
@@ -51,9 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timed-queries", type=int, default=100)
     parser.add_argument("--timed-batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fidelity-only", action="store_true",
+                        help="the scoring products' overlap only: no fit with bfloat16 products, no timing")
     args = parser.parse_args(argv)
     d = AttributeConfig()
-    inputs = benchmark_inputs(args)
+    inputs = load_inputs(args)
     batches, q_batches, ids = inputs.batches, inputs.query_batches, inputs.query_ids
     print(f"{inputs.describe()}, query rank {d.score.query_rank}, threads {torch.get_num_threads()}")
     base = InfluenceConfig(modules=d.model.modules, damping=d.factors.damping, empirical_fisher=True,
@@ -64,9 +68,6 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     factors = fitters["float32"].fit(batches)
     print(f"fitted in {time.perf_counter() - started:.0f} s")
-    started = time.perf_counter()
-    factors16 = fitters["bfloat16"].fit(batches)
-    print(f"fitted with bfloat16 products in {time.perf_counter() - started:.0f} s")
     low = engines["float32"].query_gradients(q_batches, factors, ids)
     scores = {dt: scores_of(engines[dt], batches, low) for dt in SCORE_DTYPES}
     exact_engine = InfluenceEngine(inputs.model, replace(base, query_rank=0))
@@ -83,7 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
         out[dt]["largest_difference"] = float(rel)
         print(f"{dt} vs float32 products: top-10 overlap {out[dt]['vs_float32']['topk_overlap']:.3f}, "
               f"largest difference {rel:.2e} of the largest score")
+    if args.fidelity_only:
+        return out
     # The default setting (bfloat16 scoring products) on the factors fitted with bfloat16 products.
+    started = time.perf_counter()
+    factors16 = fitters["bfloat16"].fit(batches)
+    print(f"fitted with bfloat16 products in {time.perf_counter() - started:.0f} s")
     fit16 = scores_of(engines["bfloat16"], batches, engines["float32"].query_gradients(q_batches, factors16, ids))
     out["fit_bfloat16"] = {"vs_exact": agreement(fit16, exact, 10),
                            "vs_fit_float32": agreement(fit16, scores["bfloat16"], 10)}

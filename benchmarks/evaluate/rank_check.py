@@ -1,4 +1,4 @@
-"""Top-10 overlap with exact EK-FAC of rank-r query gradients on the speed benchmark's SmolLM2 inputs.
+"""Top-10 overlap with exact EK-FAC of rank-r query gradients on SmolLM2 (the speed benchmark's inputs, or --data).
 
 The third check of the default query rank (docs/figures.md, "Rank on the
 benchmark's data"): the inputs ``jobs/benchmark.py model.preset=smollm2``
@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 
 from benchmarks.evaluate.scoring import agreement, repeated_queries
-from benchmarks.evaluate.check_inputs import add_input_arguments, benchmark_inputs
+from benchmarks.evaluate.check_inputs import add_input_arguments, load_inputs
 from benchmarks.evaluate.sweep import Setting, fidelity_scores
 from benchmarks.speed.inputs import Ceiling
 from pipeline.config import AttributeConfig
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
     parser.add_argument("--timed-batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    inputs = benchmark_inputs(args)
+    inputs = load_inputs(args)
     print(inputs.describe())
     d = AttributeConfig()
     base = InfluenceConfig(modules=d.model.modules, damping=d.factors.damping, empirical_fisher=True)

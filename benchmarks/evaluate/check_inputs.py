@@ -15,8 +15,8 @@
   copies each, 32 filler documents, windows of 64 tokens; 48 windows) and its
   8 fact queries.
 - ``finetuned``: the SmolLM2 fine-tuned on planted facts
-  (``benchmarks.smollm2_facts``, built and cached on first use: about 18
-  minutes on 2 cores), its 128 documents in windows of 128 tokens and its 8
+  (``benchmarks.smollm2_facts``, built and cached on first use: 6-18
+  minutes on the 2-core VMs), its 128 documents in windows of 128 tokens and its 8
   fact queries: the inputs of ``jobs/evaluate.py world=smollm2``.
 
 Of each, the first ``--windows`` windows and ``--queries`` queries.

@@ -44,6 +44,7 @@ from pipeline.core.ekfac import EKFACFactors, eigendecompose
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.queries import QueryGradients
 
+
 def every(batches: list, share: float) -> list:
     """``share`` of ``batches``, evenly spread (at least one)."""
     step = max(1, round(1 / share))

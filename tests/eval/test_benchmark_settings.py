@@ -101,8 +101,10 @@ def test_fit_sample_check_scores_every_fit_in_one_pass_as_each_alone():
     for share, factors in fits.items():
         alone = scores_with(engine, {share: factors}, batches, queries, ids)[share]
         assert together[share].shape == (16, 3)
-        assert abs(together[share] - alone).max() <= 1e-9 * abs(alone).max()
-    assert abs(together[1.0] - together[0.5]).max() > 1e-6 * abs(together[1.0]).max()  # the fits do differ
+        # float32 products: side by side they differ from alone only by the matmul's rounding, which on some CPUs
+        # changes with the number of query columns (2e-8 of the largest score measured on an AMD EPYC).
+        assert abs(together[share] - alone).max() <= 1e-6 * abs(alone).max()
+    assert abs(together[1.0] - together[0.5]).max() > 1e-3 * abs(together[1.0]).max()  # the fits do differ
 
 
 def test_pydoc_paragraphs_are_distinct_and_enough_for_the_benchmark_corpus():

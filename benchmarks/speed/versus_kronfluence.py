@@ -8,7 +8,8 @@ With ``max_documents`` leaving documents out, kronfluence fits on the
 windows of the documents our job samples (as its own 100,000-example caps
 would fit it on a larger corpus) and both score every window. With
 ``kronfluence_longest_first`` kronfluence runs again on the same windows
-batched longest first, as our workers batch them (a second speedup).
+batched longest first, as our workers batch them (a second speedup);
+``kronfluence_corpus_order=false`` leaves out the corpus-order run.
 """
 
 from __future__ import annotations
@@ -198,21 +199,27 @@ def _kronfluence_point(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int
     """Time kronfluence at ``n_queries``; add its seconds to ``point`` and ours' overlap and speedup against it.
 
     ``fit_docs``: fit its factors on these documents' windows only (our capped sample); scores cover every window.
-    With ``kronfluence_longest_first`` it runs a second time on the same windows batched longest first
-    (``kronfluence_longest_first`` in ``point``); the overlap is against the first run, in corpus order.
+    ``kronfluence_corpus_order`` times it on the windows in corpus order (``kronfluence`` in ``point``),
+    ``kronfluence_longest_first`` on the same windows batched longest first (``kronfluence_longest_first``);
+    ours' top-k overlap is against the corpus-order run where there is one, else the longest-first one.
     """
     windows, queries = encode_inputs(inputs, cfg.window, n_queries)
     fit_windows = None if fit_docs is None else [w for w in windows if w.doc_id in fit_docs]
-    point["kronfluence"], scores = _time_kronfluence(cfg, inputs, windows, queries, fit_windows, device)
+    scores = None
+    if cfg.kronfluence_corpus_order:
+        point["kronfluence"], scores = _time_kronfluence(cfg, inputs, windows, queries, fit_windows, device)
     if cfg.kronfluence_longest_first:
         by_length = longest_first(windows)
         fit_sorted = None if fit_windows is None else [fit_windows[i] for i in longest_first(fit_windows)]
         timed, permuted = _time_kronfluence(cfg, inputs, [windows[i] for i in by_length], queries, fit_sorted, device)
         sorted_scores = torch.empty_like(permuted)
         sorted_scores[:, by_length] = permuted
-        # The same scores up to rounding (and the label draws, with sampled labels): a check the columns went back.
-        timed["max_abs_difference_vs_corpus_order"] = float((sorted_scores - scores).abs().max())
-        timed["max_abs_score"] = float(scores.abs().max())
+        if scores is not None:
+            # The same scores up to rounding (and the label draws, with sampled labels): a check the columns went back.
+            timed["max_abs_difference_vs_corpus_order"] = float((sorted_scores - scores).abs().max())
+            timed["max_abs_score"] = float(scores.abs().max())
+        else:
+            scores = sorted_scores
         point["kronfluence_longest_first"] = timed
     theirs = {}
     for qi, query in enumerate(queries):
@@ -221,9 +228,10 @@ def _kronfluence_point(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int
     for ours in point["ours"].values():
         overlaps = [len(ours["_topk"].get(qid, set()) & top) / cfg.top_k for qid, top in theirs.items()]
         ours["topk_overlap_vs_kronfluence"] = float(np.mean(overlaps))
-        ours["speedup_vs_kronfluence"] = point["kronfluence"]["seconds"] / ours["seconds"]
-        if "kronfluence_longest_first" in point:
-            ours["speedup_vs_kronfluence_longest_first"] = point["kronfluence_longest_first"]["seconds"] / ours["seconds"]
+        for key in ("kronfluence", "kronfluence_longest_first"):
+            if key in point:
+                suffix = "" if key == "kronfluence" else "_longest_first"
+                ours[f"speedup_vs_kronfluence{suffix}"] = point[key]["seconds"] / ours["seconds"]
 
 
 def _time_kronfluence(cfg: BenchmarkConfig, inputs: BenchInputs, windows: list, queries: list, fit_windows: list | None,

@@ -49,6 +49,7 @@ def test_settings_override_every_run_of_ours(tmp_path):
     ({"lambda_max_documents": -1}, "lambda_max_documents"),
     ({"max_documents": -1}, "max_documents must"),
     ({"corpus_text": "wiki"}, "corpus_text"),
+    ({"kronfluence_corpus_order": False, "kronfluence_longest_first": False}, "kronfluence_corpus_order"),
 ])
 def test_setting_keys_are_validated(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -198,6 +198,30 @@ def test_benchmark_job_smoke(tmp_path, demo_cache):
     assert written["machine"]["cpu_count"] >= 1 and written["machine"]["torch"]
     assert written["merge"]["rows"] >= 2000
     assert "ceiling" in format_report(result)
+
+
+def test_benchmark_kronfluence_longest_first_alone(tmp_path, demo_cache):
+    """``kronfluence_corpus_order=false``: kronfluence runs once, batched longest first; the speedup and the overlap
+    are against that run, the corpus-order figures are null."""
+    pytest.importorskip("kronfluence")
+    from benchmarks.speed.config import to_config
+    from benchmarks.speed.report import format_report
+    from benchmarks.speed.run import run_benchmark
+
+    cfg = to_config(compose("benchmark", TINY_BENCHMARK + [
+        f"storage.root={tmp_path}", f"demo.cache_dir={demo_cache}", f"work_dir={tmp_path / 'work'}",
+        "name=lf", "ours=core", "compare_dim0=false", "empirical_fisher=true", "kronfluence_corpus_order=false",
+        "scaling=false", "memory.enabled=false", "merge.enabled=false"]))
+    result = run_benchmark(cfg)
+    assert_finite_numbers(result)
+    point = result["versus_kronfluence"]["by_queries"]["2"]
+    assert "kronfluence" not in point and point["kronfluence_longest_first"]["seconds"] > 0
+    assert result["kronfluence_seconds"] == {"2": None} and result["speedup_vs_kronfluence"] == {"2": None}
+    ours = point["ours"][next(iter(point["ours"]))]
+    assert ours["speedup_vs_kronfluence_longest_first"] == pytest.approx(
+        point["kronfluence_longest_first"]["seconds"] / ours["seconds"])
+    assert 0 <= result["topk_overlap_vs_kronfluence"]["2"] <= 1
+    assert "(longest first)" in format_report(result)
     assert not any(Path(tmp_path, "work").iterdir())  # scratch removed
 
 

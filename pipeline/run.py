@@ -364,7 +364,7 @@ STAGE_FUNCTIONS = {"fit": fit_factors, "precondition": precondition_queries, "sc
 
 def run_stages(cfg: AttributeConfig, stages: Sequence[str] | None = None) -> RunContext:
     """Validate, start or join Ray, start the workers, run ``stages`` (default: ``run.stages``) in ``STAGES`` order."""
-    from pipeline.cluster import call_within, ray_session, start_workers
+    from pipeline.cluster import call_within, keep_workers, ray_session, start_workers
 
     if stages is not None:
         cfg = replace(cfg, run=replace(cfg.run, stages=list(stages)))
@@ -377,7 +377,8 @@ def run_stages(cfg: AttributeConfig, stages: Sequence[str] | None = None) -> Run
     try:
         with ray_session(ctx.cfg.cluster):
             started = time.perf_counter()
-            ctx.workers = start_workers(worker_spec(ctx.cfg, ctx.tokenisation), ctx.cfg.cluster)
+            spec = worker_spec(ctx.cfg, ctx.tokenisation)
+            ctx.workers = start_workers(spec, ctx.cfg.cluster)
             stall = ctx.cfg.cluster.stall_timeout_s
             ctx.model_fp = call_within(ctx.workers[0], "fingerprint", stall_timeout_s=stall)
             ctx.layers = call_within(ctx.workers[0], "layer_specs", stall_timeout_s=stall)
@@ -386,6 +387,7 @@ def run_stages(cfg: AttributeConfig, stages: Sequence[str] | None = None) -> Run
             for stage in STAGES:
                 if stage in ctx.cfg.run.stages:
                     _timed(ctx, stage, STAGE_FUNCTIONS[stage])
+            keep_workers(ctx.workers, spec, ctx.cfg.cluster)
     except BaseException:
         _catalog_failed(ctx)
         raise

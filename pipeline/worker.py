@@ -100,6 +100,14 @@ class ShardWorker:
         self.pad_id = self.tokenizer.pad_token_id
         self.decoder = WindowDecoder(self.tokenizer)
 
+    def reset(self) -> str:
+        """Start over as a new worker of the same spec would (``cluster.reuse_workers``): model, engine and
+        storage built again, cached queries and store basis dropped, the forward counter at zero; only the
+        process (torch and transformers imported) is kept. Returns the fingerprint, as a readiness check.
+        """
+        self.__init__(self.spec)
+        return self.fingerprint()
+
     def fingerprint(self) -> str:
         return self.engine.fingerprint
 

@@ -154,7 +154,8 @@ def make_cfg(small_demo, inputs, bucket: Bucket, root: str, run_id: str, model: 
         run=RunConfig(id=run_id),
         factors=FactorsConfig(damping=1e-3, empirical_fisher=True),
         score=ScoreConfig(top_k=5),
-        cluster=ClusterConfig(num_workers=2, cpus_per_worker=1, stall_timeout_s=120),  # one per node
+        cluster=ClusterConfig(num_workers=2, cpus_per_worker=1, stall_timeout_s=120,  # one per node
+                              reuse_workers=True),
     )
 
 
@@ -253,6 +254,9 @@ def test_night_two_scores_only_the_new_file_and_reuses_the_factors(nights):
 def test_the_nights_ran_on_two_nodes_against_s3(nights, two_nodes):
     import ray
 
+    from pipeline.cluster import release_workers
+
+    release_workers()  # the nights' kept workers hold both CPUs; the task below needs one
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
     assert len(nodes) == 2  # the head holds no CPU: each of the two workers sat on its own node
 

@@ -86,7 +86,7 @@ def make_cfg(small_demo, inputs, root, run_id, queries=None, source="model", **s
         factors=FactorsConfig(damping=1e-3, empirical_fisher=True),
         score=ScoreConfig(top_k=TOP_K, source=source),
         store=StoreConfig(**{"enabled": True, "dim": STORE_DIM, "dtype": "float32", **store}),
-        cluster=ClusterConfig(num_workers=1, cpus_per_worker=1, stall_timeout_s=120),
+        cluster=ClusterConfig(num_workers=1, cpus_per_worker=1, stall_timeout_s=120, reuse_workers=True),
     )
 
 
@@ -95,6 +95,10 @@ def stages(cfg, names):
 
     ctx = run_stages(cfg, names)
     return ctx
+
+
+def actor_ids(ctx) -> list[str]:
+    return [w._actor_id.hex() for w in ctx.workers]
 
 
 def forward_counts(ctx) -> list[int]:
@@ -111,10 +115,12 @@ def store_runs(local_ray, small_demo, inputs, tmp_path_factory):
     out = {"root": root}
     written = stages(make_cfg(small_demo, inputs, root, "exact-a"), None)
     out["exact_a"] = written
+    out["actors"] = [actor_ids(written)]
     out["exact_a_forwards"] = forward_counts(written)
     cfg_b = make_cfg(small_demo, inputs, root, "store-b", queries=inputs["queries_b"], source="store")
     forward_counts(stages(cfg_b, ["precondition"]))
     scored = stages(cfg_b, ["score"])
+    out["actors"].append(actor_ids(scored))
     out["store_b_counts"] = dict(scored.counts)
     out["store_b_forwards"] = forward_counts(scored)
     merged = stages(cfg_b, ["merge"])
@@ -217,6 +223,9 @@ def test_a_new_query_set_from_the_store_runs_no_forward_pass(store_runs):
     assert counts["shards_scored"] == 3 and counts["store_shards_rebuilt"] == 0
     assert store_runs["store_b_forwards"] == [0]  # the model's worker idled while the store was scored
     assert store_runs["exact_a_forwards"][0] > 0  # the counter does count (the exact pass ran forwards)
+    # cluster.reuse_workers: the same worker (reset, its counter at zero) served both runs, which the
+    # worker spec does not tell apart (the store's and scoring source's settings are not in it).
+    assert store_runs["actors"][0] == store_runs["actors"][1]
 
 
 def test_a_new_query_set_from_the_store_equals_the_truncated_setting_computed_independently(store_runs, small_demo,

@@ -11,7 +11,7 @@ output. Ray only carries plain dataclasses and small dicts; tensors and
 tables travel through storage as safetensors and Parquet.
 
 With ``cluster.reuse_workers`` a driver process that runs several jobs one
-after another (a notebook, a test suite, a benchmark's repeats) keeps its
+after another (a notebook, a test suite) keeps its
 workers for its next run when that run would start them alike (the same
 `WorkerSpec` and worker resources): each is reset (``ShardWorker.reset``:
 storage, model and engine built again from its spec, caches dropped, counters

@@ -323,21 +323,22 @@ def test_model_on_s3_is_checked_without_downloading_its_weights(tmp_path, llama_
 
 @pytest.mark.integration
 def test_fitted_factors_are_reused_under_the_same_tokenisation_only(tmp_path, llama_dir):
-    """Fit on a local Ray; the same config again reuses the committed factors; add_eos=false fits new ones."""
+    """Fit on a local Ray; the same config again reuses the committed factors; add_eos=false fits new ones.
+
+    One local Ray for the three runs, and ``cluster.reuse_workers``: the second run reuses the first's
+    worker (the same spec); the third, under another tokenisation, starts its own.
+    """
     from pipeline.run import run_stages
-    from tests.helpers import shutdown_ray
+    from tests.helpers import local_ray
 
     def fit(**corpus_args):
         cfg = config(tmp_path, llama_dir, corpus_args=corpus_args,
-                     cluster=ClusterConfig(num_workers=1, cpus_per_worker=1, local_num_cpus=1))
-        try:
-            ctx = run_stages(cfg, ["fit"])
-        finally:
-            shutdown_ray()
+                     cluster=ClusterConfig(num_workers=1, cpus_per_worker=1, reuse_workers=True))
+        ctx = run_stages(cfg, ["fit"])
         factors = Path(ctx.factors_url)
         return ctx.factors_id, factors.stat().st_mtime_ns, ctx.factors_key
 
-    with scratch_env():
+    with local_ray(num_cpus=1):
         first = fit()
         again = fit()
         no_eos = fit(add_eos=False)

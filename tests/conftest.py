@@ -5,7 +5,9 @@
 - ``s3_server`` / ``s3_env`` / ``s3_auth``: a real S3-compatible server (moto, in
   a thread) on loopback, shared by the session; each test gets a fresh bucket
   and a clean AWS environment (``tests.helpers.aws_env_vars``).
-- ``small_demo``: a small planted-facts demo built once per session.
+- ``shared_tmp``: a folder shared by this run's test processes (pytest-xdist
+  workers), for builds made once per run under a file lock.
+- ``small_demo``: a small planted-facts demo built once per run (``shared_tmp``).
 - ``local_ray``: a local one-CPU Ray for a module's tests (the pipeline joins it).
 - ``smollm2_dir``: SmolLM2-135M-Instruct as a safetensors folder in the shared cache (skips offline).
 """
@@ -123,11 +125,27 @@ def local_ray():
 
 
 @pytest.fixture(scope="session")
-def small_demo(tmp_path_factory):
-    """``build_demo`` on a fresh folder with ``SMALL_DEMO_SPEC``; returns its ``DemoArtifacts``."""
+def shared_tmp(tmp_path_factory) -> Path:
+    """A folder of this pytest run shared by its processes: under pytest-xdist the parent of the workers' own.
+
+    pytest makes one base folder per run (``pytest-N``) and, under xdist, one
+    per worker inside it (``popen-gw0``...); builds shared by the workers go in
+    the parent, each under a ``filelock.FileLock``, so the first worker to need
+    one builds it and the others wait for it and read it.
+    """
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def small_demo(shared_tmp):
+    """``build_demo`` with ``SMALL_DEMO_SPEC`` in ``shared_tmp`` (built by one process of the run, read by all)."""
+    from filelock import FileLock
+
     from pipeline.demo import DemoSpec, build_demo
 
-    return build_demo(str(tmp_path_factory.mktemp("demo-cache")), DemoSpec(**SMALL_DEMO_SPEC))
+    with FileLock(str(shared_tmp / "small-demo.lock")):
+        return build_demo(str(shared_tmp / "small-demo"), DemoSpec(**SMALL_DEMO_SPEC))
 
 
 @pytest.fixture

@@ -9,7 +9,11 @@ character, one holding the tokenizer's ``<|endoftext|>`` in its text.
   hold every nonzero score (document scores can be checked against sums);
 - run ``damped``: top 10 only, with much stronger damping, so rankings move.
 
-Built once per test process (local Ray, local storage, one worker).
+Built once per pytest run (local Ray, local storage, one worker) by the first
+process that asks, in the run's shared folder (``shared_tmp``) under a file
+lock; the other processes (pytest-xdist workers) wait for it and read the
+record it leaves (``runs.json``). The runs' storage is read, never written, by
+the tests.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pyarrow.parquet as pq
+from filelock import FileLock
 
 from tests.helpers import scratch_env, shutdown_ray
 
@@ -42,14 +47,24 @@ class DemoRuns:
 _CACHE: dict[str, DemoRuns] = {}
 
 
-def demo_runs(small_demo) -> DemoRuns:
-    """The two runs (built on first use in this process)."""
+def demo_runs(small_demo, shared_tmp: Path) -> DemoRuns:
+    """The two runs: built in ``shared_tmp`` by the first process of the run to ask, read by the others."""
     if "runs" not in _CACHE:
-        _CACHE["runs"] = _build(small_demo)
+        work = shared_tmp / "demo-runs"
+        record = work / "runs.json"
+        with FileLock(str(shared_tmp / "demo-runs.lock")):
+            if not record.exists():
+                if work.exists():  # a build that failed part-way in another process: start again
+                    shutil.rmtree(work)
+                runs = _build(small_demo, str(work))
+                tmp = record.with_suffix(".tmp")
+                tmp.write_text(json.dumps(asdict(runs)))
+                os.replace(tmp, record)  # written last: its presence means both runs finished
+            _CACHE["runs"] = DemoRuns(**json.loads(record.read_text()))
     return _CACHE["runs"]
 
 
-def _build(small_demo) -> DemoRuns:
+def _build(small_demo, work: str) -> DemoRuns:
     from pipeline.config import (
         AttributeConfig,
         ClusterConfig,
@@ -63,7 +78,6 @@ def _build(small_demo) -> DemoRuns:
     )
     from pipeline.run import run_attribution
 
-    work = tempfile.mkdtemp(prefix="h5-runs-")
     corpus_dir = os.path.join(work, "corpus")
     os.makedirs(corpus_dir)
     shutil.copy(small_demo.corpus_path, os.path.join(corpus_dir, "part-00000.parquet"))

@@ -33,8 +33,8 @@ def recipes() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def runs(small_demo):
-    return demo_runs(small_demo)
+def runs(small_demo, shared_tmp):
+    return demo_runs(small_demo, shared_tmp)
 
 
 @pytest.fixture(scope="module")

@@ -119,8 +119,8 @@ def test_crafted_report_escapes_every_text_and_runs_nothing(tmp_path):
 
 @pytest.mark.integration
 @needs_chromium
-def test_demo_run_report_renders_with_every_query(tmp_path, small_demo):
-    runs = demo_runs(small_demo)
+def test_demo_run_report_renders_with_every_query(tmp_path, small_demo, shared_tmp):
+    runs = demo_runs(small_demo, shared_tmp)
     path = os.path.join(runs.root, "runs", UNCUT, "report.html")
     dom = check_in_browser(tmp_path, path, [q["id"] for q in runs.queries], f"Attribution report: {UNCUT}")
     assert f"data-doc-id=\"{XSS_ID}\"" in dom, "the <script> document is not among the report's rows"

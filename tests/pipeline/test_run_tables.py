@@ -38,8 +38,8 @@ CONTRACT = ["query_id", "polarity", "rank", "doc_id", "window", "score"]
 
 
 @pytest.fixture(scope="module")
-def runs(small_demo):
-    return demo_runs(small_demo)
+def runs(small_demo, shared_tmp):
+    return demo_runs(small_demo, shared_tmp)
 
 
 def glob(runs, table: str) -> str:

@@ -81,6 +81,13 @@ def timed_median(fn, warmup: int, repeats: int, device: torch.device) -> tuple[f
     return statistics.median(times), times
 
 
+def ceiling_median(model: torch.nn.Module, batches: list, warmup: int, repeats: int,
+                   device: torch.device) -> tuple[float, list[float]]:
+    """Median seconds of one ``Ceiling`` pass over ``batches`` (``timed_median``) and its runs; the copy is freed on return."""
+    ceiling = Ceiling(model, device)
+    return timed_median(lambda: ceiling.run(batches), warmup, repeats, device)
+
+
 @dataclass
 class BenchInputs:
     """The model (a local HF folder, loaded), the corpus (Parquet and rows) and query files by count."""

@@ -22,6 +22,7 @@ def format_report(result: dict) -> str:
             ("  ratio to ceiling", result.get("score_to_ceiling_ratio_dim0"))]
     for q in result.get("ours_seconds", {}):
         rows += [(f"{q} queries: ours s", result["ours_seconds"][q]),
+                 (f"{q} queries: ours' fit in ceiling passes", result["fit_ceiling_passes"][q]),
                  (f"{q} queries: kronfluence s", result["kronfluence_seconds"].get(q)),
                  (f"{q} queries: speedup vs kronfluence", result["speedup_vs_kronfluence"].get(q)),
                  (f"{q} queries: top-k overlap vs kronfluence", result["topk_overlap_vs_kronfluence"].get(q))]

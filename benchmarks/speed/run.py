@@ -132,6 +132,7 @@ def _headline_versus_kronfluence(by_q: dict, default_key: str) -> dict:
         "ours_seconds": per_q(lambda p: p["ours"][default_key]["seconds"]),
         "kronfluence_seconds": per_q(lambda p: p.get("kronfluence", {}).get("seconds")),
         "speedup_vs_kronfluence": per_q(lambda p: p["ours"][default_key].get("speedup_vs_kronfluence")),
+        "fit_ceiling_passes": per_q(lambda p: p["ours"][default_key]["fit_ceiling_passes"]),
         "topk_overlap_vs_kronfluence": per_q(lambda p: p["ours"][default_key].get("topk_overlap_vs_kronfluence")),
     }
     if any("kronfluence_longest_first" in p for p in by_q.values()):

@@ -14,14 +14,8 @@ import torch
 
 from pipeline.core.text import batches_of
 from benchmarks.speed.config import BenchmarkConfig
-from benchmarks.speed.inputs import BenchInputs, Ceiling, encode_inputs, timed_median
+from benchmarks.speed.inputs import BenchInputs, ceiling_median, encode_inputs, timed_median
 from pipeline.core.influence import InfluenceEngine
-
-
-def _ceiling_median(cfg: BenchmarkConfig, model, batches: list, device: torch.device) -> tuple[float, list[float]]:
-    """The ceiling's median seconds per pass and its runs; its model copy is freed on return."""
-    ceiling = Ceiling(model, device)
-    return timed_median(lambda: ceiling.run(batches), cfg.warmup, cfg.repeats, device)
 
 
 def throughput(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.device) -> dict:
@@ -32,7 +26,7 @@ def throughput(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.device) 
     batches = [b.to(device) for b in batches_of(windows, cfg.batch_size, pad)]
     tokens = int(sum(int(b.attention_mask.sum()) for b in batches))
 
-    ceiling_s, ceiling_runs = _ceiling_median(cfg, inputs.model, batches, device)
+    ceiling_s, ceiling_runs = ceiling_median(inputs.model, batches, cfg.warmup, cfg.repeats, device)
     result = {"tokens_per_pass": tokens, "batches": len(batches), "batch_size": cfg.batch_size,
               "window": cfg.window, "queries": len(queries), "repeats": cfg.repeats, "warmup": cfg.warmup,
               "ceiling_tokens_per_s": tokens / ceiling_s, "ceiling_runs_s": ceiling_runs, "score": {}}

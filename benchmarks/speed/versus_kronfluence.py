@@ -10,6 +10,10 @@ would fit it on a larger corpus) and both score every window. With
 ``kronfluence_longest_first`` kronfluence runs again on the same windows
 batched longest first, as our workers batch them (a second speedup);
 ``kronfluence_corpus_order=false`` leaves out the corpus-order run.
+
+Ours' fit is also put in ceiling passes (``fit_ceiling_passes``): its
+stage seconds over one ``Ceiling`` pass on the windows it fits on
+(``fit_ceiling``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from benchmarks import metrics
 from benchmarks.baselines import kronfluence_available, kronfluence_pairwise
 from pipeline.core.text import batches_of, longest_first
 from benchmarks.speed.config import BenchmarkConfig
-from benchmarks.speed.inputs import BenchInputs, encode_inputs, write_corpus
+from benchmarks.speed.inputs import BenchInputs, ceiling_median, encode_inputs, write_corpus
+from pipeline import heap
 from pipeline.config import AttributeConfig
 from pipeline.context import prepare
 from pipeline.corpus import read_shard
@@ -140,6 +145,25 @@ def fitting_documents(cfg: BenchmarkConfig, inputs: BenchInputs, n_queries: int,
         shutil.rmtree(root, ignore_errors=True)
 
 
+def fit_ceiling(cfg: BenchmarkConfig, inputs: BenchInputs, fit_docs: set[str] | None, device: torch.device) -> dict:
+    """One ceiling pass over the windows ours fits on: the unit of ``fit_ceiling_passes``.
+
+    The windows of every document, or of the capped sample's (``fit_docs``),
+    batched longest first by ``batch_size`` over all of them (the workers
+    sort each shard's windows, which pads a little more: the ratio errs
+    high). Timed in this process with the benchmark's ``threads``, where the
+    pipeline fits in its workers: median of ``repeats`` after ``warmup``.
+    """
+    windows, _ = encode_inputs(inputs, cfg.window, int(cfg.query_counts[0]))
+    if fit_docs is not None:
+        windows = [w for w in windows if w.doc_id in fit_docs]
+    windows = [windows[i] for i in longest_first(windows)]
+    batches = [b.to(device) for b in batches_of(windows, cfg.batch_size, inputs.tokenizer.pad_token_id)]
+    seconds, runs = ceiling_median(inputs.model, batches, cfg.warmup, cfg.repeats, device)
+    return {"seconds": seconds, "runs_s": runs, "windows": len(windows), "batch_size": cfg.batch_size,
+            "tokens": int(sum(int(b.attention_mask.sum()) for b in batches))}
+
+
 def _tracked_layers(cfg: BenchmarkConfig, inputs: BenchInputs) -> list[str]:
     """Names of the layers ours tracks (found on a CPU copy), for kronfluence to track the same."""
     return list(InfluenceEngine(copy.deepcopy(inputs.model), cfg.influence(0), "cpu").layers)
@@ -171,6 +195,10 @@ def versus_kronfluence(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.
         started = time.perf_counter()
         _warm_up(cfg, inputs, device, work, kron_ok)
         out["warmup_s"] = time.perf_counter() - started
+    # The documents our pipeline fits on (None: all); kronfluence's fit gets the same. The in-process core fits on all.
+    sample = fitting_documents(cfg, inputs, int(cfg.query_counts[0]), work, device)
+    out["fit_ceiling"] = fit_ceiling(cfg, inputs, sample if cfg.ours == "pipeline" else None, device)
+    heap.release()  # the ceiling's model copy and gradients, before the workers start
     for n_queries in [int(q) for q in cfg.query_counts]:
         point: dict[str, Any] = {"ours": {}}
         for dim in dims:
@@ -181,12 +209,13 @@ def versus_kronfluence(cfg: BenchmarkConfig, inputs: BenchInputs, device: torch.
                             else ours_core(cfg, inputs, n_queries, dim, device))
             point["ours"][f"dim={dim}"] = {
                 "seconds": statistics.median(r["seconds"] for r in runs), "runs_s": [r["seconds"] for r in runs],
+                "fit_ceiling_passes": statistics.median(r["timings"]["fit_s"] for r in runs)
+                / out["fit_ceiling"]["seconds"],
                 "stage_timings": runs[-1]["timings"], "num_windows": runs[-1]["counts"].get("num_windows"),
                 "_topk": runs[-1]["topk"],
             }
         if kron_ok:
-            _kronfluence_point(cfg, inputs, n_queries, device, point, fitting_documents(cfg, inputs, n_queries, work,
-                                                                                       device))
+            _kronfluence_point(cfg, inputs, n_queries, device, point, sample)
         for ours in point["ours"].values():
             ours.pop("_topk")
         out["by_queries"][str(n_queries)] = point

@@ -190,6 +190,11 @@ def test_benchmark_job_smoke(tmp_path, demo_cache):
                 "merge_rows_per_s"):
         assert written[key] > 0, key
     assert written["ours_seconds"]["2"] > 0
+    # The core fits on every window; its fit in passes of a ceiling over them.
+    vk = written["versus_kronfluence"]
+    ours = vk["by_queries"]["2"]["ours"][f"dim={cfg.projection().dim}"]
+    assert vk["fit_ceiling"]["windows"] == ours["num_windows"]
+    assert written["fit_ceiling_passes"]["2"] == pytest.approx(ours["stage_timings"]["fit_s"] / vk["fit_ceiling"]["seconds"])
     # Not measured here: null with a reason, never a number.
     for key in ("kronfluence_seconds", "speedup_vs_kronfluence", "topk_overlap_vs_kronfluence"):
         assert written[key] == {"2": None}
@@ -243,12 +248,13 @@ def test_benchmark_without_query_counts_measures_throughput_only(tmp_path, demo_
 
 
 def test_kronfluence_fits_on_the_documents_our_capped_runs_fit_on(tmp_path, demo_cache):
-    """``max_documents``: kronfluence's fit gets the windows of the shards our job's validation samples."""
+    """``max_documents``: kronfluence's fit, and the ceiling our fit is put in passes of, get the windows of the
+    shards our job's validation samples."""
     import dataclasses
 
     from benchmarks.speed.config import to_config
-    from benchmarks.speed.inputs import prepare_inputs
-    from benchmarks.speed.versus_kronfluence import fitting_documents
+    from benchmarks.speed.inputs import encode_inputs, prepare_inputs
+    from benchmarks.speed.versus_kronfluence import fit_ceiling, fitting_documents
     from pipeline.corpus import hash_sample, list_corpus, make_shards
 
     cfg = to_config(compose("benchmark", TINY_BENCHMARK + [
@@ -263,6 +269,11 @@ def test_kronfluence_fits_on_the_documents_our_capped_runs_fit_on(tmp_path, demo
     chosen = hash_sample(shards, 0, 5)
     assert len(chosen) == 2  # the fewest shards (of 4 documents) holding 5
     assert docs == {inputs.docs[i][0] for s in chosen for i in range(s.row_start, s.row_end)}
+    windows, _ = encode_inputs(inputs, cfg.window, 2)
+    sampled = [w for w in windows if w.doc_id in docs]
+    ceiling = fit_ceiling(cfg, inputs, docs, cpu)
+    assert ceiling["windows"] == len(sampled) < len(windows) and ceiling["seconds"] > 0
+    assert ceiling["tokens"] == sum(len(w.input_ids) for w in sampled)
     for cap in (0, 12):  # no cap, and a cap that leaves nothing out: kronfluence fits on every window
         assert fitting_documents(dataclasses.replace(cfg, max_documents=cap), inputs, 2, str(work), cpu) is None
     assert not [p for p in work.iterdir() if p.name.startswith("sample-")]  # its scratch storage is removed

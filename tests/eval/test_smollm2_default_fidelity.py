@@ -20,11 +20,12 @@ tests/core/test_smollm2_reference.py) rank-8 queries kept 0.80-0.93 of the
 top 10 on 32 windows, against 0.96 with all 90 here (rank 32: 0.988 with
 float32 products and 1.000 with the defaults' bfloat16; the default is rank
 24 since the third check in docs/figures.md was timed). Two fits (the
-float64 eigendecompositions of 90 layers are much of it), with torch's
-default threads: 500 s with one thread on an AVX2-only 2-core VM, the
-slowest test in CI, so it uses both cores; where the two fits' first passes
-are the same computation (no AMX: both multiply in float32) it is run once
-(about 40 s of the test's 400 s alone on that VM). The model comes from the
+float64 eigendecompositions of 90 layers are much of it): the slowest test
+in CI, 286 s alone with torch's two threads on an AVX2-only 2-core VM and
+460 s with one thread in CI's two processes (tests/conftest.py gives each
+process its share of the cores). Where the two fits' first passes are the
+same computation (no AMX: both multiply in float32) it is run once (about
+40 s of the test on that VM). The model comes from the
 project's shared cache (``build_smollm2``: a 93 MB wheel the first time,
 then reused).
 """

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.ekfac import per_sequence_gradients
-from pipeline.core.forward import position_ids, sequence_losses
+from pipeline.core.forward import draw_tokens, position_ids, sequence_losses
 from pipeline.core.influence import InfluenceEngine
 from pipeline.core.queries import QueryGradients
 from pipeline.core.text import IGNORE, Batch, TokenWindow, collate
@@ -261,9 +261,9 @@ def kronfluence_pairwise(
                            position_ids=position_ids(batch["attention_mask"])).logits[:, :-1]
             labels = batch["labels"][:, 1:]
             if sample:
-                with torch.no_grad():
+                with torch.no_grad():  # our sampler on both sides: the comparison is of the engines
                     probs = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1])
-                    drawn = torch.multinomial(probs, 1, generator=generator).view_as(labels)
+                    drawn = draw_tokens(probs, generator).view_as(labels)
                 labels = torch.where(labels == IGNORE, labels, drawn)
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=IGNORE, reduction="sum")

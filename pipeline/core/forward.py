@@ -33,6 +33,46 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+# Vocabulary entries per block in `draw_tokens`: a block is drawn by its mass, then a token inside it.
+DRAW_BLOCK = 1024
+
+
+def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token drawn from each row of ``probs`` ``(rows, vocabulary)``: ``(rows, 1)`` indices.
+
+    The same law as ``torch.multinomial(probs, 1)`` (rows need not sum to one),
+    drawn in two steps: a block of ``DRAW_BLOCK`` entries by the blocks' masses,
+    then an entry inside the drawn block, each by inverting a float64
+    cumulative sum. Only the block masses read the whole row, so at a 49k
+    vocabulary this is 80x faster than ``torch.multinomial`` on CPU (measured:
+    16 ms against 1.3 s for 1,016 rows, one thread), where the multinomial was
+    8% of the true-Fisher fit. A zero-probability entry is never drawn.
+    """
+    rows, vocab = probs.shape
+    block = min(DRAW_BLOCK, vocab)
+    full = vocab - vocab % block
+    masses = [probs[:, :full].reshape(rows, -1, block).sum(-1)]  # a view of the rows: no copy
+    if full < vocab:
+        masses.append(probs[:, full:].sum(-1, keepdim=True))
+    mass = torch.cat(masses, 1).double()
+    cdf = mass.cumsum(-1)
+    u = torch.rand(rows, 1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    # The first block whose cumulative mass passes u, kept among blocks with mass (rounding at the top).
+    b = torch.searchsorted(cdf, u, right=True)
+    b = torch.minimum(b, _last_positive(mass))
+    cols = b * block + torch.arange(block, device=probs.device)
+    inner = probs.gather(1, cols.clamp(max=vocab - 1)).masked_fill_(cols >= vocab, 0)
+    j = torch.searchsorted(inner.double().cumsum(-1), u - (cdf.gather(1, b) - mass.gather(1, b)), right=True)
+    # Rounding can put u just outside the block's entries: keep the draw on entries with probability.
+    first = (inner > 0).int().argmax(-1, keepdim=True)
+    return b * block + torch.minimum(torch.maximum(j, first), _last_positive(inner))
+
+
+def _last_positive(x: torch.Tensor) -> torch.Tensor:
+    """Per row of ``x``, the index of its last positive entry, ``(rows, 1)``."""
+    return x.shape[-1] - 1 - (x.flip(-1) > 0).int().argmax(-1, keepdim=True)
+
+
 def sequence_losses(
     model: torch.nn.Module,
     batch: Batch,
@@ -66,7 +106,7 @@ def sequence_losses(
     log_probs = torch.log_softmax(logits, dim=-1)
     with torch.no_grad():
         probs = log_probs.detach().float().exp().reshape(-1, logits.shape[-1])
-        sampled = torch.multinomial(probs, 1, generator=generator).view_as(targets)
+        sampled = draw_tokens(probs, generator).view_as(targets)
     labelled = targets != IGNORE
     nll = -log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
     return torch.where(labelled, nll, 0).sum(dim=1)

@@ -72,11 +72,6 @@ class Shard:
     byte_row: int = 0
 
     @property
-    def seed(self) -> int:
-        """A stable 31-bit number of the shard (seeds its sampled Fisher labels), from its id alone."""
-        return int(hashlib.sha256(self.shard_id.encode()).hexdigest()[:8], 16) >> 1
-
-    @property
     def num_docs(self) -> int:
         return self.row_end - self.row_start
 

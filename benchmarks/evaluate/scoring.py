@@ -85,9 +85,8 @@ class SharedCaptureScorer:
         curvature = self._curvature()
         cov = CovarianceSums.zeros(self.full.space_dims(False), self.device)
         cov_p = {n: CovarianceSums.zeros(e.space_dims(True), self.device) for n, e in curvature.items()}
-        gen = torch.Generator(device=self.device).manual_seed(self.base.seed)
         for batch in batches:
-            captured, _ = self.full.capture_batch(batch, False, label_mode, gen)
+            captured, _ = self.full.capture_batch(batch, False, label_mode, self.base.seed)
             mask = batch.attention_mask.to(self.device)
             cov.update(captured, mask)
             for n, e in curvature.items():
@@ -99,9 +98,8 @@ class SharedCaptureScorer:
         self.full_bases = bases
         lam = LambdaSums.zeros(self.full.space_dims(False), self.device)
         lam_p = {n: LambdaSums.zeros(e.space_dims(True), self.device) for n, e in curvature.items()}
-        gen = torch.Generator(device=self.device).manual_seed(self.base.seed + 1)
-        for batch in batches:
-            captured, _ = self.full.capture_batch(batch, False, label_mode, gen)
+        for batch in batches:  # the engines' second-pass labels (`InfluenceEngine.lambda_sums`)
+            captured, _ = self.full.capture_batch(batch, False, label_mode, self.base.seed + 1)
             count = batch.input_ids.shape[0]
             lam.update(captured, bases, count)
             for n, e in curvature.items():

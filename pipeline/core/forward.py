@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,16 +38,18 @@ def autocast_context(device: torch.device, precision: str):
 DRAW_BLOCK = 1024
 
 
-def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token drawn from each row of ``probs`` ``(rows, vocabulary)``: ``(rows, 1)`` indices.
+def draw_tokens(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token drawn from each row of ``probs`` ``(rows, vocabulary)`` by the uniforms ``u``: ``(rows, 1)``.
 
-    The same law as ``torch.multinomial(probs, 1)`` (rows need not sum to one),
-    drawn in two steps: a block of ``DRAW_BLOCK`` entries by the blocks' masses,
-    then an entry inside the drawn block, each by inverting a float64
-    cumulative sum. Only the block masses read the whole row, so at a 49k
-    vocabulary this is 80x faster than ``torch.multinomial`` on CPU (measured:
-    16 ms against 1.3 s for 1,016 rows, one thread), where the multinomial was
-    8% of the true-Fisher fit. A zero-probability entry is never drawn.
+    ``u``: ``(rows, 1)`` float64 draws from ``[0, 1)`` (`label_uniforms`), one
+    per row. The law of ``torch.multinomial(probs, 1)`` (rows need not sum to
+    one), by inverting the cumulative sum in two steps: a block of
+    ``DRAW_BLOCK`` entries by the blocks' float64 cumulative masses, then an
+    entry inside the drawn block. Only the block masses read the whole row, so
+    at a 49k vocabulary this is 80x faster than ``torch.multinomial`` on CPU
+    (measured: 16 ms against 1.3 s for 1,016 rows, one thread), where the
+    multinomial was 8% of the true-Fisher fit. A zero-probability entry is
+    never drawn.
     """
     rows, vocab = probs.shape
     block = min(DRAW_BLOCK, vocab)
@@ -56,7 +59,7 @@ def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -
         masses.append(probs[:, full:].sum(-1, keepdim=True))
     mass = torch.cat(masses, 1).double()
     cdf = mass.cumsum(-1)
-    u = torch.rand(rows, 1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    u = u.to(device=probs.device, dtype=torch.float64).reshape(rows, 1) * cdf[:, -1:]
     # The first block whose cumulative mass passes u, kept among blocks with mass (rounding at the top).
     b = torch.searchsorted(cdf, u, right=True)
     b = torch.minimum(b, _last_positive(mass))
@@ -68,6 +71,24 @@ def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -
     return b * block + torch.minimum(torch.maximum(j, first), _last_positive(inner))
 
 
+def label_uniforms(batch: Batch, seed: int) -> torch.Tensor:
+    """The uniforms that draw a batch's sampled labels: ``(batch, tokens)`` float64 on the batch's device.
+
+    Row ``i``'s real tokens take, in order, draws from a generator seeded by
+    ``(seed, key)`` (``batch.keys[i]``, the window's `window_key`; ``i`` when
+    the batch has no keys); padded positions get 0. So a window's labels depend
+    on the seed and the window alone: not on the batch size, the padding side,
+    the other windows of its batch, or the device.
+    """
+    mask = batch.attention_mask.detach().cpu().bool()
+    keys = batch.keys.tolist() if batch.keys is not None else range(mask.shape[0])
+    u = torch.zeros(mask.shape, dtype=torch.float64)
+    for i, key in enumerate(keys):
+        real = mask[i]
+        u[i, real] = torch.from_numpy(np.random.default_rng([seed % 2**64, key]).random(int(real.sum())))
+    return u.to(batch.input_ids.device)
+
+
 def _last_positive(x: torch.Tensor) -> torch.Tensor:
     """Per row of ``x``, the index of its last positive entry, ``(rows, 1)``."""
     return x.shape[-1] - 1 - (x.flip(-1) > 0).int().argmax(-1, keepdim=True)
@@ -77,13 +98,14 @@ def sequence_losses(
     model: torch.nn.Module,
     batch: Batch,
     label_mode: str = "data",
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     precision: str = "float32",
 ) -> torch.Tensor:
     """Summed NLL per sequence, ``(batch,)``; differentiable.
 
     ``label_mode="sampled"`` replaces every labelled target by a draw from the
-    model's predictive distribution at that position (true Fisher).
+    model's predictive distribution at that position (true Fisher), drawn by
+    `label_uniforms` for ``seed``: the same labels for a window whatever its batch.
     """
     if label_mode not in LABEL_MODES:
         raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
@@ -106,7 +128,7 @@ def sequence_losses(
     log_probs = torch.log_softmax(logits, dim=-1)
     with torch.no_grad():
         probs = log_probs.detach().float().exp().reshape(-1, logits.shape[-1])
-        sampled = draw_tokens(probs, generator).view_as(targets)
+        sampled = draw_tokens(probs, label_uniforms(batch, seed)[:, 1:].reshape(-1, 1)).view_as(targets)
     labelled = targets != IGNORE
     nll = -log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
     return torch.where(labelled, nll, 0).sum(dim=1)

@@ -224,13 +224,16 @@ class InfluenceEngine:
         return LayerCapture(self.model, self.layers, dtype=self.dtype)
 
     def capture_batch(
-        self, batch: Batch, projected: bool, label_mode: str = "data", generator: torch.Generator | None = None
+        self, batch: Batch, projected: bool, label_mode: str = "data", seed: int = 0
     ) -> tuple[dict[str, Captured], torch.Tensor]:
-        """One forward and backward: per-layer captured vectors and per-sequence losses."""
+        """One forward and backward: per-layer captured vectors and per-sequence losses.
+
+        ``seed``: of the sampled labels (``label_mode="sampled"``; see `sequence_losses`).
+        """
         batch = batch.to(self.device)
         capture = self._capture(projected)
         with capture.recording(batch.attention_mask):
-            losses = sequence_losses(self.model, batch, label_mode, generator, self.config.precision)
+            losses = sequence_losses(self.model, batch, label_mode, seed, self.config.precision)
         captured = capture.backward(losses.sum())
         if self._capture_observer is not None:
             self._capture_observer(captured)
@@ -238,41 +241,41 @@ class InfluenceEngine:
 
     # ---- fitting -------------------------------------------------------------------------
 
-    def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     @property
     def _label_mode(self) -> str:
         return "data" if self.config.empirical_fisher else "sampled"
 
     def covariance_sums(
-        self, batches: Iterable[Batch], seed: int | None = None, into: CovarianceSums | None = None
+        self, batches: Iterable[Batch], into: CovarianceSums | None = None
     ) -> CovarianceSums:
-        """First pass: ``A`` and ``S`` sums over the batches (one shard's partial result).
+        """First pass: ``A`` and ``S`` sums over the batches (one fit unit's partial result).
 
-        ``into``: sums to add to, in place (a fit unit's earlier shards), instead of fresh zeros.
+        ``into``: sums to add to, in place (a fit unit's earlier batches), instead of fresh zeros.
+        Sampled labels are drawn per window for ``config.seed`` (`label_uniforms`), so the sums
+        do not depend on how the windows are batched or split into units.
         """
         projected = self.config.factor_space == "projected"
         sums = into if into is not None else CovarianceSums.zeros(self.space_dims(projected), self.device, self.dtype)
-        gen = self._generator(self.config.seed if seed is None else seed)
         for batch in batches:
-            captured, _ = self.capture_batch(batch, projected, self._label_mode, gen)
+            captured, _ = self.capture_batch(batch, projected, self._label_mode, self.config.seed)
             sums.update(captured, batch.attention_mask.to(self.device), self.fit_products)
         return sums
 
     def lambda_sums(
-        self, batches: Iterable[Batch], bases: Eigenbases, seed: int | None = None, into: LambdaSums | None = None
+        self, batches: Iterable[Batch], bases: Eigenbases, into: LambdaSums | None = None
     ) -> LambdaSums:
-        """Second pass: eigenvalue-correction sums in the fitted eigenbases (``into``: as ``covariance_sums``)."""
+        """Second pass: eigenvalue-correction sums in the fitted eigenbases (``into``: as ``covariance_sums``).
+
+        Its sampled labels are fresh draws (seed ``config.seed + 1``), as in the paper's second pass.
+        """
         projected = self.config.factor_space == "projected"
         sums = into if into is not None else LambdaSums.zeros(self.space_dims(projected), self.device, self.dtype)
-        gen = self._generator((self.config.seed if seed is None else seed) + 1)
         # The bases in the dtype the rotation multiplies in, once (not per batch in LambdaSums.update).
         dtype = self.fit_products or self.dtype
         bases = Eigenbases({n: q.to(self.device, dtype) for n, q in bases.q_a.items()}, bases.l_a,
                            {n: q.to(self.device, dtype) for n, q in bases.q_s.items()}, bases.l_s, bases.num_tokens)
         for batch in batches:
-            captured, _ = self.capture_batch(batch, projected, self._label_mode, gen)
+            captured, _ = self.capture_batch(batch, projected, self._label_mode, self.config.seed + 1)
             sums.update(captured, bases, batch.input_ids.shape[0], products=self.fit_products)
         return sums
 

@@ -8,6 +8,7 @@ A query is ``prompt + completion``; only completion tokens carry labels.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -160,20 +161,40 @@ def encode_query(
     return TokenWindow(query_id, 0, ids, labels)
 
 
+def window_key(doc_id: str, window: int) -> int:
+    """A stable 63-bit key of a document's window: it seeds the window's sampled labels (true Fisher).
+
+    From the ids alone, so a window draws the same labels whatever batch, shard
+    or fit unit it lands in, and in any batch order.
+    """
+    digest = hashlib.blake2b(f"{doc_id}\0{window}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 @dataclass
 class Batch:
-    """Padded tensors for a list of sequences. All are ``(batch, tokens)``."""
+    """Padded tensors for a list of sequences. All are ``(batch, tokens)``.
+
+    ``keys``: each row's `window_key` (``(batch,)`` int64, on the CPU), set by
+    `collate`; ``None`` for batches built by hand, whose rows are keyed by
+    their position in the batch.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    keys: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.keys)
 
 
 def collate(sequences: list[TokenWindow], pad_id: int, padding_side: str = "right") -> Batch:
-    """Pad to the longest sequence; padded positions have mask 0 and label ``IGNORE``."""
+    """Pad to the longest sequence; padded positions have mask 0 and label ``IGNORE``.
+
+    A window's first token is never a target: with right padding the loss's shift drops it, with left
+    padding its label is set to ``IGNORE`` (a pad position would predict it).
+    """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     length = max(len(s.input_ids) for s in sequences)
@@ -186,7 +207,10 @@ def collate(sequences: list[TokenWindow], pad_id: int, padding_side: str = "righ
         ids[i, sl] = torch.tensor(seq.input_ids)
         mask[i, sl] = 1
         labels[i, sl] = torch.tensor(seq.labels)
-    return Batch(ids, mask, labels)
+        if padding_side == "left" and n < length:
+            labels[i, length - n] = IGNORE  # a window's first token is no target (right padding drops it by the shift)
+    keys = torch.tensor([window_key(seq.doc_id, seq.window) for seq in sequences], dtype=torch.int64)
+    return Batch(ids, mask, labels, keys)
 
 
 def longest_first(sequences: list[TokenWindow], indices: Iterable[int] | None = None) -> list[int]:

@@ -91,27 +91,33 @@ def test_fitting_in_shards_then_summing_equals_fitting_in_one_go():
         torch.testing.assert_close(split.lambdas[name], one_go.lambdas[name], rtol=1e-9, atol=1e-14)
 
 
-def test_shards_summed_into_one_accumulator_equal_their_sums_added():
-    """A fit unit of several shards (``into``), each with its own seed for the sampled labels, gives the
-    sums of one unit per shard added on the driver."""
+def test_sampled_fisher_sums_do_not_depend_on_batching_or_units():
+    """True-Fisher labels are drawn per window (`label_uniforms`), so the same windows give the same
+    sums batched in any size and order, split into units added on the driver or summed ``into`` one."""
     train = random_sequences(12, seed=3)
     engine = InfluenceEngine(tiny_model("neox"), InfluenceConfig(precision="float64", seed=7))  # sampled Fisher
-    shards = [batches_of(train[:5], 2, TINY_PAD), batches_of(train[5:], 3, TINY_PAD)]
-    separate = engine.covariance_sums(shards[0], seed=11) + engine.covariance_sums(shards[1], seed=12)
-    first = engine.covariance_sums(shards[0], seed=11)
-    unit = engine.covariance_sums(shards[1], seed=12, into=first)
-    assert unit is first and unit.num_tokens == separate.num_tokens
-    assert not torch.equal(unit.s_sum[next(iter(engine.layers))],  # the seeds matter: other labels, other sums
-                           engine.covariance_sums(shards[0], seed=12).s_sum[next(iter(engine.layers))]
-                           + engine.covariance_sums(shards[1], seed=12).s_sum[next(iter(engine.layers))])
-    bases = eigendecompose(separate)
-    lam_separate = engine.lambda_sums(shards[0], bases, seed=11) + engine.lambda_sums(shards[1], bases, seed=12)
-    lam_unit = engine.lambda_sums(shards[1], bases, seed=12, into=engine.lambda_sums(shards[0], bases, seed=11))
-    assert lam_unit.num_sequences == lam_separate.num_sequences == 12
+    one_go = engine.covariance_sums(batches_of(train, 4, TINY_PAD))
+    shuffled = [train[i] for i in (5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6)]
+    units = [batches_of(shuffled[:5], 2, TINY_PAD), batches_of(shuffled[5:], 3, TINY_PAD)]
+    separate = engine.covariance_sums(units[0]) + engine.covariance_sums(units[1])
+    first = engine.covariance_sums(units[0])
+    into = engine.covariance_sums(units[1], into=first)
+    assert into is first and into.num_tokens == separate.num_tokens == one_go.num_tokens
+    other_seed = InfluenceEngine(tiny_model("neox"), InfluenceConfig(precision="float64", seed=8))
+    name = next(iter(engine.layers))
+    assert not torch.allclose(other_seed.covariance_sums(batches_of(train, 4, TINY_PAD)).s_sum[name],
+                              one_go.s_sum[name])  # the seed matters: other labels, other sums
+    bases = eigendecompose(one_go)
+    lam_one_go = engine.lambda_sums(batches_of(train, 4, TINY_PAD), bases)
+    lam_separate = engine.lambda_sums(units[0], bases) + engine.lambda_sums(units[1], bases)
+    lam_into = engine.lambda_sums(units[1], bases, into=engine.lambda_sums(units[0], bases))
+    assert lam_into.num_sequences == lam_separate.num_sequences == 12
     for name in engine.layers:
-        torch.testing.assert_close(unit.a_sum[name], separate.a_sum[name], rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(unit.s_sum[name], separate.s_sum[name], rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(lam_unit.sums[name], lam_separate.sums[name], rtol=1e-12, atol=1e-14)
+        for sums in (separate, into):
+            torch.testing.assert_close(sums.a_sum[name], one_go.a_sum[name], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(sums.s_sum[name], one_go.s_sum[name], rtol=1e-12, atol=1e-14)
+        for lam in (lam_separate, lam_into):
+            torch.testing.assert_close(lam.sums[name], lam_one_go.sums[name], rtol=1e-12, atol=1e-14)
 
 
 def test_sampled_fisher_is_seeded_and_differs_from_empirical():

@@ -424,7 +424,7 @@ def test_a_shards_sums_accumulate_in_the_engines_dtype():
     cov32 = plain.covariance_sums(train)
     cov64 = CovarianceSums.zeros(plain.space_dims(False), dtype=torch.float64)
     for batch in train:  # the same float32 products, accumulated in float64
-        captured, _ = plain.capture_batch(batch, False, "data", None)
+        captured, _ = plain.capture_batch(batch, False, "data")
         cov64.update(captured, batch.attention_mask)
     bases = eigendecompose(cov64)
     lam32 = plain.lambda_sums(train, bases)

@@ -20,6 +20,7 @@ names stay the same).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -311,7 +312,8 @@ def test_sampled_fisher_rank_agreement(family, data, tmp_path, request):
     """
     model = request.getfixturevalue(family)
     train, queries = data
-    fit = train * SAMPLED_FIT_REPEATS
+    # Each repeat under its own ids: our labels are drawn per window id (`window_key`), so new ids, new draws.
+    fit = [dataclasses.replace(w, doc_id=f"{w.doc_id}/{r}") for r in range(SAMPLED_FIT_REPEATS) for w in train]
     damping = [SAMPLED_DAMPING]
     (ours,), names = our_scores(model, fit, train, queries, damping, empirical_fisher=False)
     (ref,) = kronfluence_scores(model, names, fit, train, queries, damping, tmp_path, empirical_fisher=False)

@@ -93,9 +93,9 @@ def test_fit_sample_check_scores_every_fit_in_one_pass_as_each_alone():
     queries = batches_of(random_queries(3), 4, TINY_PAD)
     engine = InfluenceEngine(model, InfluenceConfig(modules=AttributeConfig().model.modules, damping=1e-3,
                                                     empirical_fisher=True, query_rank=2))
-    bases = eigendecompose(engine.covariance_sums(batches, seed=0))
+    bases = eigendecompose(engine.covariance_sums(batches))
     fits = {share: EKFACFactors.from_parts(engine.factors_meta(), bases,
-                                           engine.lambda_sums(every(batches, share), bases, seed=0))
+                                           engine.lambda_sums(every(batches, share), bases))
             for share in (1.0, 0.5)}
     ids = ["q0", "q1", "q2"]
     together = scores_with(engine, fits, batches, queries, ids)

@@ -57,3 +57,30 @@ def test_unit_names_are_the_shard_id_alone_or_a_digest_of_the_ids_in_order():
     key = unit_key([a, b])
     assert key.startswith("u-") and len(key) == 22 and key == unit_key([a, b])
     assert len({key, unit_key([b, a]), unit_key([a, c]), unit_key([a, b, c])}) == 4
+
+
+def test_a_unit_pools_whole_shards_and_batches_each_pool_longest_first(monkeypatch):
+    """`ShardWorker._fit_batches`: whole shards pooled until ``FIT_SORT_WINDOWS`` windows (the last pool
+    takes what is left), each pool batched longest first; every window once; skipped documents per pool."""
+    from types import SimpleNamespace
+
+    from pipeline import worker
+    from pipeline.core.text import TokenWindow, batches_of
+
+    monkeypatch.setattr(worker, "FIT_SORT_WINDOWS", 4)
+    given = shards([3, 2, 4, 1])
+    lengths = {s.shard_id: [(5 * s.index + 3 * i) % 7 + 2 for i in range(s.num_docs)] for s in given}
+    windows = {s.shard_id: [TokenWindow(f"{s.index}-{i}", 0, (1,) * n, (1,) * n)
+                            for i, n in enumerate(lengths[s.shard_id])] for s in given}
+    fake = SimpleNamespace(
+        _windows=lambda s: (windows[s.shard_id], [f"skipped-{s.index}"] * s.index),
+        _batches=lambda seqs, size: batches_of(seqs, size, 0),
+        spec=SimpleNamespace(fit_batch_size=2),
+    )
+    pools = list(worker.ShardWorker._fit_batches(fake, given))
+    assert [skipped for _, skipped in pools] == [0 + 1, 2, 3]  # shards 0-1 (5 windows), 2 (4), 3 (the rest)
+    for (batches, _), members in zip(pools, ([0, 1], [2], [3])):
+        real = [int(n) for b in batches for n in b.attention_mask.sum(1)]
+        assert real == sorted((n for i in members for n in lengths[given[i].shard_id]), reverse=True)
+        keys = sorted(k for b in batches for k in b.keys.tolist())
+        assert len(keys) == len(set(keys)) == sum(given[i].num_docs for i in members)

@@ -91,3 +91,13 @@ def test_labels_drawn_per_window_whatever_the_batch():
     reversed_ = sequence_losses(model, collate(seqs[::-1], TINY_PAD, "left"), "sampled", seed=3)
     torch.testing.assert_close(reversed_.flip(0), together, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(sequence_losses(model, collate(seqs, TINY_PAD), "sampled", seed=4), together)
+
+
+def test_labels_drawn_in_row_chunks_are_the_same(monkeypatch):
+    """`sequence_losses` draws ``DRAW_ROWS`` positions at a time: the chunking changes no label."""
+    seqs = random_sequences(6, seed=5)
+    model = tiny_model("gpt2")
+    whole = sequence_losses(model, collate(seqs, TINY_PAD), "sampled", seed=1)
+    monkeypatch.setattr(forward, "DRAW_ROWS", 5)
+    torch.testing.assert_close(sequence_losses(model, collate(seqs, TINY_PAD), "sampled", seed=1), whole,
+                               rtol=1e-6, atol=1e-6)

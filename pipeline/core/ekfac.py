@@ -180,7 +180,8 @@ def eigendecompose(sums: CovarianceSums, dtype: torch.dtype = torch.float64) -> 
     each single-threaded, largest first (`_in_parallel`): LAPACK's
     multithreading gains little on matrices this size (measured on the 2-core
     AVX2 VM, float32: 16 matrices of 192-1536 in 1.31 s against 1.74 s one
-    after another; 420 of SmolLM2's shapes in 26.8-29.3 s against 33.5-35.6 s).
+    after another; 420 of the shapes of SmolLM2's linear layers in 26.8-29.3 s
+    against 33.5-35.6 s).
     """
     if sums.num_tokens <= 0:
         raise ValueError("cannot fit EK-FAC factors on zero tokens; the fitting sample is empty")

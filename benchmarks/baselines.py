@@ -263,7 +263,8 @@ def kronfluence_pairwise(
             if sample:
                 with torch.no_grad():  # our sampler on both sides: the comparison is of the engines
                     probs = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1])
-                    drawn = draw_tokens(probs, generator).view_as(labels)
+                    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+                    drawn = draw_tokens(probs, u).view_as(labels)
                 labels = torch.where(labels == IGNORE, labels, drawn)
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=IGNORE, reduction="sum")

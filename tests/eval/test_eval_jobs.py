@@ -297,6 +297,23 @@ def test_kronfluence_fit_on_a_subset_scores_every_window():
     assert not torch.allclose(capped, full, rtol=1e-3)  # other factors than the fit on every window
 
 
+def test_kronfluence_baseline_with_sampled_labels_is_seeded():
+    """The baseline's true-Fisher task (labels drawn by our `draw_tokens`) runs, and its seed matters."""
+    pytest.importorskip("kronfluence")
+    from benchmarks.baselines import kronfluence_pairwise
+    from tests.helpers import TINY_PAD
+
+    model = tiny_model("llama")
+    train, queries = random_sequences(6), random_queries(2)
+    kw = dict(damping=1e-3, empirical_fisher=False, train_batch_size=2, query_batch_size=2)
+    a, _ = kronfluence_pairwise(model, ["model.layers.0.mlp.up_proj"], train, queries, TINY_PAD, seed=1, **kw)
+    b, _ = kronfluence_pairwise(model, ["model.layers.0.mlp.up_proj"], train, queries, TINY_PAD, seed=1, **kw)
+    c, _ = kronfluence_pairwise(model, ["model.layers.0.mlp.up_proj"], train, queries, TINY_PAD, seed=2, **kw)
+    assert a.shape == (2, 6) and bool(torch.isfinite(a).all())
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
 @pytest.mark.integration
 def test_evaluate_all_sections_with_kronfluence(tmp_path, demo_cache):
     pytest.importorskip("kronfluence")

@@ -229,7 +229,11 @@ def call_within(worker, method: str, *args, stall_timeout_s: float = ClusterConf
 
 
 def _unit_name(method: str, args: tuple) -> str:
+    """``method(shard id)``, else ``method(the last part of its output URL)``, for logs of units in flight."""
     shard = getattr(args[0], "shard_id", None) if args else None
+    if shard is None:
+        out = next((a for a in args if isinstance(a, str) and "/" in a), None)
+        shard = out.rstrip("/").rsplit("/", 1)[-1] if out else None
     return f"{method}({shard})" if shard else method
 
 

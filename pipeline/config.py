@@ -125,7 +125,8 @@ class FactorsConfig:
     # their ids until the corpus grows past the cap.
     max_documents: int = 100_000
     batch_size: int = 8
-    # A fit unit -- one task, and one file of partial sums the driver reads and adds: A/S 0.97 GB, Lambda
+    # A fit unit -- one task, and one set of partial sums others read and add (the A/S sums, one file per layer
+    # group, by the workers eigendecomposing the groups; the Lambda sums by the driver): A/S 0.97 GB, Lambda
     # 0.32 GB for SmolLM2-135M's 90 MLP layers in float32 -- covers consecutive fitting shards holding about this
     # many documents, but the shards are split into no fewer units than there are workers (nor more than there
     # are shards). 0: one unit per shard, as before 2026-12-06: at the default cap, 782 shards of 128
@@ -155,7 +156,7 @@ class FactorsConfig:
     # SmolLM2-135M bfloat16 cut the two capture passes from 2.93 to 2.33 ceiling passes and kept the float32
     # fit's top 10 (overlap 1.000; 0.975 with exact EK-FAC either way) (docs/figures.md, "Products in bfloat16").
     product_dtype: str = "bfloat16"
-    # float32 or float64: the dtype the driver eigendecomposes A and S in (their sums are added in float64
+    # float32 or float64: the dtype the workers eigendecompose A and S in (their sums are added in float64
     # either way; float64 whenever model.precision=float64). Lambda is fitted in whatever orthonormal basis it
     # is given, so float32's rounding only moves the basis slightly off the eigenvectors. On SmolLM2-135M (90
     # MLP layers) float32 took 15.0 s against 31.3 s, kept 0.994 of the float64 bases' top 10, and the default

@@ -561,7 +561,7 @@ def fit_units(shards: list[Shard], num_workers: int, docs_per_unit: int) -> list
     As many units as it takes for about ``docs_per_unit`` documents each, but no fewer than
     ``num_workers`` (every worker busy) and no more than there are shards; ``docs_per_unit`` 0:
     one unit per shard. Each unit is one task and one partial file of sums, so the units, not
-    the shards, set how many such files the fit writes and the driver adds up.
+    the shards, set how many such files the fit writes and the workers and driver add up.
     """
     if docs_per_unit < 0:
         raise ConfigError(f"factors.docs_per_unit must be >= 0 (0 = one unit per shard), got {docs_per_unit}")

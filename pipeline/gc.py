@@ -154,8 +154,8 @@ def plan_gc(storage, keep_last: int, keep_days: float, now: dt.datetime | None =
         if fid not in factors:
             folders.append(layout.factors_dir(root, fid))
         else:
-            folders.append(layout.url(layout.factors_dir(root, fid), "partials"))
-            files.append(layout.eigenbases(root, fid))
+            folders += [layout.url(layout.factors_dir(root, fid), "partials"), layout.eigenbases(root, fid)]
+            files.append(layout.legacy_eigenbases(root, fid))
     for sid in _names(storage, "factor_pins"):
         pin_url = layout.url(root, "factor_pins", sid)
         if storage.read_json(pin_url).get("factors_id") not in factors:

@@ -116,12 +116,18 @@ def factors_file(root: str, factors_id: str) -> str:
 
 
 def covariance_partial(root: str, factors_id: str, shard_id: str) -> str:
-    """One fit unit's A/S sums: ``{root}/factors/{factors_id}/partials/cov-{shard_id}.safetensors``.
+    """One fit unit's A/S sums, a folder of one file per layer group (`group_file`):
+    ``{root}/factors/{factors_id}/partials/cov-{shard_id}``.
 
     ``shard_id``: the unit's name (`pipeline.corpus.unit_key`), its shard's id when it holds one.
     """
     shard = validate_name(shard_id, "shard id")
-    return url(factors_dir(root, factors_id), "partials", f"cov-{shard}.safetensors")
+    return url(factors_dir(root, factors_id), "partials", f"cov-{shard}")
+
+
+def group_file(index: int, count: int) -> str:
+    """The name of layer group ``index`` of ``count`` in a folder of groups: ``{index:03d}-of-{count:03d}.safetensors``."""
+    return f"{index:03d}-of-{count:03d}.safetensors"
 
 
 def lambda_partial(root: str, factors_id: str, shard_id: str) -> str:
@@ -131,7 +137,18 @@ def lambda_partial(root: str, factors_id: str, shard_id: str) -> str:
 
 
 def eigenbases(root: str, factors_id: str) -> str:
-    """The eigenbases the Lambda pass rotates into: ``{root}/factors/{factors_id}/eigenbases.safetensors``."""
+    """The eigenbases the Lambda pass rotates into, one file per layer group (`eigenbases_group`):
+    ``{root}/factors/{factors_id}/eigenbases``."""
+    return url(factors_dir(root, factors_id), "eigenbases")
+
+
+def eigenbases_group(root: str, factors_id: str, index: int, count: int) -> str:
+    """One layer group's eigenbases: ``{root}/factors/{factors_id}/eigenbases/{index:03d}-of-{count:03d}.safetensors``."""
+    return url(eigenbases(root, factors_id), group_file(index, count))
+
+
+def legacy_eigenbases(root: str, factors_id: str) -> str:
+    """Where fits before 2026-12-07 (eigendecomposed on the driver) wrote all eigenbases in one file."""
     return url(factors_dir(root, factors_id), "eigenbases.safetensors")
 
 

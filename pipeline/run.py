@@ -30,8 +30,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
-import torch
-
 from pipeline import catalog, layout
 from pipeline.commit import (
     already_committed,
@@ -43,11 +41,10 @@ from pipeline.commit import (
 from pipeline import heap
 from pipeline.config import STAGES, AttributeConfig, ConfigError
 from pipeline.context import RunContext, check_before_workers, lambda_subset, prepare, worker_spec
-from pipeline.core.ekfac import (
-    CovarianceSums, EKFACFactors, FactorsMeta, LambdaSums, eigendecompose, partial_sums_dtype,
-)
+from pipeline.core.ekfac import EKFACFactors, Eigenbases, FactorsMeta, LambdaSums, layer_groups, partial_sums_dtype
 from pipeline.core.tracking import LayerSpec
 from pipeline.corpus import corpus_files_json, fit_units, unit_key
+from pipeline.errors import CorruptUnitError
 from pipeline.identity import digest
 from pipeline.merge import merge_run, refuse_unmergeable
 from pipeline.pinning import REUSED, FactorsPlan, plan_factors, write_pin
@@ -81,35 +78,31 @@ def _fit(ctx: RunContext) -> str:
     stall, widest = ctx.cfg.cluster.stall_timeout_s, max((len(u) for u in units), default=1)
     log.info("fit: %d fitting shards in %d units (factors.docs_per_unit=%d, %d workers); a unit may run %.0f s",
              len(ctx.fit_shards), len(units), per_unit, len(ctx.workers), stall * widest)
+    groups = layer_groups({n: (spec["d_out"], spec["d_in"]) for n, spec in ctx.layers.items()})
     cov_urls = [layout.covariance_partial(root, fid, unit_key(u)) for u in units]
-    cov_commits = run_units(ctx.workers, [("covariance", (u, url)) for u, url in zip(units, cov_urls)],
+    cov_commits = run_units(ctx.workers, [("covariance", (u, url, groups)) for u, url in zip(units, cov_urls)],
                             "fit: covariances", stall_timeout_s=stall, shards_per_unit=widest)
-    cov = None
-    for u, c in zip(cov_urls, cov_commits):
-        part = CovarianceSums.from_tensors(storage.read_safetensors(u, c.checksum, cast=partial_sums_dtype)[0])
-        if cov is None:
-            cov = part
-        else:
-            cov += part  # in place: one sum alive, not two
+    # Each layer group's sums are added and eigendecomposed on a worker (on its device), not on the driver:
+    # the driver never holds the covariances, and the decompositions run side by side across the cluster.
     inf = ctx.cfg.influence()
+    count = len(groups)
+    names = [layout.group_file(i, count) for i in range(count)]
+    checksums = [c.file_checksums() for c in cov_commits]
+    if any(c is None or set(names) - set(c) for c in checksums):
+        raise CorruptUnitError(f"a covariance unit of factors {fid} lacks its layer groups' files or their "
+                               "checksums; delete its folder under partials/ and rerun the fit")
+    bases_urls = [layout.eigenbases_group(root, fid, i, count) for i in range(count)]
+    calls = [("eigendecompose", ([(layout.url(u, names[i]), c[names[i]]) for u, c in zip(cov_urls, checksums)],
+                                 bases_urls[i], inf.fit_eigh_dtype)) for i in range(count)]
     started = time.perf_counter()
-    bases = eigendecompose(cov, getattr(torch, inf.fit_eigh_dtype))
-    log.info("fit: %d eigendecompositions in %s in %.1f s", 2 * len(bases.q_a), inf.fit_eigh_dtype,
-             time.perf_counter() - started)
-    del cov, part
-    bases_url = layout.eigenbases(root, fid)
-    if not already_committed(storage, bases_url):
-        # In the dtype the workers rotate in (they cast while parsing): float32 halves the file every
-        # Lambda unit reads; the factors file keeps the bases as decomposed (factors.eigh_dtype).
-        dtype = torch.float64 if ctx.cfg.model.precision == "float64" else torch.float32
-        tensors = {f"{n}::Q_A": bases.q_a[n].to(dtype) for n in bases.q_a}
-        tensors.update({f"{n}::Q_S": bases.q_s[n].to(dtype) for n in bases.q_s})
-        storage.write_safetensors(bases_url, tensors)
-        commit_file(storage, bases_url, num_tokens=bases.num_tokens)
+    eigh_commits = run_units(ctx.workers, calls, "fit: eigendecompositions", stall_timeout_s=stall)
+    log.info("fit: %d eigendecompositions in %s in %d groups on the workers in %.1f s (%.1f s of work)",
+             2 * len(ctx.layers), inf.fit_eigh_dtype, count, time.perf_counter() - started,
+             sum(c.seconds or 0.0 for c in eigh_commits))
     units = fit_units(ctx.lambda_shards, len(ctx.workers), per_unit)
     widest = max((len(u) for u in units), default=1)
     lam_urls = [layout.lambda_partial(root, fid, unit_key(u)) for u in units]
-    lam_commits = run_units(ctx.workers, [("lambdas", (u, bases_url, url)) for u, url in zip(units, lam_urls)],
+    lam_commits = run_units(ctx.workers, [("lambdas", (u, bases_urls, url)) for u, url in zip(units, lam_urls)],
                             "fit: eigenvalues", stall_timeout_s=stall, shards_per_unit=widest)
     lam = None
     for u, c in zip(lam_urls, lam_commits):
@@ -127,6 +120,13 @@ def _fit(ctx: RunContext) -> str:
         projection=inf.projection.to_json() if inf.factor_space == "projected" else {},
         extra=ctx.factors_key.metadata(),
     )
+    bases = None
+    for u, c in zip(bases_urls, eigh_commits):
+        group = Eigenbases.from_tensors(storage.read_safetensors(u, c.checksum)[0])
+        if bases is None:
+            bases = group
+        else:
+            bases.update(group)
     factors = EKFACFactors.from_parts(meta, bases, lam)
     storage.write_bytes(url, factors.to_bytes())
     commit_file(storage, url, factors_id=fid, num_tokens=bases.num_tokens, num_sequences=lam.num_sequences)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
-from pipeline import heap
+from pipeline import heap, layout
 from pipeline.core.forward import sequence_losses
-from pipeline.core.ekfac import Eigenbases, EKFACFactors
+from pipeline.core.ekfac import CovarianceSums, Eigenbases, EKFACFactors, eigendecompose, partial_sums_dtype
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.queries import QueryGradients
 from pipeline.core.text import (
@@ -33,7 +33,7 @@ from pipeline.core.text import (
     encode_query,
     longest_first,
 )
-from pipeline.commit import Commit, already_committed, commit_file, committed_checksum
+from pipeline.commit import Commit, already_committed, commit_dir, commit_file, committed_checksum, read_dir_commit
 from pipeline.core.topk import TopK
 from pipeline.corpus import Query, Shard, read_shard
 from pipeline.decoding import WindowDecoder
@@ -52,7 +52,7 @@ from pipeline.shard_result import (
     seq_key,
     shard_parquet_bytes,
 )
-from pipeline.storage import Storage
+from pipeline.storage import Checksum, Storage
 from pipeline.store import StoreTarget, StoreWriter, read_basis, shortlist_digest
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,18 @@ class ShardWorker:
         heap.release()
         return commit_file(self.storage, out_url, **recorded)
 
+    def _folder_unit(self, out_url: str, compute: Callable[[], tuple[Callable[[str], None], dict]]) -> Commit:
+        """As `_unit`, for a unit that writes several files into the folder ``out_url`` (one commit for all)."""
+        done = read_dir_commit(self.storage, out_url)
+        if done is not None:
+            log.info("skip %s: already committed", out_url)
+            return done
+        write, recorded = compute()
+        write(out_url)
+        del write
+        heap.release()
+        return commit_dir(self.storage, out_url, **recorded)
+
     # ---- fitting --------------------------------------------------------------------------
 
     @staticmethod
@@ -188,14 +200,19 @@ class ShardWorker:
         ids = {"shard_id": shards[0].shard_id} if len(shards) == 1 else {"shard_ids": [s.shard_id for s in shards]}
         return {**ids, "num_docs": sum(s.num_docs for s in shards)}
 
-    def covariance(self, shards: Shard | list[Shard], out_url: str) -> Commit:
-        """Partial ``A``/``S`` sums of one fit unit (a shard, or consecutive shards), committed at ``out_url``.
+    def covariance(self, shards: Shard | list[Shard], out_url: str, groups: list[list[str]]) -> Commit:
+        """Partial ``A``/``S`` sums of one fit unit (a shard, or consecutive shards), committed in the folder
+        ``out_url``: one file per layer group of ``groups`` (`layout.group_file`), which the group's
+        eigendecomposition task reads (`eigendecompose`).
 
         The shards' windows are pooled and batched longest first (`_fit_batches`) and added into one set
         of sums: the same sums, up to rounding, as one unit per shard added on the driver (each window's
         sampled labels depend on the window alone).
         """
         shards = [shards] if isinstance(shards, Shard) else list(shards)
+        missing = set(self.engine.layers) ^ {n for g in groups for n in g}
+        if missing:
+            raise ValueError(f"layer groups do not cover the tracked layers exactly: {sorted(missing)[:3]}")
 
         def compute():
             sums, skipped = None, 0
@@ -204,20 +221,60 @@ class ShardWorker:
                 skipped += skip
                 del batches
             recorded = {**self._unit_record(shards), "num_tokens": sums.num_tokens, "num_skipped_docs": skipped}
-            return lambda url: self.storage.write_safetensors(url, sums.to_tensors(self.engine.dtype)), recorded
+
+            def write(url: str) -> None:
+                for i, names in enumerate(groups):
+                    self.storage.write_safetensors(layout.url(url, layout.group_file(i, len(groups))),
+                                                   sums.to_tensors(self.engine.dtype, names))
+
+            return write, recorded
+
+        return self._folder_unit(out_url, compute)
+
+    def eigendecompose(self, parts: list[tuple[str, Checksum]], out_url: str, eigh_dtype: str) -> Commit:
+        """One layer group's eigenbases, committed at ``out_url``: its covariance sums in every fit unit
+        (``parts``: each unit's file of this group and its committed checksum) added in float64, then
+        eigendecomposed in ``eigh_dtype`` (`pipeline.core.ekfac.eigendecompose`) on this worker's device.
+
+        The bases are stored as decomposed; the Lambda units cast them to the dtype they rotate in.
+        """
+
+        def compute():
+            cov = None
+            for url, checksum in parts:
+                part = CovarianceSums.from_tensors(
+                    self.storage.read_safetensors(url, checksum, cast=partial_sums_dtype)[0])
+                if cov is None:
+                    cov = part
+                else:
+                    cov += part  # in place: one sum alive, not two
+                del part
+            if self.engine.device.type != "cpu":
+                cov = CovarianceSums({n: t.to(self.engine.device) for n, t in cov.a_sum.items()},
+                                     {n: t.to(self.engine.device) for n, t in cov.s_sum.items()}, cov.num_tokens)
+            started = time.perf_counter()
+            bases = eigendecompose(cov, getattr(torch, eigh_dtype))
+            seconds = time.perf_counter() - started
+            del cov
+            recorded = {"num_tokens": bases.num_tokens, "seconds": round(seconds, 3)}
+            return lambda url: self.storage.write_safetensors(url, bases.to_tensors()), recorded
 
         return self._unit(out_url, compute)
 
-    def lambdas(self, shards: Shard | list[Shard], bases_url: str, out_url: str) -> Commit:
-        """Partial eigenvalue-correction sums of one fit unit in the driver's eigenbases (as ``covariance``)."""
+    def lambdas(self, shards: Shard | list[Shard], bases_urls: list[str], out_url: str) -> Commit:
+        """Partial eigenvalue-correction sums of one fit unit in the fit's eigenbases (``bases_urls``: the
+        committed files of its layer groups), as ``covariance``."""
         shards = [shards] if isinstance(shards, Shard) else list(shards)
 
         def compute():
             # Cast once, while parsing, to the dtype the rotation multiplies in (the captured vectors', or
             # factors.product_dtype's): LambdaSums.update would on every batch.
             dtype = self.engine.fit_products or self.engine.dtype
-            tensors, _ = self.storage.read_safetensors(bases_url, committed_checksum(self.storage, bases_url),
-                                                       cast=lambda name: dtype)
+            tensors = {}
+            for bases_url in bases_urls:
+                tensors.update(self.storage.read_safetensors(
+                    bases_url, committed_checksum(self.storage, bases_url),
+                    cast=lambda name: dtype if name.endswith(("::Q_A", "::Q_S")) else None)[0])
             names = list(self.engine.layers)
             cast = lambda key: {n: tensors.pop(f"{n}::{key}").to(self.engine.device, dtype)  # noqa: E731
                                 for n in names}

@@ -70,7 +70,8 @@ def partial_sums_dtype(name: str) -> torch.dtype | None:
     A shard's partial sums are stored in the dtype of the vectors they were
     made from (float32 in production: half the bytes of float64, and rounding
     them, relative 6e-8, is below that of the products themselves; float64
-    for references); the driver adds them in float64. Pass as ``cast`` when
+    for references); whoever adds them (a worker eigendecomposing a layer
+    group, the driver for Lambda) adds them in float64. Pass as ``cast`` when
     reading them.
     """
     return torch.float64 if name.endswith(("::A_sum", "::S_sum", "::Lambda_sum")) else None
@@ -82,7 +83,7 @@ class CovarianceSums:
 
     Accumulated in the dtype ``zeros`` was given: the engine's (float32 in
     production, float64 for references) within a shard; shards are added in
-    float64 on the driver. Within a shard of ``B`` batches float32 adds at most
+    float64 where they are added. Within a shard of ``B`` batches float32 adds at most
     about ``B * 6e-8`` relative rounding (1e-4 at 1,600 batches), far below
     the bfloat16 rounding of the products' inputs and outputs themselves.
     """
@@ -136,10 +137,11 @@ class CovarianceSums:
         self.num_tokens += other.num_tokens
         return self
 
-    def to_tensors(self, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
-        """The sums as named tensors, in ``dtype`` (see ``partial_sums_dtype``)."""
-        out = {f"{n}::A_sum": t.to(dtype) for n, t in self.a_sum.items()}
-        out.update({f"{n}::S_sum": t.to(dtype) for n, t in self.s_sum.items()})
+    def to_tensors(self, dtype: torch.dtype = torch.float64, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The sums as named tensors, in ``dtype`` (see ``partial_sums_dtype``); ``names``: those layers only."""
+        names = list(self.a_sum) if names is None else names
+        out = {f"{n}::A_sum": self.a_sum[n].to(dtype) for n in names}
+        out.update({f"{n}::S_sum": self.s_sum[n].to(dtype) for n in names})
         out["::num_tokens"] = torch.tensor([self.num_tokens], dtype=torch.int64)
         return out
 
@@ -160,8 +162,53 @@ class Eigenbases:
     l_s: dict[str, torch.Tensor]
     num_tokens: int
 
+    def to_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """``{name}::Q_A`` and ``{name}::Q_S`` (in ``dtype``, or as decomposed) and ``::num_tokens``."""
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
+        out = {f"{n}::Q_A": cast(t) for n, t in self.q_a.items()}
+        out.update({f"{n}::Q_S": cast(t) for n, t in self.q_s.items()})
+        out["::num_tokens"] = torch.tensor([self.num_tokens], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Eigenbases":
+        """The bases of ``to_tensors`` (without eigenvalues: the fit's Lambda pass replaces them)."""
+        q_a = {k[: -len("::Q_A")]: v for k, v in tensors.items() if k.endswith("::Q_A")}
+        q_s = {k[: -len("::Q_S")]: v for k, v in tensors.items() if k.endswith("::Q_S")}
+        return cls(q_a, {}, q_s, {}, int(tensors["::num_tokens"].item()))
+
+    def update(self, other: "Eigenbases") -> None:
+        """Take ``other``'s layers in (another group of layers of the same fit)."""
+        if self.num_tokens != other.num_tokens:
+            raise ValueError(f"eigenbases of {self.num_tokens} and {other.num_tokens} tokens are not one fit's")
+        for mine, theirs in ((self.q_a, other.q_a), (self.l_a, other.l_a), (self.q_s, other.q_s),
+                             (self.l_s, other.l_s)):
+            mine.update(theirs)
+
 
 EIGH_DTYPES = ("float32", "float64")
+# The fit's layers are eigendecomposed in this many groups (fewer when fewer layers are tracked), one task
+# each on the workers (`layer_groups`); a fixed count, so a fit resumed on another number of workers finds
+# the same groups in the covariance units it already committed.
+EIGH_GROUPS = 32
+
+
+def layer_groups(dims: dict[str, tuple[int, int]], count: int = EIGH_GROUPS) -> list[list[str]]:
+    """The layers of ``dims`` (``name -> (d_out, d_in)``) in ``min(count, len(dims))`` groups of about equal
+    eigendecomposition cost (``d_out^3 + d_in^3``): each layer, the costliest first, to the cheapest group
+    so far. Deterministic; each group lists its layers in ``dims``' order, and the groups are ordered by
+    their first layer."""
+    if count < 1:
+        raise ValueError(f"layer groups: count must be >= 1, got {count}")
+    order = {n: i for i, n in enumerate(dims)}
+    bins: list[list[str]] = [[] for _ in range(min(count, len(dims)))]
+    load = [0] * len(bins)
+    for name in sorted(dims, key=lambda n: (-(dims[n][0] ** 3 + dims[n][1] ** 3), order[n])):
+        i = load.index(min(load))
+        bins[i].append(name)
+        load[i] += dims[name][0] ** 3 + dims[name][1] ** 3
+    groups = [sorted(b, key=order.__getitem__) for b in bins]
+    return sorted(groups, key=lambda g: order[g[0]])
 
 
 def eigendecompose(sums: CovarianceSums, dtype: torch.dtype = torch.float64) -> Eigenbases:

@@ -268,9 +268,18 @@ def test_projection_off_equals_single_process_core(cluster, inputs, s3, referenc
 
 
 def partial_files(s3, root: str, factors_id: str) -> list[str]:
-    """The names of a fit's partial-sum files (not their commit markers), sorted."""
-    return sorted(p.rsplit("/", 1)[1] for p in s3.ls(f"{root}/factors/{factors_id}/partials")
-                  if p.endswith(".safetensors"))
+    """The names of a fit's partial-sum units, sorted: ``cov-{unit}`` folders (one file per layer group, each
+    checked here) and ``lambda-{unit}`` files (``.safetensors`` dropped; commit markers left out)."""
+    folder = f"{root}/factors/{factors_id}/partials"
+    names = sorted(p.rsplit("/", 1)[1].removesuffix(".safetensors") for p in s3.ls(folder, refresh=True)
+                   if not p.endswith(".json"))
+    for name in names:
+        if name.startswith("cov-"):
+            files = sorted(p.rsplit("/", 1)[1] for p in s3.ls(f"{folder}/{name}", refresh=True))
+            count = len(files) - 1
+            assert files == sorted([*(f"{i:03d}-of-{count:03d}.safetensors" for i in range(count)),
+                                    "_COMMITTED.json"]), files
+    return names
 
 
 def test_fit_units_hold_several_shards_and_fit_what_one_unit_per_shard_fits(baseline, cluster, inputs, s3, reference):
@@ -291,11 +300,11 @@ def test_fit_units_hold_several_shards_and_fit_what_one_unit_per_shard_fits(base
     units = fit_units(shards, 2, baseline["cfg"].factors.docs_per_unit)
     assert len(units) == 2 and [s for u in units for s in u] == shards  # one unit per worker, in listing order
     assert partial_files(s3, f"{bucket}/attribution", fid) == sorted(
-        f"{kind}-{unit_key(u)}.safetensors" for u in units for kind in ("cov", "lambda"))
+        f"{kind}-{unit_key(u)}" for u in units for kind in ("cov", "lambda"))
     manifest = run(cfg)
     assert manifest["factors_id"] == fid  # the grouping is not part of the factors' identity
     assert partial_files(s3, f"{bucket}/per-shard", fid) == sorted(
-        f"{kind}-{s.shard_id}.safetensors" for s in shards for kind in ("cov", "lambda"))
+        f"{kind}-{s.shard_id}" for s in shards for kind in ("cov", "lambda"))
     grouped = read_file_commit(baseline_storage, layout.factors_file(baseline_storage.root, fid))
     per_shard = read_file_commit(cfg.storage.open(), layout.factors_file(cfg.storage.root, fid))
     assert (per_shard.num_tokens, per_shard.num_sequences) == (grouped.num_tokens, grouped.num_sequences)
@@ -453,9 +462,9 @@ def test_lambda_max_documents_fits_lambda_on_the_capped_shards_only(baseline, cl
     partials = partial_files(s3, f"{inputs['bucket']}/attribution", ctx.factors_id)
     workers, per_unit = cfg.cluster.num_workers, cfg.factors.docs_per_unit
     assert [p for p in partials if p.startswith("lambda-")] == sorted(
-        f"lambda-{unit_key(u)}.safetensors" for u in fit_units(capped, workers, per_unit))
+        f"lambda-{unit_key(u)}" for u in fit_units(capped, workers, per_unit))
     assert [p for p in partials if p.startswith("cov-")] == sorted(
-        f"cov-{unit_key(u)}.safetensors" for u in fit_units(fitted, workers, per_unit))
+        f"cov-{unit_key(u)}" for u in fit_units(fitted, workers, per_unit))
     mine = read_file_commit(ctx.storage, ctx.factors_url)
     full = read_file_commit(ctx.storage, layout.factors_file(ctx.storage.root, baseline["manifest"]["factors_id"]))
     assert mine.num_tokens == full.num_tokens  # the covariances saw every fitting window
@@ -476,10 +485,9 @@ def test_max_documents_fits_both_passes_on_the_capped_sample_only(baseline, clus
     assert 2 <= len(fitted) < len(ctx.shards) and sum(s.num_docs for s in fitted) > DOCS_PER_SHARD
     assert ctx.lambda_shards == fitted
     assert ctx.factors_id != baseline["manifest"]["factors_id"]
-    partials = [p.rsplit("/", 1)[1] for p in s3.ls(f"{inputs['bucket']}/attribution/factors/{ctx.factors_id}/partials")]
+    partials = partial_files(s3, f"{inputs['bucket']}/attribution", ctx.factors_id)
     for kind in ("cov", "lambda"):
-        assert sorted(p for p in partials if p.startswith(f"{kind}-") and p.endswith(".safetensors")) == sorted(
-            f"{kind}-{s.shard_id}.safetensors" for s in fitted), kind
+        assert [p for p in partials if p.startswith(f"{kind}-")] == sorted(f"{kind}-{s.shard_id}" for s in fitted), kind
     assert 0 < read_file_commit(ctx.storage, ctx.factors_url).num_sequences
     # Its own pinned setting: the uncapped setting's pin is not this one.
     assert ctx.factors_plan.settings_id == settings_id(ctx.fresh_factors_key, 0, 1.0, 0, DOCS_PER_SHARD + 1)

@@ -476,9 +476,8 @@ def job_inputs(small_demo, corpus) -> list[str]:
 def uninterrupted_job(small_demo, corpus, tmp_path_factory):
     """The reference for jobs run as subprocesses: one job straight through, as a subprocess too.
 
-    The driver's float64 eigendecompositions depend bit for bit on its torch
-    thread count, which tests in this process may have changed; a job's driver
-    starts with the default, as every job compared with this one does.
+    A job's driver starts with torch's default thread count, as every job
+    compared with this one does, whatever tests in this process changed.
     """
     tmp = tmp_path_factory.mktemp("uninterrupted-job")
     out = tmp / "out"

@@ -176,8 +176,10 @@ def fake_run(storage, run_id, started, rows, queries_fp="qfp", factors="f-1", qu
         if not os.path.exists(url):
             storage.write_bytes(url, sid.encode())
             commit_file(storage, url, shard_id=sid, top_k=3, queries_id=queries)
-    for url in (layout.factors_file(root, factors), layout.eigenbases(root, factors),
-                layout.covariance_partial(root, factors, shards[0]), layout.query_gradients(root, queries)):
+    for url in (layout.factors_file(root, factors), layout.eigenbases_group(root, factors, 0, 1),
+                layout.legacy_eigenbases(root, factors),  # as fits before 2026-12-07 left it
+                layout.url(layout.covariance_partial(root, factors, shards[0]), layout.group_file(0, 1)),
+                layout.query_gradients(root, queries)):
         if not os.path.exists(url):
             storage.write_bytes(url, b"t")
             commit_file(storage, url)
@@ -261,6 +263,8 @@ def test_gc_dry_run_deletes_nothing_and_apply_keeps_what_kept_runs_reference(tmp
     # The kept factors file stays; their fitting partials and eigenbases go.
     assert read_file_commit(storage, layout.factors_file(root, "f-1")) is not None
     assert not os.path.exists(layout.covariance_partial(root, "f-1", "s-a"))
+    assert not os.path.exists(layout.eigenbases(root, "f-1"))
+    assert not os.path.exists(layout.legacy_eigenbases(root, "f-1"))
     assert pq.read_table(layout.attribution_dir(root, "n3")).num_rows == 3
     status = {r["run_id"]: r["status"] for r in catalog.read_catalog(storage)}
     assert status == {"n1": "deleted", "n2": "deleted", "n3": "merged"}

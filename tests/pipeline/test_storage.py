@@ -122,9 +122,11 @@ def test_layout(root, expected):
     r = s.root
     assert layout.factors_dir(r, "f1") == f"{expected}/factors/f1"
     assert layout.factors_file(r, "f1") == f"{expected}/factors/f1/factors.safetensors"
-    assert layout.covariance_partial(r, "f1", "s-007") == f"{expected}/factors/f1/partials/cov-s-007.safetensors"
+    assert layout.covariance_partial(r, "f1", "s-007") == f"{expected}/factors/f1/partials/cov-s-007"
+    assert layout.group_file(3, 32) == "003-of-032.safetensors"
     assert layout.lambda_partial(r, "f1", "s-007") == f"{expected}/factors/f1/partials/lambda-s-007.safetensors"
-    assert layout.eigenbases(r, "f1") == f"{expected}/factors/f1/eigenbases.safetensors"
+    assert layout.eigenbases(r, "f1") == f"{expected}/factors/f1/eigenbases"
+    assert layout.eigenbases_group(r, "f1", 0, 2) == f"{expected}/factors/f1/eigenbases/000-of-002.safetensors"
     assert layout.queries_dir(r, "q1") == f"{expected}/queries/q1"
     assert layout.query_gradients(r, "q1") == f"{expected}/queries/q1/gradients.safetensors"
     assert layout.run_dir(r, "r1") == f"{expected}/runs/r1"

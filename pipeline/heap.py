@@ -1,7 +1,8 @@
 """Give freed memory back to the operating system between units of work.
 
-A stage's large temporaries (the fit's float64 sums, eigenbases and file
-bytes on the driver; a unit's captured vectors on a worker) are freed when it
+A stage's large temporaries (the fit's Lambda sums, eigenbases and file
+bytes on the driver; a unit's captured vectors or a layer group's float64
+covariance sums on a worker) are freed when it
 ends, but glibc keeps much of what it freed in its heap, so a process's
 resident memory stays near its peak. On a node shared by the driver and its
 workers, Ray's memory monitor counts that memory and kills workers for it

@@ -129,12 +129,27 @@ def _fit(ctx: RunContext) -> str:
             bases.update(group)
     factors = EKFACFactors.from_parts(meta, bases, lam)
     storage.write_bytes(url, factors.to_bytes())
-    commit_file(storage, url, factors_id=fid, num_tokens=bases.num_tokens, num_sequences=lam.num_sequences)
+    left_out = _fit_left_out(fid, cov_commits, lam_commits)
+    commit_file(storage, url, factors_id=fid, num_tokens=bases.num_tokens, num_sequences=lam.num_sequences,
+                **left_out)
     log.info(
         "factors %s fitted on %d tokens in %d fitting shards (%s)",
         fid, bases.num_tokens, len(ctx.fit_shards), layout.factors_dir(root, fid),
     )
     return url
+
+
+def _fit_left_out(fid: str, cov_commits: list, lam_commits: list) -> dict:
+    """The windows the fit's passes left out for non-finite gradients (logged): for the factors' commit, the
+    covariance pass's count and a sample of both passes' ``doc_id#window`` (nothing when there are none)."""
+    cov = sum(c.num_nonfinite_windows or 0 for c in cov_commits)
+    lam = sum(c.num_nonfinite_windows or 0 for c in lam_commits)
+    if not cov and not lam:
+        return {}
+    sample = sorted({w for c in [*cov_commits, *lam_commits] for w in c.nonfinite_windows or []})[:100]
+    log.warning("fit: %d windows in the covariance pass and %d in the eigenvalue pass had non-finite gradients "
+                "or inputs and were left out of factors %s, e.g. %s", cov, lam, fid, sample[:5])
+    return {"num_nonfinite_windows": cov, "nonfinite_windows": sample}
 
 
 def precondition_queries(ctx: RunContext) -> str:

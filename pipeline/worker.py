@@ -32,6 +32,7 @@ from pipeline.core.text import (
     encode_documents,
     encode_query,
     longest_first,
+    window_key,
 )
 from pipeline.commit import Commit, already_committed, commit_dir, commit_file, committed_checksum, read_dir_commit
 from pipeline.core.topk import TopK
@@ -200,6 +201,20 @@ class ShardWorker:
         ids = {"shard_id": shards[0].shard_id} if len(shards) == 1 else {"shard_ids": [s.shard_id for s in shards]}
         return {**ids, "num_docs": sum(s.num_docs for s in shards)}
 
+    def _nonfinite_record(self, shards: list[Shard], keys: list[int]) -> dict:
+        """What a fit unit's commit records of the windows its pass left out for non-finite gradients
+        (`pipeline.core.influence._finite_sequences`): their count and up to 100 ``doc_id#window``.
+
+        Only when there are any: the shards' windows are then listed again to name them."""
+        if not keys:
+            return {}
+        wanted = set(keys)
+        named = [f"{w.doc_id}#{w.window}" for shard in shards for w in self._windows(shard)[0]
+                 if window_key(w.doc_id, w.window) in wanted]
+        log.warning("fit unit of %s: %d windows with non-finite gradients left out, e.g. %s",
+                    shards[0].shard_id, len(keys), named[:5])
+        return {"num_nonfinite_windows": len(keys), "nonfinite_windows": sorted(named)[:100]}
+
     def covariance(self, shards: Shard | list[Shard], out_url: str, groups: list[list[str]]) -> Commit:
         """Partial ``A``/``S`` sums of one fit unit (a shard, or consecutive shards), committed in the folder
         ``out_url``: one file per layer group of ``groups`` (`layout.group_file`), which the group's
@@ -220,7 +235,8 @@ class ShardWorker:
                 sums = self.engine.covariance_sums(batches, into=sums)
                 skipped += skip
                 del batches
-            recorded = {**self._unit_record(shards), "num_tokens": sums.num_tokens, "num_skipped_docs": skipped}
+            recorded = {**self._unit_record(shards), "num_tokens": sums.num_tokens, "num_skipped_docs": skipped,
+                        **self._nonfinite_record(shards, sums.nonfinite)}
 
             def write(url: str) -> None:
                 for i, names in enumerate(groups):
@@ -283,7 +299,8 @@ class ShardWorker:
             for batches, _ in self._fit_batches(shards):
                 sums = self.engine.lambda_sums(batches, bases, into=sums)
                 del batches
-            recorded = {**self._unit_record(shards), "num_sequences": sums.num_sequences}
+            recorded = {**self._unit_record(shards), "num_sequences": sums.num_sequences,
+                        **self._nonfinite_record(shards, sums.nonfinite)}
             return lambda url: self.storage.write_safetensors(url, sums.to_tensors(self.engine.dtype)), recorded
 
         return self._unit(out_url, compute)

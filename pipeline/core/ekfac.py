@@ -91,6 +91,8 @@ class CovarianceSums:
     a_sum: dict[str, torch.Tensor]
     s_sum: dict[str, torch.Tensor]
     num_tokens: int = 0
+    # The window keys (or batch rows) of sequences left out for non-finite vectors (not stored in files).
+    nonfinite: list[int] = field(default_factory=list)
 
     @classmethod
     def zeros(
@@ -128,13 +130,15 @@ class CovarianceSums:
 
     def __add__(self, other: "CovarianceSums") -> "CovarianceSums":
         return CovarianceSums(
-            _add_dicts(self.a_sum, other.a_sum), _add_dicts(self.s_sum, other.s_sum), self.num_tokens + other.num_tokens
+            _add_dicts(self.a_sum, other.a_sum), _add_dicts(self.s_sum, other.s_sum), self.num_tokens + other.num_tokens,
+            self.nonfinite + other.nonfinite,
         )
 
     def __iadd__(self, other: "CovarianceSums") -> "CovarianceSums":
         _add_dicts_(self.a_sum, other.a_sum)
         _add_dicts_(self.s_sum, other.s_sum)
         self.num_tokens += other.num_tokens
+        self.nonfinite += other.nonfinite
         return self
 
     def to_tensors(self, dtype: torch.dtype = torch.float64, names: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -328,6 +332,8 @@ class LambdaSums:
 
     sums: dict[str, torch.Tensor]
     num_sequences: int = 0
+    # As ``CovarianceSums.nonfinite``.
+    nonfinite: list[int] = field(default_factory=list)
 
     @classmethod
     def zeros(
@@ -358,11 +364,13 @@ class LambdaSums:
             self.sums[name] += rotated.square_().sum(0)
 
     def __add__(self, other: "LambdaSums") -> "LambdaSums":
-        return LambdaSums(_add_dicts(self.sums, other.sums), self.num_sequences + other.num_sequences)
+        return LambdaSums(_add_dicts(self.sums, other.sums), self.num_sequences + other.num_sequences,
+                          self.nonfinite + other.nonfinite)
 
     def __iadd__(self, other: "LambdaSums") -> "LambdaSums":
         _add_dicts_(self.sums, other.sums)
         self.num_sequences += other.num_sequences
+        self.nonfinite += other.nonfinite
         return self
 
     def to_tensors(self, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:

@@ -258,7 +258,10 @@ class InfluenceEngine:
         sums = into if into is not None else CovarianceSums.zeros(self.space_dims(projected), self.device, self.dtype)
         for batch in batches:
             captured, _ = self.capture_batch(batch, projected, self._label_mode, self.config.seed)
-            sums.update(captured, batch.attention_mask.to(self.device), self.fit_products)
+            captured, mask, dropped = _finite_sequences(captured, batch.attention_mask.to(self.device), batch)
+            sums.nonfinite.extend(dropped)
+            if mask.shape[0]:
+                sums.update(captured, mask, self.fit_products)
         return sums
 
     def lambda_sums(
@@ -276,7 +279,10 @@ class InfluenceEngine:
                            {n: q.to(self.device, dtype) for n, q in bases.q_s.items()}, bases.l_s, bases.num_tokens)
         for batch in batches:
             captured, _ = self.capture_batch(batch, projected, self._label_mode, self.config.seed + 1)
-            sums.update(captured, bases, batch.input_ids.shape[0], products=self.fit_products)
+            captured, mask, dropped = _finite_sequences(captured, batch.attention_mask.to(self.device), batch)
+            sums.nonfinite.extend(dropped)
+            if mask.shape[0]:
+                sums.update(captured, bases, mask.shape[0], products=self.fit_products)
         return sums
 
     def factors_meta(self) -> FactorsMeta:
@@ -499,6 +505,32 @@ def _rotate_columns(basis: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """
     q, k, r = factors.shape
     return (basis @ factors.permute(1, 0, 2).reshape(k, q * r)).reshape(k, q, r).permute(1, 0, 2)
+
+
+def _finite_sequences(
+    captured: dict[str, Captured], mask: torch.Tensor, batch: Batch
+) -> tuple[dict[str, Captured], torch.Tensor, list[int]]:
+    """The batch's sequences whose captured vectors are finite in every layer: ``(captured, mask, dropped)``.
+
+    A fit pass leaves a sequence with a NaN or infinite gradient or input out (``dropped``: their
+    `window_key` s, or batch rows for a batch without keys), as scoring leaves such windows out of the
+    ranking: one would make every layer's sums, hence the factors, NaN. Checked on per-sequence sums of
+    the vectors (one reduction per layer; a NaN or infinity makes its sum non-finite): on SmolLM2-135M's
+    90 MLP layers, 8 windows of 128 tokens, 80 ms against the batch's 14-16 s capture (one thread).
+    """
+    ok = None
+    for c in captured.values():
+        finite = torch.isfinite(c.a.sum((1, 2))) & torch.isfinite(c.g.sum((1, 2)))
+        ok = finite if ok is None else ok & finite
+    if ok is None or bool(ok.all()):
+        return captured, mask, []
+    bad = (~ok).nonzero().squeeze(1).cpu()
+    dropped = [int(batch.keys[i]) if batch.keys is not None else int(i) for i in bad]
+    keep = ok.nonzero().squeeze(1)
+    kept = {n: Captured(c.a[keep], c.g[keep], None if c.mask is None else c.mask[keep]) for n, c in captured.items()}
+    log.warning("fit: %d of %d sequences in a batch have non-finite gradients or inputs; left out", len(bad),
+                ok.shape[0])
+    return kept, mask[keep], dropped
 
 
 def _all_finite(x: torch.Tensor) -> torch.Tensor:

@@ -274,9 +274,10 @@ def dir_is_committed(storage: Storage, url: str) -> bool:
     return storage.exists(layout.dir_marker(url))
 
 
-def already_committed(storage: Storage, url: str) -> Commit | None:
-    """The verified `read_file_commit`, logging the skip with its URL: ``if already_committed(s, u): return``."""
-    record = read_file_commit(storage, url)
+def already_committed(storage: Storage, url: str, folder: bool = False) -> Commit | None:
+    """The verified `read_file_commit` (`read_dir_commit` for a ``folder`` unit), logging the skip with its URL:
+    ``if already_committed(s, u): return``."""
+    record = (read_dir_commit if folder else read_file_commit)(storage, url)
     if record is not None:
         log.info("skip %s: already committed", url)
     return record

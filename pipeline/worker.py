@@ -34,7 +34,7 @@ from pipeline.core.text import (
     longest_first,
     window_key,
 )
-from pipeline.commit import Commit, already_committed, commit_dir, commit_file, committed_checksum, read_dir_commit
+from pipeline.commit import Commit, already_committed, commit_dir, commit_file, committed_checksum
 from pipeline.core.topk import TopK
 from pipeline.corpus import Query, Shard, read_shard
 from pipeline.decoding import WindowDecoder
@@ -163,7 +163,8 @@ class ShardWorker:
     # ---- units ----------------------------------------------------------------------------
 
     def _unit(
-        self, out_url: str, compute: Callable[[], tuple[Callable[[str], None], dict]], replace: bool = False
+        self, out_url: str, compute: Callable[[], tuple[Callable[[str], None], dict]], replace: bool = False,
+        folder: bool = False,
     ) -> Commit:
         """One unit of work at ``out_url``: skipped when committed, else computed, written, committed.
 
@@ -171,27 +172,17 @@ class ShardWorker:
         data, then the commit with the ``recorded`` fields is written last. Returns
         the unit's commit (the existing one when skipped). ``replace``: compute
         even when committed (the new data and marker replace the old ones).
+        ``folder``: the unit writes several files into the folder ``out_url``,
+        committed together (`commit_dir`).
         """
-        done = None if replace else already_committed(self.storage, out_url)
+        done = None if replace else already_committed(self.storage, out_url, folder)
         if done is not None:
             return done
         write, recorded = compute()
         write(out_url)
         del write  # the unit's data, held by the closure
         heap.release()
-        return commit_file(self.storage, out_url, **recorded)
-
-    def _folder_unit(self, out_url: str, compute: Callable[[], tuple[Callable[[str], None], dict]]) -> Commit:
-        """As `_unit`, for a unit that writes several files into the folder ``out_url`` (one commit for all)."""
-        done = read_dir_commit(self.storage, out_url)
-        if done is not None:
-            log.info("skip %s: already committed", out_url)
-            return done
-        write, recorded = compute()
-        write(out_url)
-        del write
-        heap.release()
-        return commit_dir(self.storage, out_url, **recorded)
+        return (commit_dir if folder else commit_file)(self.storage, out_url, **recorded)
 
     # ---- fitting --------------------------------------------------------------------------
 
@@ -245,7 +236,7 @@ class ShardWorker:
 
             return write, recorded
 
-        return self._folder_unit(out_url, compute)
+        return self._unit(out_url, compute, folder=True)
 
     def eigendecompose(self, parts: list[tuple[str, Checksum]], out_url: str, eigh_dtype: str) -> Commit:
         """One layer group's eigenbases, committed at ``out_url``: its covariance sums in every fit unit

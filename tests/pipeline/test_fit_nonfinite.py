@@ -10,41 +10,24 @@ windows holding a rare token; everything after it is the production code path.
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 
-from pipeline.config import AttributeConfig, CorpusConfig, ModelConfig, QueriesConfig, StorageConfig
 from pipeline.core.text import batches_of
+from tests.pipeline.test_worker_nonfinite import in_process_worker, rare_token
 
 
 @pytest.mark.integration  # builds the small demo (conftest's small_demo), shared with the other integration tests
 def test_windows_with_non_finite_gradients_are_left_out_of_both_fit_passes(small_demo, tmp_path):
     from pipeline import layout
     from pipeline.commit import commit_file
-    from pipeline.context import prepare, worker_spec
     from pipeline.core.ekfac import CovarianceSums, LambdaSums, eigendecompose, layer_groups, partial_sums_dtype
-    from pipeline.worker import ShardWorker
 
-    cfg = AttributeConfig(
-        model=ModelConfig(path=small_demo.model_dir),
-        corpus=CorpusConfig(path=small_demo.corpus_path, docs_per_shard=32, window=64),  # no preflight here
-        queries=QueriesConfig(path=small_demo.queries_path),
-        storage=StorageConfig(root=str(tmp_path / "out")),
-    )
-    ctx = prepare(cfg)
+    ctx, worker = in_process_worker(small_demo, tmp_path)
     assert not ctx.cfg.factors.empirical_fisher  # the default true Fisher: labels drawn from NaN logits too
-    worker = ShardWorker(worker_spec(ctx.cfg))
     engine, shard, root = worker.engine, ctx.shards[0], ctx.cfg.storage.root
     windows, _ = worker._windows(shard)
-
-    holders = collections.defaultdict(list)
-    for w in windows:
-        for token in set(w.input_ids):
-            holders[token].append(w)
-    token = min((t for t, ws in holders.items() if 2 <= len(ws) <= 4), key=lambda t: (len(holders[t]), t))
-    bad = sorted(f"{w.doc_id}#{w.window}" for w in holders[token])
+    token, bad = rare_token(windows)
     good = [w for w in windows if token not in w.input_ids]
 
     def poison(module, args, out):

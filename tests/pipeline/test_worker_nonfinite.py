@@ -20,9 +20,8 @@ from pipeline.config import AttributeConfig, CorpusConfig, ModelConfig, QueriesC
 from pipeline.core.text import batches_of
 
 
-@pytest.mark.integration  # builds the small demo (conftest's small_demo), shared with the other integration tests
-def test_windows_with_non_finite_scores_are_left_out_and_counted(small_demo, tmp_path):
-    from pipeline.commit import commit_file
+def in_process_worker(small_demo, tmp_path):
+    """``(ctx, worker)``: the small demo prepared as a run would (no preflight), and a `ShardWorker` in this process."""
     from pipeline.context import prepare, worker_spec
     from pipeline.worker import ShardWorker
 
@@ -33,7 +32,25 @@ def test_windows_with_non_finite_scores_are_left_out_and_counted(small_demo, tmp
         storage=StorageConfig(root=str(tmp_path / "out")),
     )
     ctx = prepare(cfg)
-    worker = ShardWorker(worker_spec(ctx.cfg))
+    return ctx, ShardWorker(worker_spec(ctx.cfg))
+
+
+def rare_token(windows) -> tuple[int, list[str]]:
+    """A token held by 2-4 of ``windows`` (the rarest such, then the smallest id) and those windows'
+    ``doc_id#window``, sorted."""
+    holders = collections.defaultdict(list)
+    for w in windows:
+        for token in set(w.input_ids):
+            holders[token].append(w)
+    token = min((t for t, ws in holders.items() if 2 <= len(ws) <= 4), key=lambda t: (len(holders[t]), t))
+    return token, sorted(f"{w.doc_id}#{w.window}" for w in holders[token])
+
+
+@pytest.mark.integration  # builds the small demo (conftest's small_demo), shared with the other integration tests
+def test_windows_with_non_finite_scores_are_left_out_and_counted(small_demo, tmp_path):
+    from pipeline.commit import commit_file
+
+    ctx, worker = in_process_worker(small_demo, tmp_path)
     shard = ctx.shards[0]
     windows, _ = worker._windows(shard)
     factors = worker.engine.fit(batches_of(windows, 8, worker.pad_id))
@@ -43,12 +60,7 @@ def test_windows_with_non_finite_scores_are_left_out_and_counted(small_demo, tmp
     worker.precondition(ctx.queries, f"{root}/factors.bin", f"{root}/queries.safetensors")
 
     # Poison the windows holding a token that occurs in a few of them only: NaN in one, +inf in the others.
-    holders = collections.defaultdict(list)
-    for w in windows:
-        for token in set(w.input_ids):
-            holders[token].append(w)
-    token = min((t for t, ws in holders.items() if 2 <= len(ws) <= 4), key=lambda t: (len(holders[t]), t))
-    bad = sorted(f"{w.doc_id}#{w.window}" for w in holders[token])
+    token, bad = rare_token(windows)
     def poison(batch, scores):
         for row, ids in enumerate(batch.input_ids.tolist()):
             if token in ids:

@@ -19,13 +19,17 @@ All 90 layers: the score is a sum over layers, and with only 9 of them (as in
 tests/core/test_smollm2_reference.py) rank-8 queries kept 0.80-0.93 of the
 top 10 on 32 windows, against 0.96 with all 90 here (rank 32: 0.988 with
 float32 products and 1.000 with the defaults' bfloat16; the default is rank
-24 since the third check in docs/figures.md was timed). Two fits (the
-float64 eigendecompositions of 90 layers are much of it): the slowest test
-in CI, 286 s alone with torch's two threads on an AVX2-only 2-core VM and
-460 s with one thread in CI's two processes (tests/conftest.py gives each
-process its share of the cores). Where the two fits' first passes are the
-same computation (no AMX: both multiply in float32) it is run once (about
-40 s of the test on that VM). The model comes from the
+24 since the third check in docs/figures.md was timed). Two fits, run side
+by side batch by batch: both engines wrap the same model and capture the same
+vectors (same sampled labels, projection off), so each forward and backward
+is run once and only the settings' own products run twice
+(``share_captures``; the first pass, which needs no eigenbasis, is summed
+once where the fitting products resolve alike, float32 without AMX). The
+slowest test in CI: 442 s with one thread on the slow AVX2-only 2-core VM
+of 2026-12-07, half of it the eigendecompositions of 90 layers (float64 for
+exact EK-FAC, float32 for the default); 650 s there before the captures were
+shared (until then the first pass also ran twice: the two projection specs
+compared unequal, dim 0 in two modes). The model comes from the
 project's shared cache (``build_smollm2``: a 93 MB wheel the first time,
 then reused).
 """
@@ -40,7 +44,7 @@ import torch
 
 from benchmarks.evaluate.scoring import agreement
 from pipeline.config import AttributeConfig
-from pipeline.core.ekfac import EKFACFactors, eigendecompose
+from pipeline.core.ekfac import CovarianceSums, EKFACFactors, LambdaSums, eigendecompose
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine
 from pipeline.core.projection import ProjectionSpec
 from pipeline.core.text import batches_of, encode_documents, encode_query, resolve_tokenisation
@@ -58,20 +62,84 @@ def configured_default() -> InfluenceConfig:
 
 def covariance_key(engine: InfluenceEngine) -> tuple:
     """What the fit's first pass depends on besides the model and the batches (``InfluenceEngine.covariance_sums``)."""
+    return (*capture_key(engine), engine.fit_products)
+
+
+def capture_key(engine: InfluenceEngine) -> tuple:
+    """What ``capture_batch`` depends on besides the model, the batch and its arguments (not the products)."""
     c = engine.config
-    return c.modules, c.projection, c.empirical_fisher, c.seed, engine.dtype, engine.fit_products
+    # Projection off captures the same vectors whatever its (unused) mode.
+    return c.modules, c.projection if c.projection.enabled else None, c.empirical_fisher, c.seed, engine.dtype
 
 
-def scores_of(engine: InfluenceEngine, train: list, queries: list, ids: list[str], covariances=None) -> np.ndarray:
-    """``(windows, queries)``: ``engine`` fits factors on ``train`` (``engine.fit``, or from ``covariances``
-    already summed by an engine with the same ``covariance_key``) and scores ``train`` against ``queries``."""
-    if covariances is None:
-        factors = engine.fit(train)
+def share_captures(first: InfluenceEngine, second: InfluenceEngine) -> dict[str, int]:
+    """``second`` takes ``first``'s latest capture when it asks for the same batch with the same arguments.
+
+    Both engines wrap the same model with the same ``capture_key``, so that
+    forward and backward would give the very same vectors: the test calls
+    the two engines batch by batch, each capture is made once, and only the
+    products after it (the settings under test) run twice. The captures are
+    only read by what follows them (a shallow copy of the dict is handed on).
+    Returns a counter of the captures ``second`` reused.
+    """
+    assert first.model is second.model and capture_key(first) == capture_key(second)
+    latest: dict = {}
+    own_first, own_second = first.capture_batch, second.capture_batch
+
+    def recording(batch, projected, label_mode="data", seed=0):
+        captured, losses = own_first(batch, projected, label_mode, seed)
+        latest.clear()
+        latest[(id(batch), projected, label_mode, seed)] = (captured, losses)
+        return dict(captured), losses
+
+    def reusing(batch, projected, label_mode="data", seed=0):
+        hit = latest.pop((id(batch), projected, label_mode, seed), None)
+        if hit is None:
+            return own_second(batch, projected, label_mode, seed)
+        reused["captures"] += 1
+        return dict(hit[0]), hit[1]
+
+    reused = {"captures": 0}
+    first.capture_batch, second.capture_batch = recording, reusing
+    return reused
+
+
+def space_dims(engine: InfluenceEngine) -> dict[str, tuple[int, int]]:
+    return engine.space_dims(engine.config.factor_space == "projected")
+
+
+def fit_both(engines: tuple[InfluenceEngine, InfluenceEngine], train: list) -> list[EKFACFactors]:
+    """Each engine's factors on ``train``, batch by batch side by side (see ``share_captures``).
+
+    The first pass (no eigenbasis) is one computation for both where their
+    ``covariance_key`` agrees (fitting products alike: float32 on CPUs
+    without AMX): summed once then. Each side eigendecomposes in its own
+    dtype and sums its own second pass in its own bases.
+    """
+    if covariance_key(engines[0]) == covariance_key(engines[1]):
+        shared = engines[0].covariance_sums(train)
+        covariances = [shared, shared]
     else:
-        bases = eigendecompose(covariances, engine.eigh_dtype)
-        factors = EKFACFactors.from_parts(engine.factors_meta(), bases, engine.lambda_sums(train, bases))
-    grads = engine.query_gradients(queries, factors, ids)
-    return torch.cat([engine.score_batch(b, grads).detach().to(torch.float64) for b in train]).numpy()
+        covariances = [CovarianceSums.zeros(space_dims(e), e.device, e.dtype) for e in engines]
+        for batch in train:
+            for engine, sums in zip(engines, covariances):
+                engine.covariance_sums([batch], into=sums)
+    bases = [eigendecompose(c, e.eigh_dtype) for e, c in zip(engines, covariances)]
+    lambdas = [LambdaSums.zeros(space_dims(e), e.device, e.dtype) for e in engines]
+    for batch in train:
+        for engine, basis, sums in zip(engines, bases, lambdas):
+            engine.lambda_sums([batch], basis, into=sums)
+    return [EKFACFactors.from_parts(e.factors_meta(), b, s) for e, b, s in zip(engines, bases, lambdas)]
+
+
+def scores_both(engines: tuple, factors: list, train: list, queries: list, ids: list[str]) -> list[np.ndarray]:
+    """``(windows, queries)`` scores of each engine with its own factors, batch by batch side by side."""
+    grads = [e.query_gradients(queries, f, ids) for e, f in zip(engines, factors)]
+    scores: list[list[torch.Tensor]] = [[], []]
+    for batch in train:
+        for engine, g, out in zip(engines, grads, scores):
+            out.append(engine.score_batch(batch, g).detach().to(torch.float64))
+    return [torch.cat(s).numpy() for s in scores]
 
 
 def test_default_top10_overlap_with_exact_ekfac_on_smollm2(smollm2_dir):
@@ -93,14 +161,13 @@ def test_default_top10_overlap_with_exact_ekfac_on_smollm2(smollm2_dir):
                     fit_product_dtype="float32", eigh_dtype="float64")
     pad, ids = tok.pad_token_id, [q.doc_id for q in queries]
     train_b, query_b = batches_of(train, 8, pad), batches_of(queries, 8, pad)
-    exact_engine, default_engine = InfluenceEngine(model, exact), InfluenceEngine(model, default)
-    # The first pass (a forward and backward per window, no eigenbasis) is the same computation for both
-    # where the fitting products resolve alike (float32 on CPUs without AMX): summed once then, and each
-    # side eigendecomposes it in its own dtype and runs its own second pass.
-    shared = covariance_key(exact_engine) == covariance_key(default_engine)
-    covariances = exact_engine.covariance_sums(train_b) if shared else None
-    want = scores_of(exact_engine, train_b, query_b, ids, covariances)
-    got_scores = scores_of(default_engine, train_b, query_b, ids, covariances)
+    engines = InfluenceEngine(model, exact), InfluenceEngine(model, default)
+    reused = share_captures(*engines)
+    want, got_scores = scores_both(engines, fit_both(engines, train_b), train_b, query_b, ids)
+    # Every capture of the default's second pass, its queries and its scoring (and of its first pass where
+    # that was not shared) was the exact side's.
+    first_pass = 0 if covariance_key(engines[0]) == covariance_key(engines[1]) else len(train_b)
+    assert reused["captures"] == first_pass + 2 * len(train_b) + len(query_b)
     assert np.isfinite(want).all() and np.isfinite(got_scores).all()
     got = agreement(got_scores, want, TOP_K)
     setting = (f"projection {default.projection.dim} ({default.projection.mode}), query rank {default.query_rank}, "

@@ -34,12 +34,15 @@ marker's `Checksum` in memory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import mmap
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -304,6 +307,37 @@ class Storage:
         with self._io("reading", url, reading=True), open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self._verify(url, data, expect)
+        return data
+
+    def read_mapped(self, url: str, expect: Checksum | None = None) -> bytes | mmap.mmap:
+        """As `read_buffer`, but never the whole file in process memory: a read-only memory map.
+
+        A local file is mapped in place; a remote one is first copied in
+        chunks of 8 MiB into an unnamed temporary file (the ``TMPDIR`` disk,
+        which needs room for it: a clear `StorageError` when it has none) and
+        that is mapped. For files read piece by piece (`EKFACFactors.from_buffer`),
+        so a reader holds what it uses, not a copy of the file.
+        """
+        if self.is_local:
+            return self.read_buffer(url, expect)
+        path = self._path(url)
+        with self._io("reading", url, reading=True), self.fs.open(path, "rb") as src:
+            spool = tempfile.TemporaryFile(prefix="attribution-")
+            try:
+                shutil.copyfileobj(src, spool, _HASH_CHUNK)
+                spool.flush()
+            except BaseException as e:
+                spool.close()
+                if not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+                    raise
+                raise StorageError(
+                    f"reading {url} failed: no room to copy it to {tempfile.gettempdir()} ({e.strerror or e}); "
+                    "free space there or point TMPDIR at a larger disk"
+                ) from e
+        with spool:
+            size = os.fstat(spool.fileno()).st_size
+            data = mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         self._verify(url, data, expect)
         return data
 

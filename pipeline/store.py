@@ -198,7 +198,8 @@ def write_basis_task(root: str, options: dict, factors_url: str, basis_url: str,
     done = already_committed(storage, basis_url)
     if done is not None:
         return done
-    factors = EKFACFactors.from_bytes(storage.read_bytes(factors_url, committed_checksum(storage, factors_url)))
+    # Each layer read once, as it is reduced (not the whole file in memory).
+    factors = EKFACFactors.from_buffer(storage.read_mapped(factors_url, committed_checksum(storage, factors_url)))
     basis = StoreBasis.from_factors(factors, key["dim"])
     metadata = {"store": json.dumps(key, sort_keys=True), "layers": json.dumps(basis.layers)}
     storage.write_safetensors(basis_url, basis.to_tensors(), metadata)

@@ -307,9 +307,12 @@ class ShardWorker:
 
         def compute():
             self.engine.check_query_memory(total or len(queries))
-            factors = EKFACFactors.from_bytes(  # bases in the engine's dtype, converted while parsing
-                self.storage.read_buffer(factors_url, committed_checksum(self.storage, factors_url)), self.engine.dtype
-            ).with_bases_in(self.engine.dtype, self.engine.device)
+            # Read layer by layer as preconditioning asks for them (bases copied out in the engine's dtype, then
+            # moved to its device; Lambda as stored, converted where used): one layer's factors held at a time.
+            factors = EKFACFactors.from_buffer(
+                self.storage.read_mapped(factors_url, committed_checksum(self.storage, factors_url)),
+                self.engine.dtype,
+            )
             seqs = self._query_windows(queries)
             grads = self.engine.query_gradients(
                 self._batches(seqs, self.spec.score_batch_size), factors, [q.id for q in queries]

@@ -2,19 +2,23 @@
 
 Workers produce *unnormalised sums plus counts* (``CovarianceSums``,
 ``LambdaSums``); these add exactly across shards, so fitting is a map-reduce:
-``sum(parts).finalize()`` equals fitting in one go. The driver
-eigendecomposes once (float64, or float32 when asked: ``eigendecompose``). Everything here is pure tensor code.
+``sum(parts).finalize()`` equals fitting in one go. The sums of each layer
+group are eigendecomposed once (float64, or float32 when asked:
+``eigendecompose``; on the workers, ``layer_groups``). Everything here is
+pure tensor code; ``EKFACFactors.from_buffer`` reads a factors file layer by
+layer when asked for a layer.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.core.serialization import tensors_from_bytes, tensors_to_bytes
+from pipeline.core.serialization import SafetensorsView, tensors_from_bytes, tensors_to_bytes
 from pipeline.core.tracking import Captured, LayerSpec
 
 FACTORS_FORMAT = "ekfac-v1"
@@ -433,9 +437,9 @@ class EKFACFactors:
     """Fitted EK-FAC: eigenbases plus corrected eigenvalues ``Lambda`` ``(d_out, d_in)`` per layer."""
 
     meta: FactorsMeta
-    q_a: dict[str, torch.Tensor]
-    q_s: dict[str, torch.Tensor]
-    lambdas: dict[str, torch.Tensor]
+    q_a: Mapping[str, torch.Tensor]
+    q_s: Mapping[str, torch.Tensor]
+    lambdas: Mapping[str, torch.Tensor]
 
     @classmethod
     def from_parts(cls, meta: FactorsMeta, bases: Eigenbases, lambda_sums: LambdaSums) -> "EKFACFactors":
@@ -531,8 +535,62 @@ class EKFACFactors:
         """Factors from `to_bytes`; ``bases_dtype``: ``Q_A``, ``Q_S`` converted to it while parsing (see ``with_bases_in``)."""
         cast = None if bases_dtype is None else (lambda n: bases_dtype if n.endswith(("::Q_A", "::Q_S")) else None)
         tensors, metadata = tensors_from_bytes(data, cast)
-        meta = FactorsMeta.from_json(json.loads(metadata["meta"]))
+        meta = _factors_meta(metadata)
         q_a = {n: tensors[f"{n}::Q_A"] for n in meta.layers}
         q_s = {n: tensors[f"{n}::Q_S"] for n in meta.layers}
         lam = {n: tensors[f"{n}::Lambda"] for n in meta.layers}
         return cls(meta, q_a, q_s, lam)
+
+    @classmethod
+    def from_buffer(cls, data: bytes, bases_dtype: torch.dtype | None = None,
+                    lambda_dtype: torch.dtype | None = None) -> "EKFACFactors":
+        """Factors of `to_bytes` bytes (or a memory-mapped file) whose layers are read only when asked for.
+
+        ``q_a``, ``q_s`` and ``lambdas`` are read-only mappings: each lookup
+        copies that layer's tensor out of ``data`` (bases in ``bases_dtype``,
+        ``Lambda`` in ``lambda_dtype``; None: as stored), and each keeps only
+        its latest layer. Preconditioning goes layer by layer, so a worker
+        holds one layer's factors instead of a copy of the whole file (1.3 GB
+        for SmolLM2's 90 MLP layers, about 90 GB for a 7B model's); the file
+        itself stays in ``data`` (the page cache, when it is a memory map).
+        """
+        view = SafetensorsView(data)
+        meta = _factors_meta(view.metadata)
+        for n in meta.layers:
+            missing = [k for k in ("Q_A", "Q_S", "Lambda") if f"{n}::{k}" not in view]
+            if missing:
+                raise FactorMismatchError(f"the factors file has no {missing} for layer {n!r} its meta lists")
+        names = list(meta.layers)
+        return cls(meta, LayerTensors(view, names, "::Q_A", bases_dtype),
+                   LayerTensors(view, names, "::Q_S", bases_dtype), LayerTensors(view, names, "::Lambda", lambda_dtype))
+
+
+def _factors_meta(metadata: dict[str, str]) -> FactorsMeta:
+    if "meta" not in metadata:
+        raise FactorMismatchError("the file has no EK-FAC factors meta in its header; it is not a factors file")
+    return FactorsMeta.from_json(json.loads(metadata["meta"]))
+
+
+class LayerTensors(Mapping):
+    """One kind of per-layer factor (``suffix``: ``::Q_A``, ``::Q_S``, ``::Lambda``) read from a factors file
+    on lookup, in ``dtype`` (None: as stored); the latest layer read is kept, so asking for it again (as
+    preconditioning does, once to rotate and once to rotate back) copies nothing."""
+
+    def __init__(self, view: SafetensorsView, names: list[str], suffix: str, dtype: torch.dtype | None):
+        self._view, self._names, self._suffix, self._dtype = view, names, suffix, dtype
+        self._latest: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._latest is not None and self._latest[0] == name:
+            return self._latest[1]
+        if name not in self._names:
+            raise KeyError(name)
+        tensor = self._view.tensor(f"{name}{self._suffix}", self._dtype)
+        self._latest = (name, tensor)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -73,23 +73,54 @@ def tensors_from_bytes(
     """
     from safetensors.torch import load
 
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    metadata = dict(header.get("__metadata__") or {})
     if cast is None:  # the library's reader, which also checks the offsets
+        metadata = SafetensorsView(data).metadata
         return load(data if isinstance(data, bytes) else bytes(data)), metadata
-    base, view, out = 8 + header_len, memoryview(data), {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, which this reader does not know")
+    view = SafetensorsView(data)
+    return {name: view.tensor(name, cast(name)) for name in view.names}, view.metadata
+
+
+class SafetensorsView:
+    """The tensors of safetensors bytes (or a memory map of a file), each read only when asked for.
+
+    ``tensor(name, dtype)`` copies one tensor out of the buffer (converted to
+    ``dtype`` on the way, None: as stored), so a reader that needs one layer
+    at a time holds one layer's copy, not the file's; the buffer itself (a
+    read-only memory map of a local file: the page cache) stays shared.
+    """
+
+    def __init__(self, data: bytes):
+        if len(data) < 8:
+            raise ValueError(f"{len(data)} bytes is too short for a safetensors file")
+        header_len = int.from_bytes(data[:8], "little")
+        if 8 + header_len > len(data):
+            raise ValueError(f"the header length {header_len} runs past the end of {len(data)} bytes")
+        header = json.loads(data[8 : 8 + header_len])
+        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        self._entries: dict[str, dict] = header
+        self._base, self._data = 8 + header_len, data
+        for name, info in header.items():
+            if info["dtype"] not in _DTYPES:
+                raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, which this reader does not know")
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= len(data) - self._base:
+                raise ValueError(f"tensor {name!r}'s offsets {start}..{end} run past the end of the data")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh CPU tensor (never a view of the buffer) of ``name``, in ``dtype`` (None: as stored)."""
+        info = self._entries[name]
         stored, (start, end) = _DTYPES[info["dtype"]], info["data_offsets"]
-        with warnings.catch_warnings():  # a view of immutable bytes; it is copied below, never written
+        with warnings.catch_warnings():  # a view of read-only bytes; it is copied below, never written
             warnings.simplefilter("ignore", UserWarning)
-            flat = (torch.frombuffer(view[base + start : base + end], dtype=stored) if end > start
-                    else torch.empty(0, dtype=stored))
+            flat = (torch.frombuffer(memoryview(self._data)[self._base + start : self._base + end], dtype=stored)
+                    if end > start else torch.empty(0, dtype=stored))
         tensor = flat.reshape(info["shape"])
-        wanted = cast(name) or stored
-        out[name] = tensor.to(wanted) if wanted != stored else tensor.clone()
-    return out, metadata
+        wanted = dtype or stored
+        return tensor.to(wanted) if wanted != stored else tensor.clone()

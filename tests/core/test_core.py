@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import mmap
+import re
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from pipeline.core.ekfac import EKFACFactors, FactorMismatchError, eigendecompos
 from pipeline.core.forward import sequence_losses
 from pipeline.core.influence import InfluenceConfig, InfluenceEngine, NonFiniteGradientError
 from pipeline.core.projection import ProjectionSpec, Projector, projection_matrix
+from pipeline.core.serialization import tensors_to_bytes
 from pipeline.core.text import batches_of, collate
 from pipeline.core.tracking import NoTrackedModulesError, find_tracked_layers, weight_gradient
 from tests.helpers import TINY_PAD, random_queries, random_sequences, tiny_model
@@ -234,6 +238,46 @@ def test_factors_round_trip_through_safetensors_bytes():
         assert torch.equal(back.lambdas[name], factors.lambdas[name])
         assert torch.equal(back.q_a[name], factors.q_a[name])
     engine.check_factors(back)
+
+
+def test_factors_read_layer_by_layer_equal_the_parsed_file_and_give_the_same_queries(tmp_path):
+    """``from_buffer`` (a memory map here): each layer's tensors as ``from_bytes`` gives them (bases cast where
+    asked), one layer kept at a time, the same preconditioned queries; a file that is not whole is refused."""
+    engine = InfluenceEngine(tiny_model("llama"), InfluenceConfig(empirical_fisher=True, query_rank=2))
+    factors = engine.fit(batches_of(random_sequences(4), 4, TINY_PAD))
+    path = tmp_path / "factors.safetensors"
+    path.write_bytes(factors.to_bytes())
+    with open(path, "rb") as f:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    eager = EKFACFactors.from_bytes(bytes(data))
+    lazy = EKFACFactors.from_buffer(data)
+    cast = EKFACFactors.from_buffer(data, torch.float64, torch.float64)
+    assert lazy.meta.to_json() == eager.meta.to_json() and list(lazy.q_a) == list(eager.q_a)
+    assert set(lazy.q_a) == set(engine.layers)
+    for name in engine.layers:
+        for mine, want in ((lazy.q_a, eager.q_a), (lazy.q_s, eager.q_s), (lazy.lambdas, eager.lambdas)):
+            assert mine[name].dtype == want[name].dtype and torch.equal(mine[name], want[name])
+            assert mine[name] is mine[name]  # the latest layer is kept: asking again copies nothing
+        assert cast.q_s[name].dtype == cast.lambdas[name].dtype == torch.float64
+        assert torch.equal(cast.q_s[name], eager.q_s[name].double())
+    first = next(iter(engine.layers))
+    held = lazy.q_a[first]
+    assert lazy.q_a[list(engine.layers)[1]] is not held and lazy.q_a[first] is not held  # only the latest is kept
+    with pytest.raises(KeyError):
+        lazy.q_a["no.such.layer"]
+    queries, ids = batches_of(random_queries(3), 3, TINY_PAD), ["a", "b", "c"]
+    want = engine.query_gradients(queries, eager, ids)
+    got = engine.query_gradients(queries, lazy, ids)
+    for name in engine.layers:
+        assert torch.equal(got.left[name], want.left[name]) and torch.equal(got.right[name], want.right[name])
+    with pytest.raises(ValueError, match="run past the end"):
+        EKFACFactors.from_buffer(data[: len(data) - 8])
+    other = tensors_to_bytes({"x": torch.zeros(2)})
+    with pytest.raises(FactorMismatchError, match="not a factors file"):
+        EKFACFactors.from_buffer(other)
+    missing = {k: v for k, v in factors.to_tensors().items() if k != f"{first}::Lambda"}
+    with pytest.raises(FactorMismatchError, match=f"Lambda.*{re.escape(first)}"):
+        EKFACFactors.from_buffer(tensors_to_bytes(missing, {"meta": json.dumps(factors.meta.to_json())}))
 
 
 @pytest.mark.parametrize("query_rank", [0, 2])

@@ -6,6 +6,7 @@ S3-compatible server (moto on loopback, ``-m integration``).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
@@ -322,6 +323,52 @@ def test_read_buffer_maps_local_files_and_checks_them_as_read_bytes_does(storage
         storage.read_buffer(url, checksum)
     with pytest.raises(FileNotFoundError, match="factors/nope"):
         storage.read_buffer(layout.factors_file(storage.root, "nope"))
+
+
+def test_read_mapped_is_a_memory_map_local_or_remote_checked_as_read_bytes(storage):
+    """``read_mapped``: the file's content as a read-only memory map (a remote file spooled to a temporary file
+    first), checked against the commit's checksum like ``read_bytes``."""
+    tensors = {"a": torch.randn(64, 32), "b": torch.randn(7, dtype=torch.float64)}
+    url = layout.factors_file(storage.root, "m1")
+    storage.write_safetensors(url, tensors)
+    checksum = storage.checksum(url)
+    data = storage.read_mapped(url, checksum)
+    assert isinstance(data, mmap.mmap)
+    assert bytes(data) == storage.read_bytes(url, checksum)
+    empty = layout.factors_file(storage.root, "m2")
+    storage.write_bytes(empty, b"")
+    assert storage.read_mapped(empty, storage.checksum(empty)) == b""
+    storage.write_safetensors(url, {"a": torch.zeros(64, 32)})  # replaced after its commit was recorded
+    with pytest.raises(CorruptUnitError, match="does not match its commit marker"):
+        storage.read_mapped(url, checksum)
+    with pytest.raises(FileNotFoundError, match="factors/nope"):
+        storage.read_mapped(layout.factors_file(storage.root, "nope"))
+
+
+@pytest.mark.integration
+def test_read_mapped_without_room_for_the_copy_says_where(s3_env, monkeypatch):
+    """A remote file whose spool copy finds the temporary disk full: one StorageError naming the file, the
+    folder and the fix; the spool file is closed."""
+    import tempfile
+
+    storage = Storage(s3_env + "/prefix")
+    url = layout.factors_file(storage.root, "m3")
+    storage.write_bytes(url, b"x" * 1000)
+
+    class FullDisk:  # what a file on a full disk does: every write fails with ENOSPC
+        closed = False
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            self.closed = True
+
+    spools = []
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kw: spools.append(FullDisk()) or spools[-1])
+    with pytest.raises(StorageError, match=r"m3.*no room to copy it to .*TMPDIR"):
+        storage.read_mapped(url)
+    assert len(spools) == 1 and spools[0].closed
 
 
 def test_reading_missing_names_the_url(storage):

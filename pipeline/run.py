@@ -41,7 +41,8 @@ from pipeline.commit import (
 from pipeline import heap
 from pipeline.config import STAGES, AttributeConfig, ConfigError
 from pipeline.context import RunContext, check_before_workers, lambda_subset, prepare, worker_spec
-from pipeline.core.ekfac import EKFACFactors, Eigenbases, FactorsMeta, LambdaSums, layer_groups, partial_sums_dtype
+from pipeline.core.ekfac import FactorsMeta, layer_groups, write_factors
+from pipeline.core.serialization import SafetensorsView
 from pipeline.core.tracking import LayerSpec
 from pipeline.corpus import corpus_files_json, fit_units, unit_key
 from pipeline.errors import CorruptUnitError
@@ -104,13 +105,6 @@ def _fit(ctx: RunContext) -> str:
     lam_urls = [layout.lambda_partial(root, fid, unit_key(u)) for u in units]
     lam_commits = run_units(ctx.workers, [("lambdas", (u, bases_urls, url)) for u, url in zip(units, lam_urls)],
                             "fit: eigenvalues", stall_timeout_s=stall, shards_per_unit=widest)
-    lam = None
-    for u, c in zip(lam_urls, lam_commits):
-        part = LambdaSums.from_tensors(storage.read_safetensors(u, c.checksum, cast=partial_sums_dtype)[0])
-        if lam is None:
-            lam = part
-        else:
-            lam += part
     meta = FactorsMeta(
         model_fingerprint=ctx.model_fp,
         modules_pattern=inf.modules,
@@ -120,21 +114,17 @@ def _fit(ctx: RunContext) -> str:
         projection=inf.projection.to_json() if inf.factor_space == "projected" else {},
         extra=ctx.factors_key.metadata(),
     )
-    bases = None
-    for u, c in zip(bases_urls, eigh_commits):
-        group = Eigenbases.from_tensors(storage.read_safetensors(u, c.checksum)[0])
-        if bases is None:
-            bases = group
-        else:
-            bases.update(group)
-    factors = EKFACFactors.from_parts(meta, bases, lam)
-    storage.write_bytes(url, factors.to_bytes())
+    # The factors file is written layer by layer from the groups' bases and the units' Lambda sums, each read
+    # where it lies (memory-mapped, or spooled from object storage): the driver never holds the factors whole.
+    bases = [SafetensorsView(storage.read_mapped(u, c.checksum)) for u, c in zip(bases_urls, eigh_commits)]
+    lams = [SafetensorsView(storage.read_mapped(u, c.checksum)) for u, c in zip(lam_urls, lam_commits)]
+    storage.write_stream(url, lambda f: write_factors(f, meta, bases, lams))  # sets meta's counts
+    num_tokens, num_sequences = meta.num_tokens, meta.num_sequences
     left_out = _fit_left_out(fid, cov_commits, lam_commits)
-    commit_file(storage, url, factors_id=fid, num_tokens=bases.num_tokens, num_sequences=lam.num_sequences,
-                **left_out)
+    commit_file(storage, url, factors_id=fid, num_tokens=num_tokens, num_sequences=num_sequences, **left_out)
     log.info(
         "factors %s fitted on %d tokens in %d fitting shards (%s)",
-        fid, bases.num_tokens, len(ctx.fit_shards), layout.factors_dir(root, fid),
+        fid, num_tokens, len(ctx.fit_shards), layout.factors_dir(root, fid),
     )
     return url
 

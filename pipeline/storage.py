@@ -44,9 +44,9 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -264,8 +264,52 @@ class Storage:
         """The checksum of what this instance last wrote at ``url`` (forgotten once taken), else ``None``."""
         return self._written.pop(url, None)
 
+    def write_stream(self, url: str, write: Callable[[BinaryIO], None]) -> None:
+        """Write what ``write(f)`` writes to ``f`` at ``url``, readers seeing nothing or all of it (as `write_bytes`).
+
+        For files too large to hold twice (the factors): the data goes out as
+        ``write`` makes it, hashed on the way. Local: a hidden temporary file
+        then ``os.replace``. Object stores: spooled to a temporary file
+        (``TMPDIR``, deleted after), then uploaded, so a failure in ``write``
+        leaves nothing at ``url``.
+        """
+        path = self._path(url, under_root=True)
+        hasher, size = hashlib.sha256(), 0
+
+        def hashed(f: BinaryIO) -> BinaryIO:
+            class Hashing:
+                def write(self, b) -> int:
+                    nonlocal size
+                    hasher.update(b)
+                    size += memoryview(b).nbytes
+                    return f.write(b)
+            return Hashing()
+
+        def guarded(f: BinaryIO) -> None:
+            try:
+                write(hashed(f))
+            except (StorageError, OSError):  # the file's own errors (a full disk): a StorageError naming the URL
+                raise
+            except Exception as e:  # the writer's own (e.g. parts that do not fit): passed on as they are
+                raise _WriterError() from e
+
+        try:
+            with self._io("writing", url):
+                if self.is_local:
+                    self._write_local(path, guarded)
+                else:
+                    with tempfile.NamedTemporaryFile(prefix="attribution-") as spool:
+                        guarded(spool)
+                        spool.flush()
+                        self.fs.put_file(spool.name, path)
+        except _WriterError as e:
+            raise e.__cause__ from None
+        self._written[url] = Checksum(size, hasher.hexdigest())
+        log.debug("wrote %s (%d bytes)", url, size)
+
     @staticmethod
-    def _write_local(path: str, data: bytes) -> None:
+    def _write_local(path: str, data: bytes | Callable[[BinaryIO], None]) -> None:
+        """``data`` (or what the callable writes to the file) at ``path``, atomically (temporary file, replace)."""
         folder, name = os.path.split(path)
         os.makedirs(folder, exist_ok=True)
         # Unique per writer so a retry racing the original never shares a temp file;
@@ -274,7 +318,10 @@ class Storage:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -537,6 +584,10 @@ class Storage:
                 "AWS_SECRET_ACCESS_KEY (or storage_options) and the bucket policy."
             )
         return "Check AWS_ENDPOINT_URL (or storage_options), the network and the credentials."
+
+
+class _WriterError(StorageError):
+    """Carries a `Storage.write_stream` writer's own exception through `Storage._io` unchanged."""
 
 
 def parquet_table(data: bytes) -> pa.Table:

@@ -15,10 +15,11 @@ import json
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import torch
 
-from pipeline.core.serialization import SafetensorsView, tensors_from_bytes, tensors_to_bytes
+from pipeline.core.serialization import SafetensorsView, tensors_from_bytes, tensors_to_bytes, write_tensors
 from pipeline.core.tracking import Captured, LayerSpec
 
 FACTORS_FORMAT = "ekfac-v1"
@@ -563,6 +564,48 @@ class EKFACFactors:
         names = list(meta.layers)
         return cls(meta, LayerTensors(view, names, "::Q_A", bases_dtype),
                    LayerTensors(view, names, "::Q_S", bases_dtype), LayerTensors(view, names, "::Lambda", lambda_dtype))
+
+
+def write_factors(out: BinaryIO, meta: FactorsMeta, bases: list[SafetensorsView],
+                  lambda_sums: list[SafetensorsView]) -> tuple[int, int]:
+    """The factors file of a fit's parts written to ``out`` layer by layer; returns ``(num_tokens, num_sequences)``.
+
+    ``bases``: the layer groups' eigenbases files (``Eigenbases.to_tensors``),
+    ``lambda_sums``: the Lambda units' partial sums (``LambdaSums.to_tensors``),
+    in the fit's order. The same bytes as ``EKFACFactors.from_parts(meta,
+    bases, sums).to_bytes()`` of those parts read whole (the partial sums
+    added in float64, in order), but each tensor is made as the file reaches
+    it: the writer holds one layer's bases or Lambda, not the factors twice
+    (parsed, then as bytes: the driver's 4.75 GiB peak for SmolLM2's 1.5 GiB
+    file). ``meta``'s counts are set.
+    """
+    tokens = {int(v.tensor("::num_tokens").item()) for v in bases}
+    if len(tokens) != 1:
+        raise ValueError(f"eigenbases of {sorted(tokens)} tokens are not one fit's")
+    num_sequences = sum(int(v.tensor("::num_sequences").item()) for v in lambda_sums)
+    if num_sequences <= 0:
+        raise ValueError("cannot correct eigenvalues on zero sequences; the fitting sample is empty")
+    meta.num_tokens, meta.num_sequences = tokens.pop(), num_sequences
+    holder = {f"{n}{side}": v for v in bases for n in meta.layers for side in ("::Q_A", "::Q_S") if f"{n}{side}" in v}
+    missing = [n for n in meta.layers if f"{n}::Q_A" not in holder or f"{n}::Q_S" not in holder]
+    missing += [n for n in meta.layers if any(f"{n}::Lambda_sum" not in v for v in lambda_sums)]
+    if missing:
+        raise FactorMismatchError(f"the fit's parts lack layers {missing[:4]} of the factors' meta")
+    specs = {name: view.spec(name) for name, view in holder.items()}
+    first = lambda_sums[0]
+    specs.update({f"{n}::Lambda": (torch.float64, first.spec(f"{n}::Lambda_sum")[1]) for n in meta.layers})
+
+    def tensor_of(name: str) -> torch.Tensor:
+        if name in holder:
+            return holder[name].tensor(name)
+        layer = name[: -len("::Lambda")]
+        total = first.tensor(f"{layer}::Lambda_sum", torch.float64)
+        for view in lambda_sums[1:]:
+            total += view.tensor(f"{layer}::Lambda_sum", torch.float64)
+        return total / num_sequences
+
+    write_tensors(out, specs, tensor_of, {"meta": json.dumps(meta.to_json(), sort_keys=True)})
+    return meta.num_tokens, num_sequences
 
 
 def _factors_meta(metadata: dict[str, str]) -> FactorsMeta:

@@ -9,8 +9,10 @@ returns only the tensors).
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable
+from typing import BinaryIO
 
 import torch
 
@@ -26,25 +28,11 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     to 8 bytes, tensors ordered by element size then name, as the reference
     writer orders them), read back by the ``safetensors`` library in the tests.
     """
-    for k, v in (metadata or {}).items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(f"safetensors metadata must map str to str; {k!r}: {v!r} is not (json.dumps it first)")
     cpu = {name: t.detach().cpu() for name, t in tensors.items()}  # strided ones are copied in place below
-    names = sorted(cpu, key=lambda n: (-cpu[n].element_size(), n))
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    end = 0
-    for name in names:
-        t = cpu[name]
-        if t.dtype not in _NAMES:
-            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which the safetensors writer does not know")
-        start, end = end, end + t.numel() * t.element_size()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [start, end]}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    base = 8 + len(encoded)
-    out = bytearray(base + end)
-    out[:8] = len(encoded).to_bytes(8, "little")
-    out[8:base] = encoded
+    encoded, names, header = _layout({n: (t.dtype, tuple(t.shape)) for n, t in cpu.items()}, metadata)
+    base = len(encoded)
+    out = bytearray(base + (header[names[-1]]["data_offsets"][1] if names else 0))
+    out[:base] = encoded
     for name in names:
         start, stop = header[name]["data_offsets"]
         if stop > start:
@@ -52,6 +40,46 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
             target = torch.frombuffer(out, dtype=t.dtype, count=t.numel(), offset=base + start)  # aligned: see order
             target.view(t.shape).copy_(t)
     return out
+
+
+def write_tensors(out: BinaryIO, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                  tensor_of: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """The bytes `tensors_to_bytes` gives, written to ``out`` one tensor at a time.
+
+    ``specs``: every tensor's ``(dtype, shape)``, known before any is made (the
+    header comes first); ``tensor_of(name)`` makes each in turn, in the file's
+    order, and a ``ValueError`` names one whose dtype or shape is not its spec's.
+    So a writer holds one tensor, not the file.
+    """
+    encoded, names, header = _layout(specs, metadata)
+    out.write(encoded)
+    for name in names:
+        t = tensor_of(name).detach().cpu().contiguous()
+        if (t.dtype, tuple(t.shape)) != (specs[name][0], tuple(specs[name][1])):
+            raise ValueError(f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, its spec {specs[name]}")
+        if t.numel():
+            out.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # the tensor's bytes, not a copy
+
+
+def _layout(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None
+            ) -> tuple[bytes, list[str], dict]:
+    """``(header bytes with their length prefix, tensor names in file order, header)`` of a safetensors file."""
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"safetensors metadata must map str to str; {k!r}: {v!r} is not (json.dumps it first)")
+    size = {n: torch.empty((), dtype=dtype).element_size() for n, (dtype, _) in specs.items()}
+    names = sorted(specs, key=lambda n: (-size[n], n))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    end = 0
+    for name in names:
+        dtype, shape = specs[name]
+        if dtype not in _NAMES:
+            raise TypeError(f"tensor {name!r} has dtype {dtype}, which the safetensors writer does not know")
+        start, end = end, end + math.prod(shape) * size[name]
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [start, end]}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded, names, header
 
 
 # The format's dtype names (the safetensors specification) of the tensors this project writes.
@@ -112,6 +140,11 @@ class SafetensorsView:
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """``(dtype, shape)`` of ``name`` as stored (nothing read)."""
+        info = self._entries[name]
+        return _DTYPES[info["dtype"]], tuple(info["shape"])
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A fresh CPU tensor (never a view of the buffer) of ``name``, in ``dtype`` (None: as stored)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import mmap
 import re
@@ -278,6 +279,43 @@ def test_factors_read_layer_by_layer_equal_the_parsed_file_and_give_the_same_que
     missing = {k: v for k, v in factors.to_tensors().items() if k != f"{first}::Lambda"}
     with pytest.raises(FactorMismatchError, match=f"Lambda.*{re.escape(first)}"):
         EKFACFactors.from_buffer(tensors_to_bytes(missing, {"meta": json.dumps(factors.meta.to_json())}))
+
+
+def test_factors_written_layer_by_layer_are_the_bytes_of_the_parts_read_whole():
+    """``write_factors`` (the driver's assembly) from the groups' bases files and the units' Lambda files: the very
+    bytes ``from_parts(...).to_bytes()`` gives on the same parts read whole, sums added in float64 in order."""
+    from pipeline.core.ekfac import Eigenbases, LambdaSums, layer_groups, partial_sums_dtype, write_factors
+    from pipeline.core.serialization import SafetensorsView, tensors_from_bytes
+
+    engine = InfluenceEngine(tiny_model("llama"), InfluenceConfig(empirical_fisher=True))
+    train = batches_of(random_sequences(6), 2, TINY_PAD)
+    whole = eigendecompose(engine.covariance_sums(train), torch.float32)
+    groups = layer_groups(engine.space_dims(False), 3)
+    assert len(groups) == 3
+    group_files = [tensors_to_bytes(Eigenbases({n: whole.q_a[n] for n in g}, {}, {n: whole.q_s[n] for n in g}, {},
+                                               whole.num_tokens).to_tensors()) for g in groups]
+    unit_files = [tensors_to_bytes(engine.lambda_sums(part, whole).to_tensors(torch.float32))
+                  for part in (train[:1], train[1:])]
+    bases = None
+    for data in group_files:
+        group = Eigenbases.from_tensors(tensors_from_bytes(data)[0])
+        bases = group if bases is None else (bases.update(group) or bases)
+    sums = None
+    for data in unit_files:
+        part = LambdaSums.from_tensors(tensors_from_bytes(data, partial_sums_dtype)[0])
+        sums = part if sums is None else sums.__iadd__(part)
+    want = EKFACFactors.from_parts(engine.factors_meta(), bases, sums).to_bytes()
+    out = io.BytesIO()
+    meta = engine.factors_meta()
+    counts = write_factors(out, meta, [SafetensorsView(d) for d in group_files], [SafetensorsView(d) for d in unit_files])
+    assert out.getvalue() == bytes(want)
+    assert counts == (meta.num_tokens, meta.num_sequences) == (whole.num_tokens, 6)
+    with pytest.raises(ValueError, match="zero sequences"):
+        write_factors(io.BytesIO(), engine.factors_meta(), [SafetensorsView(d) for d in group_files],
+                      [SafetensorsView(tensors_to_bytes(LambdaSums.zeros(engine.space_dims(False)).to_tensors()))])
+    with pytest.raises(FactorMismatchError, match="lack layers"):
+        write_factors(io.BytesIO(), engine.factors_meta(), [SafetensorsView(d) for d in group_files[1:]],
+                      [SafetensorsView(d) for d in unit_files])
 
 
 @pytest.mark.parametrize("query_rank", [0, 2])

@@ -33,7 +33,7 @@ from pipeline.commit import (
 )
 from pipeline.errors import CorruptUnitError, StorageError
 from pipeline.layout import validate_name
-from pipeline.storage import Storage
+from pipeline.storage import Checksum, Storage
 
 BAD_PARTS = ["..", ".", "a/b", "a\\b", "", ".hidden", "a\0b"]
 
@@ -343,6 +343,36 @@ def test_read_mapped_is_a_memory_map_local_or_remote_checked_as_read_bytes(stora
         storage.read_mapped(url, checksum)
     with pytest.raises(FileNotFoundError, match="factors/nope"):
         storage.read_mapped(layout.factors_file(storage.root, "nope"))
+
+
+def test_write_stream_writes_what_the_writer_writes_hashed_and_nothing_when_it_fails(storage):
+    """``write_stream``: the bytes written piece by piece land whole, with the checksum a commit records; a
+    writer failing half-way leaves the earlier file as it was (nothing new at a fresh URL, no temporary files)."""
+    url = layout.factors_file(storage.root, "s1")
+    pieces = [b"head", bytes(range(256)) * 1000, memoryview(torch.arange(10, dtype=torch.int32).numpy())]
+
+    def write(f):
+        for piece in pieces:
+            f.write(piece)
+
+    storage.write_stream(url, write)
+    want = b"".join(bytes(p) for p in pieces)
+    assert storage.read_bytes(url) == want
+    assert storage.written_checksum(url) == Checksum.of(want) == storage.checksum(url)
+
+    def failing(f):
+        f.write(b"partial")
+        raise RuntimeError("the writer broke")
+
+    with pytest.raises(RuntimeError, match="the writer broke"):
+        storage.write_stream(url, failing)
+    assert storage.read_bytes(url) == want
+    fresh = layout.factors_file(storage.root, "s2")
+    with pytest.raises(RuntimeError, match="the writer broke"):
+        storage.write_stream(fresh, failing)
+    assert not storage.exists(fresh)
+    if storage.is_local:
+        assert not [p for p in os.listdir(os.path.dirname(storage.fs_path(url))) if p.endswith(".tmp")]
 
 
 @pytest.mark.integration

@@ -5,8 +5,8 @@ Workers produce *unnormalised sums plus counts* (``CovarianceSums``,
 ``sum(parts).finalize()`` equals fitting in one go. The sums of each layer
 group are eigendecomposed once (float64, or float32 when asked:
 ``eigendecompose``; on the workers, ``layer_groups``). Everything here is
-pure tensor code; ``EKFACFactors.from_buffer`` reads a factors file layer by
-layer when asked for a layer.
+pure tensor code; ``write_factors`` writes a factors file from the fit's
+parts and ``EKFACFactors.from_buffer`` reads one, each layer by layer.
 """
 
 from __future__ import annotations

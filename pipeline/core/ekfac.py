@@ -576,7 +576,7 @@ def write_factors(out: BinaryIO, meta: FactorsMeta, bases: list[SafetensorsView]
     bases, sums).to_bytes()`` of those parts read whole (the partial sums
     added in float64, in order), but each tensor is made as the file reaches
     it: the writer holds one layer's bases or Lambda, not the factors twice
-    (parsed, then as bytes: the driver's 4.75 GiB peak for SmolLM2's 1.5 GiB
+    (parsed, then as bytes: the driver's 4.75 GiB peak before for SmolLM2's 1.5 GiB
     file). ``meta``'s counts are set.
     """
     tokens = {int(v.tensor("::num_tokens").item()) for v in bases}

@@ -274,20 +274,13 @@ class Storage:
         leaves nothing at ``url``.
         """
         path = self._path(url, under_root=True)
-        hasher, size = hashlib.sha256(), 0
-
-        def hashed(f: BinaryIO) -> BinaryIO:
-            class Hashing:
-                def write(self, b) -> int:
-                    nonlocal size
-                    hasher.update(b)
-                    size += memoryview(b).nbytes
-                    return f.write(b)
-            return Hashing()
+        hashing: _Hashing | None = None
 
         def guarded(f: BinaryIO) -> None:
+            nonlocal hashing
+            hashing = _Hashing(f)
             try:
-                write(hashed(f))
+                write(hashing)
             except (StorageError, OSError):  # the file's own errors (a full disk): a StorageError naming the URL
                 raise
             except Exception as e:  # the writer's own (e.g. parts that do not fit): passed on as they are
@@ -304,8 +297,8 @@ class Storage:
                         self.fs.put_file(spool.name, path)
         except _WriterError as e:
             raise e.__cause__ from None
-        self._written[url] = Checksum(size, hasher.hexdigest())
-        log.debug("wrote %s (%d bytes)", url, size)
+        self._written[url] = hashing.checksum
+        log.debug("wrote %s (%d bytes)", url, hashing.checksum.size)
 
     @staticmethod
     def _write_local(path: str, data: bytes | Callable[[BinaryIO], None]) -> None:
@@ -371,8 +364,9 @@ class Storage:
         path = self._path(url)
         with self._io("reading", url, reading=True), self.fs.open(path, "rb") as src:
             spool = tempfile.TemporaryFile(prefix="attribution-")
+            hashing = _Hashing(spool)  # hashed on the way: no second pass over the copy
             try:
-                shutil.copyfileobj(src, spool, _HASH_CHUNK)
+                shutil.copyfileobj(src, hashing, _HASH_CHUNK)
                 spool.flush()
             except BaseException as e:
                 spool.close()
@@ -385,15 +379,16 @@ class Storage:
         with spool:
             size = os.fstat(spool.fileno()).st_size
             data = mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        self._verify(url, data, expect)
+        self._verify(url, data, expect, found=hashing.checksum)
         return data
 
     @staticmethod
-    def _verify(url: str, data, expect: Checksum | None) -> None:
-        """Raise `CorruptUnitError` naming ``url`` unless ``data`` matches ``expect`` (None: no check)."""
+    def _verify(url: str, data, expect: Checksum | None, found: Checksum | None = None) -> None:
+        """Raise `CorruptUnitError` naming ``url`` unless ``data`` (its checksum ``found`` when
+        already taken) matches ``expect`` (None: no check)."""
         if expect is None:
             return
-        why = expect.mismatch(Checksum.of(data))
+        why = expect.mismatch(found or Checksum.of(data))
         if why is not None:
             raise CorruptUnitError(
                 f"{url} does not match its commit marker ({why}): it was changed after it was committed; "
@@ -584,6 +579,22 @@ class Storage:
                 "AWS_SECRET_ACCESS_KEY (or storage_options) and the bucket policy."
             )
         return "Check AWS_ENDPOINT_URL (or storage_options), the network and the credentials."
+
+
+class _Hashing:
+    """Wraps a binary file's ``write`` so that what passes through is also counted and hashed (SHA-256)."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self._hash, self._size = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self._hash.update(b)
+        self._size += memoryview(b).nbytes
+        return self._f.write(b)
+
+    @property
+    def checksum(self) -> Checksum:
+        return Checksum(self._size, self._hash.hexdigest())
 
 
 class _WriterError(StorageError):

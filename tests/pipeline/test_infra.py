@@ -231,6 +231,31 @@ def test_ray_pods_mount_shm_in_memory_and_the_model_cache():
             assert "hostPath" in cache or "persistentVolumeClaim" in cache or "ephemeral" in cache
 
 
+
+def _quantity_bytes(q: str) -> float:
+    """A Kubernetes quantity such as ``100Gi`` or ``50G`` in bytes."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]i?)?", str(q))
+    assert m, f"not a quantity: {q!r}"
+    units = {None: 1, **{p + "i": 1024 ** (i + 1) for i, p in enumerate("KMGTP")},
+             **{p: 1000 ** (i + 1) for i, p in enumerate("KMGTP")}}
+    return float(m.group(1)) * units[m.group(2)]
+
+
+def test_ray_pods_spool_to_a_disk_backed_tmpdir_they_request():
+    # The factors are copied to TMPDIR by precondition workers and spooled there by the driver
+    # (Storage.read_mapped / write_stream): a disk volume whose size the scheduler accounts for.
+    for pod in ray_pod_specs():
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert "TMPDIR" in env, f"{container['name']} sets no TMPDIR"
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert env["TMPDIR"] in mounts, f"{container['name']}: TMPDIR {env['TMPDIR']} is no mounted volume"
+            scratch = volumes[mounts[env["TMPDIR"]]]["emptyDir"]
+            assert scratch.get("medium") != "Memory", f"{container['name']}: TMPDIR is memory-backed"
+            requested = container["resources"]["requests"]["ephemeral-storage"]
+            assert _quantity_bytes(requested) >= _quantity_bytes(scratch["sizeLimit"]) >= 1 << 30
+
 # ---- the entrypoints ---------------------------------------------------------------------------
 
 

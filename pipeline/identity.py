@@ -21,6 +21,9 @@ from pipeline.core.text import Tokenisation
 # The only tokenisation before ``corpus.add_bos``/``add_eos`` existed (no BOS, EOS appended). A key with it
 # leaves the field out of its JSON, so the ids of factors and queries fitted before keep their meaning.
 _PLAIN = Tokenisation(add_bos=False, add_eos=True)
+# What a queries key records for projection off, whatever mode and seed the config gives (they change nothing
+# then): the config's default (projection.mode=curvature, seed 0), so the default's ids are the ones it had.
+_NO_PROJECTION = ProjectionSpec(0, 0, "curvature")
 
 
 def _tokenisation_json(tokenisation: Tokenisation) -> dict:
@@ -141,7 +144,8 @@ class QueriesKey:
         tokenisation: Tokenisation = _PLAIN,
     ) -> "QueriesKey":
         compressed = influence.query_rank > 0 and influence.precision != "float64"
-        return cls(factors_id, queries_fp, influence.damping, influence.projection, influence.query_rank, window,
+        projection = influence.projection if influence.projection.enabled else _NO_PROJECTION
+        return cls(factors_id, queries_fp, influence.damping, projection, influence.query_rank, window,
                    tokenisation, influence.product_dtype if compressed else "float32")
 
     def to_json(self) -> dict:

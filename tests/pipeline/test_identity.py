@@ -6,6 +6,7 @@ from dataclasses import fields, replace
 
 import pytest
 
+from pipeline.config import ProjectionConfig
 from pipeline.core.ekfac import FactorsMeta
 from pipeline.core.influence import InfluenceConfig
 from pipeline.core.projection import ProjectionSpec
@@ -100,3 +101,16 @@ def test_bfloat16_range_finder_products_enter_the_queries_id_only_where_they_are
     for influence in (replace(CURVATURE, query_rank=0), replace(CURVATURE, precision="float64")):
         assert QueriesKey.of(replace(influence, product_dtype="bfloat16"), "f-abc", "queries-fp", 64).id == \
             QueriesKey.of(influence, "f-abc", "queries-fp", 64).id
+
+
+def test_a_disabled_projections_mode_and_seed_leave_the_queries_id():
+    off = [replace(CURVATURE, projection=ProjectionSpec(0, seed, mode))
+           for seed in (0, 5) for mode in ("curvature", "sketch")]
+    keys = {QueriesKey.of(influence, "f-abc", "queries-fp", 64) for influence in off}
+    assert len(keys) == 1
+    # the config's default keeps the id it had before the normalisation
+    (key,) = keys
+    default = ProjectionConfig()
+    assert key.projection == ProjectionSpec(default.dim, default.seed, default.mode)
+    assert QueriesKey.of(replace(CURVATURE, projection=ProjectionSpec(16, 5, "sketch")), "f-abc", "queries-fp", 64).id \
+        != QueriesKey.of(replace(CURVATURE, projection=ProjectionSpec(16, 3, "sketch")), "f-abc", "queries-fp", 64).id

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -230,11 +231,18 @@ def test_a_remote_failure_is_one_line_first_and_last_with_the_traceback_in_a_fil
 DOCS_PER_SHARD = 12
 
 
-@pytest.fixture(scope="module")
-def corpus(small_demo, tmp_path_factory):
-    table = pq.read_table(small_demo.corpus_path).slice(0, 4 * DOCS_PER_SHARD)
-    path = tmp_path_factory.mktemp("corpus") / "corpus.parquet"
-    pq.write_table(table, path)
+@pytest.fixture(scope="session")
+def corpus(small_demo, shared_tmp):
+    """The small demo's first 4 x DOCS_PER_SHARD documents, written once per test run in ``shared_tmp``
+    (test_faults uses it too: both files' jobs then read one corpus and share `uninterrupted_job`)."""
+    from filelock import FileLock
+
+    path = shared_tmp / "reliability-corpus.parquet"
+    with FileLock(str(shared_tmp / "reliability-corpus.lock")):
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            pq.write_table(pq.read_table(small_demo.corpus_path).slice(0, 4 * DOCS_PER_SHARD), tmp)
+            os.replace(tmp, path)
     return str(path)
 
 
@@ -378,8 +386,6 @@ def uninterrupted(local_ray, small_demo, corpus, tmp_path_factory):
 
 
 def _copy_tree(src: str, dst: str) -> None:
-    import shutil
-
     shutil.copytree(src, dst)
 
 
@@ -472,19 +478,39 @@ def job_inputs(small_demo, corpus) -> list[str]:
             "cluster.local_num_cpus=1"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_job(small_demo, corpus, tmp_path_factory):
+@pytest.fixture(scope="session")
+def uninterrupted_job(small_demo, corpus, shared_tmp):
     """The reference for jobs run as subprocesses: one job straight through, as a subprocess too.
 
-    A job's driver starts with torch's default thread count, as every job
-    compared with this one does, whatever tests in this process changed.
+    Run once per test run (in ``shared_tmp``, by the first process to ask;
+    test_faults compares with it as well). Its storage options carry a
+    made-up secret (``+storage.options.password``) that
+    `test_a_secret_in_storage_options_is_written_nowhere` looks for in what the
+    job printed and wrote. A job's driver starts with torch's default thread
+    count, as every job compared with this one does, whatever tests in this
+    process changed.
     """
-    tmp = tmp_path_factory.mktemp("uninterrupted-job")
-    out = tmp / "out"
-    proc, _ = run_job(tmp, *job_inputs(small_demo, corpus), f"storage.root={out}", "run.id=reference")
-    assert proc.returncode == 0, proc.stdout
-    manifest = json.loads((out / "runs" / "reference" / "manifest.json").read_text())
-    return {"root": str(out), "manifest": manifest, "table": read_table(manifest["attribution"])}
+    from filelock import FileLock
+
+    work = shared_tmp / "uninterrupted-job"
+    record = work / "job.json"
+    with FileLock(str(shared_tmp / "uninterrupted-job.lock")):
+        if not record.exists():
+            if work.exists():  # a job that failed in another process: start again
+                shutil.rmtree(work)
+            run_dir, secret = work / "run", "sEcReT-" + uuid.uuid4().hex
+            run_dir.mkdir(parents=True)
+            out = run_dir / "out"
+            proc, _ = run_job(run_dir, *job_inputs(small_demo, corpus), f"storage.root={out}", "run.id=reference",
+                              f"+storage.options.password={secret}")
+            assert proc.returncode == 0, proc.stdout
+            tmp = record.with_suffix(".tmp")  # outside run_dir: the secret is looked for only in what the job wrote
+            tmp.write_text(json.dumps({"root": str(out), "run_dir": str(run_dir), "secret": secret,
+                                       "stdout": proc.stdout}))
+            os.replace(tmp, record)  # written last: its presence means the job finished
+    job = json.loads(record.read_text())
+    manifest = json.loads((Path(job["root"]) / "runs" / "reference" / "manifest.json").read_text())
+    return {**job, "manifest": manifest, "table": read_table(manifest["attribution"])}
 
 
 def nonempty_lines(text: str) -> list[str]:
@@ -492,20 +518,15 @@ def nonempty_lines(text: str) -> list[str]:
 
 
 @pytest.mark.integration
-def test_a_secret_in_storage_options_is_written_nowhere(small_demo, corpus, tmp_path):
-    secret = "sEcReT-" + uuid.uuid4().hex
-    out = tmp_path / "out"
-    proc, _ = run_job(tmp_path, *job_inputs(small_demo, corpus), f"storage.root={out}",
-                      f"+storage.options.password={secret}", "run.id=secret")
-    assert proc.returncode == 0, proc.stdout
-    assert secret not in proc.stdout
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert any(p.name == "manifest.json" for p in written) and (tmp_path / "hydra").exists()
-    assert not (tmp_path / "hydra" / ".hydra").exists()
+def test_a_secret_in_storage_options_is_written_nowhere(uninterrupted_job):
+    secret, run_dir = uninterrupted_job["secret"], Path(uninterrupted_job["run_dir"])
+    assert secret not in uninterrupted_job["stdout"]
+    written = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "manifest.json" for p in written) and (run_dir / "hydra").exists()
+    assert not (run_dir / "hydra" / ".hydra").exists()
     leaked = [str(p) for p in written if secret.encode() in p.read_bytes()]
     assert not leaked, leaked
-    manifest = json.loads((out / "runs" / "secret" / "manifest.json").read_text())
-    assert "password" in manifest["config"]["storage"]["options"]  # the key's name only
+    assert "password" in uninterrupted_job["manifest"]["config"]["storage"]["options"]  # the key's name only
 
 
 @pytest.mark.integration

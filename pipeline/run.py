@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
+import torch
+
 from pipeline import catalog, layout
 from pipeline.commit import (
     already_committed,
@@ -118,7 +120,9 @@ def _fit(ctx: RunContext) -> str:
     # where it lies (memory-mapped, or spooled from object storage): the driver never holds the factors whole.
     bases = [SafetensorsView(storage.read_mapped(u, c.checksum)) for u, c in zip(bases_urls, eigh_commits)]
     lams = [SafetensorsView(storage.read_mapped(u, c.checksum)) for u, c in zip(lam_urls, lam_commits)]
-    storage.write_stream(url, lambda f: write_factors(f, meta, bases, lams))  # sets meta's counts
+    # Lambda stored in the engine's precision (float32 unless float64 references): it divides in that dtype.
+    lambda_dtype = torch.float64 if inf.precision == "float64" else torch.float32
+    storage.write_stream(url, lambda f: write_factors(f, meta, bases, lams, lambda_dtype))  # sets meta's counts
     num_tokens, num_sequences = meta.num_tokens, meta.num_sequences
     left_out = _fit_left_out(fid, cov_commits, lam_commits)
     commit_file(storage, url, factors_id=fid, num_tokens=num_tokens, num_sequences=num_sequences, **left_out)

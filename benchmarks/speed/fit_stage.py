@@ -4,7 +4,8 @@ Both run ``jobs/attribute.py run.stages=[fit]`` as subprocesses on the same inpu
 ``model.preset=smollm2`` corpus: the pretrained SmolLM2-135M, the planted-facts documents cycled to
 ``--n-docs``), each in fresh storage, alternating (baseline first) for ``--repeats`` rounds. Printed per
 run: the fit stage's seconds (the job's ``stage fit`` log line), the eigendecomposition line of its log,
-and the driver process's peak resident memory (sampled every 0.1 s; Ray's workers are other processes).
+the factors file's size and the driver process's peak resident memory (sampled every 0.1 s; Ray's
+workers are other processes).
 The baseline tree is ``git archive`` of ``--baseline`` (pipeline/, jobs/, conf/) put first on PYTHONPATH,
 also for the job's Ray workers, which inherit it.
 
@@ -14,6 +15,7 @@ also for the job's Ray workers, which inherit it.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -80,8 +82,10 @@ def run_fit(tree: str, inputs: dict, root: str, window: int, workers: int) -> di
         raise RuntimeError(f"fit in {tree} failed ({proc.returncode}):\n{output[-4000:]}")
     stage = re.search(r"stage fit: ([0-9.]+)s", output)
     eigh = [line.split("INFO", 1)[-1].strip() for line in output.splitlines() if "eigendecompositions in" in line]
+    (factors,) = glob.glob(os.path.join(root, "factors", "*", "factors.safetensors"))
     return {"fit_s": float(stage.group(1)) if stage else None, "wall_s": round(wall, 1),
-            "driver_peak_rss_gib": round(peak[0] / 2**30, 2), "eigh_log": eigh[-1] if eigh else ""}
+            "driver_peak_rss_gib": round(peak[0] / 2**30, 2), "factors_gib": round(os.path.getsize(factors) / 2**30, 3),
+            "eigh_log": eigh[-1] if eigh else ""}
 
 
 def main(argv: list[str]) -> dict:

@@ -464,7 +464,7 @@ class EKFACFactors:
         """A fixed ``damping``, or ``0.1 * mean(Lambda)`` of the layer when ``None``."""
         if damping is not None:
             return float(damping)
-        return 0.1 * float(self.lambdas[name].mean())
+        return 0.1 * float(self.lambdas[name].mean(dtype=torch.float64))  # float64 sum whatever Lambda is stored in
 
     def bases(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q_S, Q_A)`` of a layer in ``like``'s dtype and device."""
@@ -551,8 +551,8 @@ class EKFACFactors:
         copies that layer's tensor out of ``data`` (bases in ``bases_dtype``,
         ``Lambda`` in ``lambda_dtype``; None: as stored), and each keeps only
         its latest layer. Preconditioning goes layer by layer, so a worker
-        holds one layer's factors instead of a copy of the whole file (1.3 GB
-        for SmolLM2's 90 MLP layers, about 90 GB for a 7B model's); the file
+        holds one layer's factors instead of a copy of the whole file (1.2 GiB
+        for SmolLM2's 90 MLP layers, about 70 GB for a 7B model's); the file
         itself stays in ``data`` (the page cache, when it is a memory map).
         """
         view = SafetensorsView(data)
@@ -567,17 +567,20 @@ class EKFACFactors:
 
 
 def write_factors(out: BinaryIO, meta: FactorsMeta, bases: list[SafetensorsView],
-                  lambda_sums: list[SafetensorsView]) -> tuple[int, int]:
+                  lambda_sums: list[SafetensorsView], lambda_dtype: torch.dtype = torch.float64) -> tuple[int, int]:
     """The factors file of a fit's parts written to ``out`` layer by layer; returns ``(num_tokens, num_sequences)``.
 
     ``bases``: the layer groups' eigenbases files (``Eigenbases.to_tensors``),
     ``lambda_sums``: the Lambda units' partial sums (``LambdaSums.to_tensors``),
-    in the fit's order. The same bytes as ``EKFACFactors.from_parts(meta,
-    bases, sums).to_bytes()`` of those parts read whole (the partial sums
-    added in float64, in order), but each tensor is made as the file reaches
-    it: the writer holds one layer's bases or Lambda, not the factors twice
-    (parsed, then as bytes: the driver's 4.75 GiB peak before for SmolLM2's 1.5 GiB
-    file). ``meta``'s counts are set.
+    in the fit's order. With ``lambda_dtype`` float64, the same bytes as
+    ``EKFACFactors.from_parts(meta, bases, sums).to_bytes()`` of those parts
+    read whole (the partial sums added in float64, in order), but each tensor
+    is made as the file reaches it: the writer holds one layer's bases or
+    Lambda, not the factors twice (parsed, then as bytes: the driver's 4.75 GiB
+    peak before for SmolLM2's factors). ``lambda_dtype``: what ``Lambda`` is
+    stored in, the float64 mean rounded to it (the driver gives float32 for a
+    float32 engine, which divides in float32: 6e-8 relative, a fifth of the
+    file saved). ``meta``'s counts are set.
     """
     tokens = {int(v.tensor("::num_tokens").item()) for v in bases}
     if len(tokens) != 1:
@@ -593,7 +596,7 @@ def write_factors(out: BinaryIO, meta: FactorsMeta, bases: list[SafetensorsView]
         raise FactorMismatchError(f"the fit's parts lack layers {missing[:4]} of the factors' meta")
     specs = {name: view.spec(name) for name, view in holder.items()}
     first = lambda_sums[0]
-    specs.update({f"{n}::Lambda": (torch.float64, first.spec(f"{n}::Lambda_sum")[1]) for n in meta.layers})
+    specs.update({f"{n}::Lambda": (lambda_dtype, first.spec(f"{n}::Lambda_sum")[1]) for n in meta.layers})
 
     def tensor_of(name: str) -> torch.Tensor:
         if name in holder:
@@ -602,7 +605,7 @@ def write_factors(out: BinaryIO, meta: FactorsMeta, bases: list[SafetensorsView]
         total = first.tensor(f"{layer}::Lambda_sum", torch.float64)
         for view in lambda_sums[1:]:
             total += view.tensor(f"{layer}::Lambda_sum", torch.float64)
-        return total / num_sequences
+        return (total / num_sequences).to(lambda_dtype)
 
     write_tensors(out, specs, tensor_of, {"meta": json.dumps(meta.to_json(), sort_keys=True)})
     return meta.num_tokens, num_sequences

@@ -310,6 +310,23 @@ def test_factors_written_layer_by_layer_are_the_bytes_of_the_parts_read_whole():
     counts = write_factors(out, meta, [SafetensorsView(d) for d in group_files], [SafetensorsView(d) for d in unit_files])
     assert out.getvalue() == bytes(want)
     assert counts == (meta.num_tokens, meta.num_sequences) == (whole.num_tokens, 6)
+    # Lambda stored in float32 (what the driver writes for a float32 engine): the float64 means rounded, the
+    # same bases, the same damping to float32 rounding, and so the same preconditioned queries.
+    small = io.BytesIO()
+    write_factors(small, engine.factors_meta(), [SafetensorsView(d) for d in group_files],
+                  [SafetensorsView(d) for d in unit_files], torch.float32)
+    exact, rounded = EKFACFactors.from_bytes(bytes(want)), EKFACFactors.from_bytes(small.getvalue())
+    assert len(small.getvalue()) < len(want)
+    for n in exact.lambdas:
+        assert rounded.lambdas[n].dtype == torch.float32 and exact.lambdas[n].dtype == torch.float64
+        assert torch.equal(rounded.lambdas[n], exact.lambdas[n].float())
+        assert torch.equal(rounded.q_a[n], exact.q_a[n]) and torch.equal(rounded.q_s[n], exact.q_s[n])
+        assert rounded.damping(n, None) == pytest.approx(exact.damping(n, None), rel=1e-7)
+    queries = batches_of(random_sequences(2, seed=5), 2, TINY_PAD)
+    got = engine.query_gradients(queries, rounded, ["a", "b"]).dense
+    ref = engine.query_gradients(queries, exact, ["a", "b"]).dense
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-6 * float(ref[n].abs().max()))
     with pytest.raises(ValueError, match="zero sequences"):
         write_factors(io.BytesIO(), engine.factors_meta(), [SafetensorsView(d) for d in group_files],
                       [SafetensorsView(tensors_to_bytes(LambdaSums.zeros(engine.space_dims(False)).to_tensors()))])

@@ -304,45 +304,29 @@ def test_safetensors_round_trip(storage):
         storage.write_safetensors(url, {"x": torch.zeros(2)}, metadata={"k": 8})
 
 
-def test_read_buffer_maps_local_files_and_checks_them_as_read_bytes_does(storage):
-    """``read_buffer``: the same content as ``read_bytes`` (memory-mapped when local), checked the same way."""
+@pytest.mark.parametrize("method", ["read_buffer", "read_mapped"])
+def test_buffered_reads_give_read_bytes_content_checked_the_same_way(storage, method):
+    """``read_buffer`` (memory-mapped when local) and ``read_mapped`` (always a read-only memory map: a remote
+    file is spooled to a temporary file first): the content ``read_bytes`` gives, checked against the commit's
+    checksum the same way."""
+    read = getattr(storage, method)
     tensors = {"a": torch.randn(64, 32), "b": torch.randn(7, dtype=torch.float64)}
-    url = layout.factors_file(storage.root, "f2")
+    url = layout.factors_file(storage.root, f"{method}-1")
     storage.write_safetensors(url, tensors)
     checksum = storage.checksum(url)
-    data = storage.read_buffer(url, checksum)
-    assert isinstance(data, mmap.mmap) == storage.is_local
+    data = read(url, checksum)
+    assert isinstance(data, mmap.mmap) == (storage.is_local or method == "read_mapped")
     assert bytes(data) == storage.read_bytes(url, checksum)
     back, _ = storage.read_safetensors(url, checksum, cast=lambda n: torch.float64)
     assert all(back[n].dtype == torch.float64 and torch.equal(back[n], t.double()) for n, t in tensors.items())
-    empty = layout.factors_file(storage.root, "f3")
+    empty = layout.factors_file(storage.root, f"{method}-2")
     storage.write_bytes(empty, b"")
-    assert storage.read_buffer(empty, storage.checksum(empty)) == b""
+    assert read(empty, storage.checksum(empty)) == b""
     storage.write_safetensors(url, {"a": torch.zeros(64, 32)})  # replaced after its commit was recorded
     with pytest.raises(CorruptUnitError, match="does not match its commit marker"):
-        storage.read_buffer(url, checksum)
+        read(url, checksum)
     with pytest.raises(FileNotFoundError, match="factors/nope"):
-        storage.read_buffer(layout.factors_file(storage.root, "nope"))
-
-
-def test_read_mapped_is_a_memory_map_local_or_remote_checked_as_read_bytes(storage):
-    """``read_mapped``: the file's content as a read-only memory map (a remote file spooled to a temporary file
-    first), checked against the commit's checksum like ``read_bytes``."""
-    tensors = {"a": torch.randn(64, 32), "b": torch.randn(7, dtype=torch.float64)}
-    url = layout.factors_file(storage.root, "m1")
-    storage.write_safetensors(url, tensors)
-    checksum = storage.checksum(url)
-    data = storage.read_mapped(url, checksum)
-    assert isinstance(data, mmap.mmap)
-    assert bytes(data) == storage.read_bytes(url, checksum)
-    empty = layout.factors_file(storage.root, "m2")
-    storage.write_bytes(empty, b"")
-    assert storage.read_mapped(empty, storage.checksum(empty)) == b""
-    storage.write_safetensors(url, {"a": torch.zeros(64, 32)})  # replaced after its commit was recorded
-    with pytest.raises(CorruptUnitError, match="does not match its commit marker"):
-        storage.read_mapped(url, checksum)
-    with pytest.raises(FileNotFoundError, match="factors/nope"):
-        storage.read_mapped(layout.factors_file(storage.root, "nope"))
+        read(layout.factors_file(storage.root, "nope"))
 
 
 def test_write_stream_writes_what_the_writer_writes_hashed_and_nothing_when_it_fails(storage):

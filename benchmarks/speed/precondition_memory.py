@@ -13,7 +13,7 @@ touched), also above what it held before (model and queries loaded), and
 whether the two modes' query gradients are equal.
 
 The factors are the real shapes of the attribution job's default tracking
-(all 90 MLP layers, float32 bases, float64 Lambda as the driver writes them)
+(all 90 MLP layers, float32 bases and Lambda as the driver writes them)
 with random values (orthonormality does not change what is read or held; a
 real fit takes minutes). Queries: ``--queries`` sentences of Python's help
 text, prompt and completion split in the middle, windows of 64 tokens, in
@@ -75,6 +75,8 @@ def write_factors(model_dir: str, path: str) -> None:
         sums[name] = torch.rand(d_out, d_in, generator=gen, dtype=torch.float64) + 0.1
     bases = Eigenbases(q_a, {}, q_s, {}, 1000)
     factors = EKFACFactors.from_parts(engine.factors_meta(), bases, LambdaSums(sums, 100))
+    # Lambda rounded to float32, as the driver writes it for a float32 engine (write_factors' lambda_dtype).
+    factors = EKFACFactors(factors.meta, factors.q_a, factors.q_s, {n: t.float() for n, t in factors.lambdas.items()})
     with open(path, "wb") as f:
         f.write(factors.to_bytes())
 

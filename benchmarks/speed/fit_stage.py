@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,16 +97,19 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
-    scratch = tempfile.mkdtemp(prefix="fit-stage-")
-    inputs = prepare(args.n_docs, args.window, scratch)
-    trees = {"baseline": baseline_tree(args.baseline, scratch), "this tree": _REPO}
-    runs: dict[str, list[dict]] = {name: [] for name in trees}
-    for r in range(args.repeats):
-        for name, tree in trees.items():
-            result = run_fit(tree, inputs, os.path.join(scratch, f"out-{name.replace(' ', '-')}-{r}"), args.window,
-                             args.workers)
-            runs[name].append(result)
-            print(f"{name} (round {r + 1}): {json.dumps(result)}", flush=True)
+    scratch = tempfile.mkdtemp(prefix="fit-stage-")  # inputs, baseline tree and both runs' storage: ~10 GB
+    try:
+        inputs = prepare(args.n_docs, args.window, scratch)
+        trees = {"baseline": baseline_tree(args.baseline, scratch), "this tree": _REPO}
+        runs: dict[str, list[dict]] = {name: [] for name in trees}
+        for r in range(args.repeats):
+            for name, tree in trees.items():
+                result = run_fit(tree, inputs, os.path.join(scratch, f"out-{name.replace(' ', '-')}-{r}"), args.window,
+                                 args.workers)
+                runs[name].append(result)
+                print(f"{name} (round {r + 1}): {json.dumps(result)}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     summary = {name: {"fit_s_median": statistics.median(x["fit_s"] for x in rs),
                       "driver_peak_rss_gib_median": statistics.median(x["driver_peak_rss_gib"] for x in rs)}
                for name, rs in runs.items()}

@@ -307,11 +307,11 @@ class ShardWorker:
 
         def compute():
             self.engine.check_query_memory(total or len(queries))
-            # Read layer by layer as preconditioning asks for them (bases copied out in the engine's dtype, then
-            # moved to its device; Lambda as stored, converted where used): one layer's factors held at a time.
+            # Read layer by layer as preconditioning asks for them (bases copied out in the engine's dtype, Lambda
+            # as stored, each moved to the engine's device once): one layer's factors held at a time.
             factors = EKFACFactors.from_buffer(
                 self.storage.read_mapped(factors_url, committed_checksum(self.storage, factors_url)),
-                self.engine.dtype,
+                self.engine.dtype, device=self.engine.device,
             )
             seqs = self._query_windows(queries)
             grads = self.engine.query_gradients(

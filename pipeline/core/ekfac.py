@@ -544,13 +544,14 @@ class EKFACFactors:
 
     @classmethod
     def from_buffer(cls, data: bytes, bases_dtype: torch.dtype | None = None,
-                    lambda_dtype: torch.dtype | None = None) -> "EKFACFactors":
+                    lambda_dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> "EKFACFactors":
         """Factors of `to_bytes` bytes (or a memory-mapped file) whose layers are read only when asked for.
 
         ``q_a``, ``q_s`` and ``lambdas`` are read-only mappings: each lookup
         copies that layer's tensor out of ``data`` (bases in ``bases_dtype``,
-        ``Lambda`` in ``lambda_dtype``; None: as stored), and each keeps only
-        its latest layer. Preconditioning goes layer by layer, so a worker
+        ``Lambda`` in ``lambda_dtype``; None: as stored) and moves it to
+        ``device``, and each keeps only its latest layer there (so asking for it
+        again on that device, as ``bases`` does twice per layer, copies nothing). Preconditioning goes layer by layer, so a worker
         holds one layer's factors instead of a copy of the whole file (1.2 GiB
         for SmolLM2's 90 MLP layers, about 70 GB for a 7B model's); the file
         itself stays in ``data`` (the page cache, when it is a memory map).
@@ -562,8 +563,8 @@ class EKFACFactors:
             if missing:
                 raise FactorMismatchError(f"the factors file has no {missing} for layer {n!r} its meta lists")
         names = list(meta.layers)
-        return cls(meta, LayerTensors(view, names, "::Q_A", bases_dtype),
-                   LayerTensors(view, names, "::Q_S", bases_dtype), LayerTensors(view, names, "::Lambda", lambda_dtype))
+        layer = lambda suffix, dtype: LayerTensors(view, names, suffix, dtype, device)  # noqa: E731
+        return cls(meta, layer("::Q_A", bases_dtype), layer("::Q_S", bases_dtype), layer("::Lambda", lambda_dtype))
 
 
 def write_factors(out: BinaryIO, meta: FactorsMeta, bases: list[SafetensorsView],
@@ -619,11 +620,12 @@ def _factors_meta(metadata: dict[str, str]) -> FactorsMeta:
 
 class LayerTensors(Mapping):
     """One kind of per-layer factor (``suffix``: ``::Q_A``, ``::Q_S``, ``::Lambda``) read from a factors file
-    on lookup, in ``dtype`` (None: as stored); the latest layer read is kept, so asking for it again (as
-    preconditioning does, once to rotate and once to rotate back) copies nothing."""
+    on lookup, in ``dtype`` (None: as stored), on ``device``; the latest layer read is kept, so asking for it
+    again (as preconditioning does, once to rotate and once to rotate back) copies nothing."""
 
-    def __init__(self, view: SafetensorsView, names: list[str], suffix: str, dtype: torch.dtype | None):
-        self._view, self._names, self._suffix, self._dtype = view, names, suffix, dtype
+    def __init__(self, view: SafetensorsView, names: list[str], suffix: str, dtype: torch.dtype | None,
+                 device: torch.device | str = "cpu"):
+        self._view, self._names, self._suffix, self._dtype, self._device = view, names, suffix, dtype, device
         self._latest: tuple[str, torch.Tensor] | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -631,7 +633,7 @@ class LayerTensors(Mapping):
             return self._latest[1]
         if name not in self._names:
             raise KeyError(name)
-        tensor = self._view.tensor(f"{name}{self._suffix}", self._dtype)
+        tensor = self._view.tensor(f"{name}{self._suffix}", self._dtype).to(self._device)
         self._latest = (name, tensor)
         return tensor
 

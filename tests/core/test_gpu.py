@@ -56,3 +56,27 @@ def test_projection_matrices_identical_on_cpu_and_cuda():
     gpu = Projector(ProjectionSpec(8), layers, "cuda")
     for name in layers:
         assert torch.equal(cpu.p_out[name], gpu.p_out[name].cpu())
+
+
+
+def test_factors_read_layer_by_layer_are_held_on_the_device_once():
+    """``from_buffer(..., device=cuda)``: each layer is moved to the GPU when read, so ``bases`` (asked twice
+    per layer while preconditioning) copies nothing more, and the queries equal those of CPU factors."""
+    from pipeline.core.ekfac import EKFACFactors
+    from pipeline.core.text import batches_of
+    from tests.helpers import TINY_PAD
+
+    cpu = InfluenceEngine(tiny_model("llama", dtype=torch.float32), InfluenceConfig())
+    factors = cpu.fit(batches_of(random_sequences(6), 3, TINY_PAD))
+    data = factors.to_bytes()
+    gpu = InfluenceEngine(tiny_model("llama", dtype=torch.float32), InfluenceConfig(), device="cuda")
+    lazy = EKFACFactors.from_buffer(data, gpu.dtype, device=gpu.device)
+    name = next(iter(lazy.q_a))
+    like = torch.zeros(1, device=gpu.device)
+    q_s, q_a = lazy.bases(name, like)
+    assert q_a.is_cuda and q_a is lazy.q_a[name] and lazy.bases(name, like)[1] is q_a
+    queries = batches_of(random_sequences(2, seed=3), 2, TINY_PAD)
+    got = gpu.query_gradients(queries, lazy, ["a", "b"]).dense
+    want = cpu.query_gradients(queries, EKFACFactors.from_buffer(data, cpu.dtype), ["a", "b"]).dense
+    for n in want:
+        torch.testing.assert_close(got[n].cpu(), want[n], rtol=1e-3, atol=1e-4 * float(want[n].abs().max()))

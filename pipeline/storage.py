@@ -270,8 +270,8 @@ class Storage:
         For files too large to hold twice (the factors): the data goes out as
         ``write`` makes it, hashed on the way. Local: a hidden temporary file
         then ``os.replace``. Object stores: spooled to a temporary file
-        (``TMPDIR``, deleted after), then uploaded, so a failure in ``write``
-        leaves nothing at ``url``.
+        (``TMPDIR``, deleted after; a clear `StorageError` when that disk is
+        full), then uploaded, so a failure in ``write`` leaves nothing at ``url``.
         """
         path = self._path(url, under_root=True)
         hashing: _Hashing | None = None
@@ -291,9 +291,11 @@ class Storage:
                 if self.is_local:
                     self._write_local(path, guarded)
                 else:
-                    with tempfile.NamedTemporaryFile(prefix="attribution-") as spool:
+                    spool = tempfile.NamedTemporaryFile(prefix="attribution-")  # deleted when closed
+                    with self._spooling("writing", url, spool):
                         guarded(spool)
                         spool.flush()
+                    with spool:
                         self.fs.put_file(spool.name, path)
         except _WriterError as e:
             raise e.__cause__ from None
@@ -365,22 +367,31 @@ class Storage:
         with self._io("reading", url, reading=True), self.fs.open(path, "rb") as src:
             spool = tempfile.TemporaryFile(prefix="attribution-")
             hashing = _Hashing(spool)  # hashed on the way: no second pass over the copy
-            try:
+            with self._spooling("reading", url, spool):
                 shutil.copyfileobj(src, hashing, _HASH_CHUNK)
                 spool.flush()
-            except BaseException as e:
-                spool.close()
-                if not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
-                    raise
-                raise StorageError(
-                    f"reading {url} failed: no room to copy it to {tempfile.gettempdir()} ({e.strerror or e}); "
-                    "free space there or point TMPDIR at a larger disk"
-                ) from e
         with spool:
             size = os.fstat(spool.fileno()).st_size
             data = mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         self._verify(url, data, expect, found=hashing.checksum)
         return data
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _spooling(action: str, url: str, spool: BinaryIO) -> Iterator[None]:
+        """Filling ``spool``, a temporary copy of ``url``: on any failure it is closed (and so deleted), and a
+        full ``TMPDIR`` disk is a `StorageError` naming the file, the folder and the fix."""
+        try:
+            yield
+        except BaseException as e:
+            with contextlib.suppress(OSError):  # closing flushes what is buffered: on a full disk, fails again
+                spool.close()
+            if not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+                raise
+            raise StorageError(
+                f"{action} {url} failed: no room for its temporary copy in {tempfile.gettempdir()} "
+                f"({e.strerror or e}); free space there or point TMPDIR at a larger disk"
+            ) from e
 
     @staticmethod
     def _verify(url: str, data, expect: Checksum | None, found: Checksum | None = None) -> None:

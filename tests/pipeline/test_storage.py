@@ -360,29 +360,31 @@ def test_write_stream_writes_what_the_writer_writes_hashed_and_nothing_when_it_f
 
 
 @pytest.mark.integration
-def test_read_mapped_without_room_for_the_copy_says_where(s3_env, monkeypatch):
-    """A remote file whose spool copy finds the temporary disk full: one StorageError naming the file, the
-    folder and the fix; the spool file is closed."""
+@pytest.mark.parametrize("action", ["reading", "writing"])
+def test_temporary_copy_without_room_says_where(s3_env, monkeypatch, action):
+    """A remote file whose temporary copy (read_mapped's spool of a download, write_stream's of an upload)
+    finds the temporary disk full (/dev/full: the kernel's ENOSPC): one StorageError naming the file, the
+    folder and the fix; the spool is closed and a file already stored is left as it was."""
     import tempfile
 
     storage = Storage(s3_env + "/prefix")
     url = layout.factors_file(storage.root, "m3")
     storage.write_bytes(url, b"x" * 1000)
-
-    class FullDisk:  # what a file on a full disk does: every write fails with ENOSPC
-        closed = False
-
-        def write(self, b):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def close(self):
-            self.closed = True
-
     spools = []
-    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kw: spools.append(FullDisk()) or spools[-1])
-    with pytest.raises(StorageError, match=r"m3.*no room to copy it to .*TMPDIR"):
-        storage.read_mapped(url)
+
+    def full_disk(**kwargs):
+        spools.append(open("/dev/full", "w+b"))
+        return spools[-1]
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", full_disk)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", full_disk)
+    with pytest.raises(StorageError, match=rf"{action} .*m3.*no room for its temporary copy in .*TMPDIR"):
+        if action == "reading":
+            storage.read_mapped(url)
+        else:
+            storage.write_stream(url, lambda f: f.write(b"y" * 100_000))
     assert len(spools) == 1 and spools[0].closed
+    assert storage.read_bytes(url) == b"x" * 1000
 
 
 def test_reading_missing_names_the_url(storage):

@@ -6,7 +6,6 @@ S3-compatible server (moto on loopback, ``-m integration``).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import mmap

@@ -194,7 +194,11 @@ def test_orthonormal_spans_the_columns_and_falls_back_to_householder_when_ill_co
     v, _ = householder(torch.randn(3, 12, 12, generator=gen, dtype=torch.float64))
     cases = {
         "well conditioned": (torch.randn(3, 60, 12, generator=gen), False),
-        "condition 1e4": (((u * torch.logspace(0, -4, 12, dtype=torch.float64)) @ v).float(), False),
+        "float32, condition 1e2": (((u * torch.logspace(0, -2, 12, dtype=torch.float64)) @ v).float(), False),
+        # float32 CholeskyQR2 holds to about 4e3 (u^-1/2); float64's to about 1e8
+        "float32, condition 1e4": (((u * torch.logspace(0, -4, 12, dtype=torch.float64)) @ v).float(), True),
+        "float64, condition 1e4": ((u * torch.logspace(0, -4, 12, dtype=torch.float64)) @ v, False),
+        "float64, condition 1e7": ((u * torch.logspace(0, -7, 12, dtype=torch.float64)) @ v, True),
         "rank 5 of 12": (torch.randn(3, 60, 5, generator=gen) @ torch.randn(3, 5, 12, generator=gen), True),
         "zero": (torch.zeros(2, 30, 4), True),
         # repeated columns: singular in bfloat16 too; Householder has no bfloat16 kernel, so float32 inside
@@ -207,10 +211,11 @@ def test_orthonormal_spans_the_columns_and_falls_back_to_householder_when_ill_co
         assert bool(calls) == falls_back, case  # a mutation of the condition check fails one of these
         if falls_back:
             continue
-        eye = torch.eye(y.shape[-1])
-        torch.testing.assert_close(q.mT @ q, eye.expand_as(q.mT @ q), atol=1e-5, rtol=0)
+        eye = torch.eye(y.shape[-1], dtype=y.dtype)
+        tol = 1e-12 if y.dtype == torch.float64 else 1e-5  # computed in float32 unless y is float64
+        torch.testing.assert_close(q.mT @ q, eye.expand_as(q.mT @ q), atol=tol, rtol=0)
         # the same column space as Householder's basis: projecting y onto it changes nothing
-        torch.testing.assert_close(q @ (q.mT @ y), y, atol=1e-5 * float(y.abs().max()), rtol=0)
+        torch.testing.assert_close(q @ (q.mT @ y), y, atol=tol * float(y.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("projection", PROJECTIONS)

@@ -550,8 +550,9 @@ class EKFACFactors:
         ``q_a``, ``q_s`` and ``lambdas`` are read-only mappings: each lookup
         copies that layer's tensor out of ``data`` (bases in ``bases_dtype``,
         ``Lambda`` in ``lambda_dtype``; None: as stored) and moves it to
-        ``device``, and each keeps only its latest layer there (so asking for it
-        again on that device, as ``bases`` does twice per layer, copies nothing). Preconditioning goes layer by layer, so a worker
+        ``device``, and each keeps only its latest layer there (so asking for
+        it again on that device, as ``bases`` does twice per layer, copies
+        nothing). Preconditioning goes layer by layer, so a worker
         holds one layer's factors instead of a copy of the whole file (1.2 GiB
         for SmolLM2's 90 MLP layers, about 70 GB for a 7B model's); the file
         itself stays in ``data`` (the page cache, when it is a memory map).
